@@ -115,6 +115,26 @@ def _from_directory(directory: Path) -> ModelSource:
     return ModelSource(str(directory), "directory", config, stored or None)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the Hub endpoint, so that an offline machine fails in seconds
+    instead of through huggingface_hub's retry back-off."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co",
+                                       endpoint.port or (443 if endpoint.scheme == "https" else 80)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
 def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
     try:
         from huggingface_hub import hf_hub_download
@@ -127,8 +147,9 @@ def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
         )
     except ImportError:  # pragma: no cover - a core dependency
         raise SourceError("huggingface_hub is not installed; install vramplan again.") from None
+    local_only = _offline() or not _hub_reachable()
     try:
-        path = hf_hub_download(repo_id, "config.json", revision=revision)
+        path = hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=local_only)
     except GatedRepoError:
         raise SourceError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN.") from None
     except RepositoryNotFoundError:
@@ -143,13 +164,12 @@ def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
             "reached (offline, or not in the local cache); see `vramplan models` for bundled names."
         ) from None
     config = _parse_json(Path(path).read_text(encoding="utf-8"), f"{repo_id}/config.json")
-    return ModelSource(repo_id, "hub", config, _hub_safetensors(repo_id, revision))
+    stored = None if local_only else _hub_safetensors(repo_id, revision)
+    return ModelSource(repo_id, "hub", config, stored)
 
 
 def _hub_safetensors(repo_id: str, revision: str | None) -> dict[str, StoredTensor] | None:
     """Stored tensors from the Hub's safetensors headers when reachable; None otherwise."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return None
     try:
         from huggingface_hub import get_safetensors_metadata
 

@@ -1,0 +1,197 @@
+"""Loading the data vramplan ships in `vramplan.profiles`: precisions, GPUs, runtime constants.
+
+Each YAML file is read with importlib.resources and validated by pydantic when first asked
+for; a broken file is a `CatalogError` that names it, not a traceback from deep in the math.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from .base import Frozen
+from .errors import CatalogError
+
+DType = Literal["fp32", "fp16", "bf16"]
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+class Precision(Frozen):
+    name: str
+    kind: Literal["dtype", "bnb_int8", "bnb_4bit"]
+    description: str
+    dtype: DType | None = None  # for kind=dtype: every tensor and activation
+    weight_bits: int | None = None
+    block_size: int | None = None
+
+
+class PrecisionCatalog(Frozen):
+    precisions: dict[str, Precision]
+    double_quant_block_size: int
+
+
+class Constant(Frozen):
+    value: int
+    why: str
+    provenance: str
+
+
+class OutsideTorch(Frozen):
+    bytes: int
+    samples: int
+    low: int
+    high: int
+
+
+class Calibration(Frozen):
+    """Constants fitted from the committed measurements by scripts/calibrate.py."""
+
+    fitted_from: list[str]
+    measured_with: MeasuredWith
+    outside_torch: dict[str, OutsideTorch]  # by GPU key; "default" for GPUs never measured
+    bitsandbytes_outside_torch_bytes: int  # bitsandbytes' CUDA library, loaded with it
+    reserve_fraction: dict[str, float]  # allocator reserve / runtime tensors, by peak kind
+
+
+class PointCounts(Frozen):
+    hidden: int
+    intermediate: int = 0
+    query: int = 0
+    fused_qkv: bool = False
+    partial_rotary_copies: int = 0
+    fp32_query_key: bool = False
+
+
+class EagerScores(Frozen):
+    dtype_copies: int
+    fp32_copies: int
+
+
+class FamilyLayout(Frozen):
+    """Which activations transformers keeps alive at each candidate peak, for one family."""
+
+    applies_to: list[str]
+    provenance: str
+    mlp_point: PointCounts
+    attention_point: PointCounts
+    eager_scores: EagerScores
+    rope_tables: int
+    rope_fp32: bool = False
+    forward_logit_copies: int = 1
+    sdpa_kernel: Literal["dispatch", "math"] = "dispatch"
+
+
+class MeasuredWith(Frozen):
+    gpu: str
+    driver: str
+    cuda: str
+    torch: str
+    transformers: str
+    bitsandbytes: str
+
+
+class RuntimeProfile(Frozen):
+    measured_with: MeasuredWith
+    constants: dict[str, Constant]
+    families: dict[str, FamilyLayout]
+
+    def constant(self, name: str) -> int:
+        return self.constants[name].value
+
+
+class Gpu(Frozen):
+    name: str
+    aliases: list[str] = Field(default_factory=list)
+    vendor: Literal["nvidia", "amd"]
+    memory_bytes: int
+    memory_source: str
+    bandwidth_gbps: float
+    bf16: bool
+    fp8: bool
+    int8: bool
+    gpus_per_node: int
+    interconnect: str
+    outside_torch_key: str = "default"
+    price_per_hour_usd: float | None = None
+    price_source: str | None = None
+    price_date: str | None = None
+
+
+class GpuCatalog(Frozen):
+    gpus: list[Gpu]
+
+    def find(self, name: str) -> Gpu:
+        key = _gpu_key(name)
+        for gpu in self.gpus:
+            if key == _gpu_key(gpu.name) or key in {_gpu_key(a) for a in gpu.aliases}:
+                return gpu
+        known = ", ".join(g.name for g in self.gpus)
+        raise CatalogError(f"Unknown GPU {name!r}; known: {known} (or pass --gpu-catalog FILE).")
+
+
+def _gpu_key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def _read_yaml(name: str, path: Path | None = None) -> dict:
+    try:
+        if path is not None:
+            text = path.read_text(encoding="utf-8")
+        else:
+            text = (resources.files("vramplan.profiles") / name).read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError) as exc:
+        raise CatalogError(f"Cannot read {path or name}: {exc}.") from None
+    if not isinstance(data, dict):
+        raise CatalogError(f"{path or name} must hold a YAML mapping.")
+    return data
+
+
+def _validate(model: type[Frozen], data: dict, where: str):
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise CatalogError(f"{where} is invalid at {field}: {first['msg']}.") from None
+
+
+@lru_cache(maxsize=1)
+def precisions() -> PrecisionCatalog:
+    data = _read_yaml("precisions.yaml")
+    entries = {name: {"name": name, **body} for name, body in (data.get("precisions") or {}).items()}
+    return _validate(PrecisionCatalog, {**data, "precisions": entries}, "precisions.yaml")
+
+
+@lru_cache(maxsize=1)
+def runtime_profile() -> RuntimeProfile:
+    return _validate(RuntimeProfile, _read_yaml("runtimes.yaml"), "runtimes.yaml")
+
+
+@lru_cache(maxsize=1)
+def calibration() -> Calibration:
+    return _validate(Calibration, _read_yaml("calibration.yaml"), "calibration.yaml")
+
+
+@lru_cache(maxsize=4)
+def gpu_catalog(extra: Path | None = None) -> GpuCatalog:
+    data = _read_yaml("gpus.yaml")
+    gpus = list(data.get("gpus") or [])
+    if extra is not None:
+        more = _read_yaml(extra.name, extra).get("gpus") or []
+        names = {_gpu_key(g["name"]) for g in more if isinstance(g, dict) and "name" in g}
+        gpus = [g for g in gpus if _gpu_key(g.get("name", "")) not in names] + list(more)
+    return _validate(GpuCatalog, {"gpus": gpus}, f"GPU catalog{f' ({extra})' if extra else ''}")
+
+
+def precision(name: str) -> Precision:
+    catalog = precisions()
+    if name not in catalog.precisions:
+        known = ", ".join(catalog.precisions)
+        raise CatalogError(f"Unknown precision {name!r}; choose one of: {known}.")
+    return catalog.precisions[name]

@@ -1,0 +1,191 @@
+"""The candidate peaks of one generate() or forward() call, each as the tensors alive then.
+
+The allocated peak of a forward is reached inside the last decoder layer, where the KV cache
+is complete: either in the MLP (gate/up/product intermediates alive together) or in
+attention (scores, masks, repeated K/V), whichever is larger. After the layers come the
+logits; in generate() each decode step then adds one token to every layer. The family layouts
+in profiles/runtimes.yaml say how many hidden-size and intermediate-size tensors each family
+keeps alive at these points; they were counted in the measured live sets.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ..architecture import Architecture
+from ..base import Frozen, block_bytes
+from ..catalog import FamilyLayout
+from . import attention, kv_cache
+
+
+class Term(Frozen):
+    name: str
+    bytes: int
+    why: str
+
+
+class Point(Frozen):
+    """One moment of the run, with the runtime tensors alive at it."""
+
+    phase: str
+    kind: str  # what dominates: mlp, attention:<kernel>, logits, decode, int8, dequantize
+    terms: tuple[Term, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(t.bytes for t in self.terms)
+
+
+class RunSpec(Frozen):
+    """The workload in the units the runtime terms need."""
+
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    mode: Literal["generate", "forward"]
+    attn: Literal["sdpa", "eager", "flash_attention_2"]  # resolved: never "auto"
+    activation_bytes: int
+    kv_element_bytes: int
+    quantization: Literal["none", "int8", "4bit"] = "none"
+    largest_linear_elements: int = 0
+
+
+def _terms(*items: tuple[str, int, str]) -> tuple[Term, ...]:
+    return tuple(Term(name=n, bytes=b, why=w) for n, b, w in items if b > 0)
+
+
+def _rope_tables(arch: Architecture, layout: FamilyLayout, spec: RunSpec, tokens: int) -> int:
+    if arch.rotary_dim == 0:
+        return 0
+    element = 4 if layout.rope_fp32 else spec.activation_bytes
+    return layout.rope_tables * block_bytes(spec.batch * tokens * arch.rotary_dim * element)
+
+
+def _masks(arch: Architecture, layout: FamilyLayout, spec: RunSpec, kernel_masked: bool) -> int:
+    """Masks built once per forward and alive through all layers."""
+    b, n = spec.batch, spec.prompt_len
+    kinds = set(arch.layer_types)
+    if spec.attn == "eager":
+        return len(kinds) * block_bytes(b * n * n * spec.activation_bytes)
+    if spec.attn == "sdpa" and (kernel_masked or layout.sdpa_kernel == "math"):
+        masked_kinds = [k for k in kinds if attention.needs_mask(arch, k, n)] or ["full"]
+        return len(masked_kinds) * block_bytes(b * n * n)
+    return 0
+
+
+def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> list[Point]:
+    """MLP, attention and logits points of the prefill forward (or of a plain forward)."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    generate = spec.mode == "generate"
+    hidden = block_bytes(b * n * arch.hidden_size * s)
+    inter = block_bytes(b * n * arch.intermediate_size * s)
+    query = block_bytes(b * n * arch.num_heads * arch.head_dim * s)
+
+    last_kind = arch.layer_types[-1]
+    masked = spec.attn == "sdpa" and attention.needs_mask(arch, last_kind, n)
+    kernel = "eager" if spec.attn == "eager" else (
+        attention.sdpa_kernel(arch, layout, s, masked) if spec.attn == "sdpa" else "flash")
+    any_masked = spec.attn == "sdpa" and any(attention.needs_mask(arch, k, n) for k in arch.layer_types)
+
+    cache = kv_cache.cache_bytes(arch, b, n, 0, spec.kv_element_bytes) if generate else 0
+    common = (
+        ("KV cache", cache, f"keys and values of all {arch.num_layers} layers at the prompt length"),
+        ("rotary tables", _rope_tables(arch, layout, spec, n), "cos and sin for every prompt position"),
+        ("attention masks", _masks(arch, layout, spec, any_masked),
+         "B x N x N masks built once per forward"),
+        ("position ids", 2 * block_bytes(b * n * 8) if generate else 0,
+         "generate() keeps two int64 copies of the position ids"),
+    )
+
+    mlp = layout.mlp_point
+    mlp_terms = [
+        ("hidden states", mlp.hidden * hidden,
+         f"{mlp.hidden} B x N x hidden tensors (embeddings, residuals, norm output)"),
+        ("MLP intermediates", mlp.intermediate * inter,
+         f"{mlp.intermediate} B x N x intermediate tensors alive inside the MLP"),
+    ]
+    points = [Point(phase="prefill, inside the MLP" if generate else "forward, inside the MLP",
+                    kind="mlp", terms=_terms(*common, *mlp_terms))]
+    if spec.quantization == "int8":
+        # LLM.int8 peaks inside the MLP's first matmul: the int8 input and its row scales, the
+        # int32 product, and the result in fp16 then cast to the compute dtype (measured on
+        # llama-3.2-1b and phi-2: one more intermediate-size tensor for a gated MLP's act(gate))
+        gated = 1 if arch.gated_mlp else 0
+        points.append(Point(phase="prefill, in an int8 matmul", kind="int8", terms=_terms(
+            *common,
+            ("hidden states", mlp.hidden * hidden, f"{mlp.hidden} B x N x hidden tensors"),
+            ("MLP intermediates", (gated + 2) * inter, "act(gate) and the matmul's fp16 and cast outputs"),
+            ("int8 matmul buffers", block_bytes(b * n * arch.intermediate_size * 4)
+             + block_bytes(b * n * arch.hidden_size) + block_bytes(b * n * 4),
+             "int32 product, int8 input and its row scales"),
+        )))
+    if spec.quantization == "4bit":
+        points.append(Point(phase="prefill, dequantizing the largest Linear", kind="dequantize",
+                            terms=_terms(
+            *common,
+            ("hidden states", mlp.hidden * hidden, f"{mlp.hidden} B x N x hidden tensors"),
+            ("MLP intermediates", max(mlp.intermediate - 1, 0) * inter, "intermediates alive at that call"),
+            ("dequantized weight", block_bytes(spec.largest_linear_elements * s),
+             "bitsandbytes 4-bit dequantizes a layer's weight to the compute dtype for each matmul"),
+        )))
+
+    att = layout.attention_point
+    repeats = attention.repeats_kv(arch, kernel, masked)
+    kv_len = n
+    attn_terms = [
+        ("hidden states", att.hidden * hidden, f"{att.hidden} B x N x hidden tensors"),
+        ("query", att.query * query, "the rotated queries"),
+        ("fused qkv output", block_bytes(b * n * (arch.num_heads + 2 * arch.num_kv_heads)
+                                         * arch.head_dim * s) if att.fused_qkv else 0,
+         "q, k and v are views of one fused projection output"),
+        ("repeated keys/values", 2 * block_bytes(b * arch.num_heads * kv_len * arch.head_dim * s)
+         if repeats else 0, "K and V copied to every query head (repeat_kv)"),
+        ("partial-rotary pieces", att.partial_rotary_copies
+         * block_bytes(b * arch.num_heads * n * arch.rotary_dim * s),
+         "rotated and pass-through halves of q and k"),
+        ("fp32 query/key", 2 * block_bytes(b * arch.num_heads * n * arch.head_dim * 4)
+         if att.fp32_query_key else 0, "q and k upcast to fp32 for the scores"),
+        ("current keys/values", 0 if generate else 2 * block_bytes(
+            b * arch.num_kv_heads * n * arch.head_dim * s), "this layer's K and V (no cache)"),
+        ("attention workspace", attention.kernel_workspace(arch, layout, kernel, b, n, kv_len, s, masked),
+         f"{kernel} attention: output" + (" and B x heads x N x N scores" if kernel in ("eager", "math")
+                                          else " and softmax statistics")),
+    ]
+    points.append(Point(phase=("prefill" if generate else "forward") + f", in {kernel} attention",
+                        kind=f"attention:{kernel}", terms=_terms(*common, *attn_terms)))
+
+    vocab = arch.vocab_size
+    if generate:
+        points.append(Point(phase="prefill, computing logits", kind="logits", terms=_terms(
+            *common,
+            ("hidden states", 2 * hidden, "the last layer's output and the final norm"),
+            ("logits", block_bytes(b * vocab * s) + block_bytes(b * vocab * 4),
+             "generate() keeps last-token logits only, then copies them to fp32"),
+        )))
+    else:
+        points.append(Point(phase="forward, computing logits", kind="logits", terms=_terms(
+            *common,
+            ("hidden states", hidden, "the final norm output"),
+            ("logits", layout.forward_logit_copies * block_bytes(b * n * vocab * s),
+             "forward() returns logits for every position"),
+        )))
+    return points
+
+
+def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
+    """The last decode step: the cache at its longest plus one layer's old tensor being copied."""
+    if spec.mode != "generate" or spec.new_tokens < 2:
+        return None
+    b, n, t = spec.batch, spec.prompt_len, spec.new_tokens
+    decoded = t - 1
+    cache = kv_cache.cache_bytes(arch, b, n, decoded, spec.kv_element_bytes)
+    longest = max(kv_cache.stored_length(k, arch.sliding_window, n, decoded - 1) for k in arch.layer_types)
+    copy = kv_cache.layer_tensor_bytes(arch, b, longest, spec.kv_element_bytes)
+    vocab = arch.vocab_size
+    logits = block_bytes(b * vocab * spec.activation_bytes) + block_bytes(b * vocab * 4)
+    return Point(phase=f"decode step {decoded}", kind="decode", terms=_terms(
+        ("KV cache", cache, f"keys and values after {decoded} decode steps"),
+        ("cache growth copy", max(copy, logits), "torch.cat copies a layer's keys to grow them "
+         "(or the step's logits, whichever is larger)"),
+        ("generated ids", 2 * block_bytes(b * (n + t) * 8), "the growing ids and attention mask"),
+    ))

@@ -1,0 +1,82 @@
+"""Attention: which kernel runs, and what it allocates while it runs.
+
+transformers' SDPA integration (integrations/sdpa_attention.py) passes `enable_gqa=True` when
+a model has fewer key/value heads than query heads and no mask is needed; otherwise it repeats
+K and V to every head itself. PyTorch 2.11 then picks a kernel: flash for fp16/bf16 without a
+mask (it accepts enable_gqa); memory-efficient for a mask or fp32 (it refuses enable_gqa); the
+math kernel for what neither accepts, e.g. fp32 with enable_gqa. The math kernel upcasts
+fp16/bf16 to fp32 and materializes the full B x heads x N x N scores (measured: fp32 llama-3.2-1b
+and falcon-7b-instruct, whose 71 query heads against one key/value head only math accepts).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ..architecture import Architecture
+from ..base import block_bytes
+from ..catalog import FamilyLayout
+
+Kernel = Literal["flash", "efficient", "math", "eager"]
+
+
+def needs_mask(arch: Architecture, kind: str, kv_length: int) -> bool:
+    """Whether transformers materializes a mask for SDPA (no padding assumed): a sliding
+    layer whose keys reach past its window (masking_utils._ignore_causal_mask_sdpa)."""
+    return kind == "sliding" and arch.sliding_window is not None and kv_length >= arch.sliding_window
+
+
+def sdpa_kernel(arch: Architecture, layout: FamilyLayout, activation_bytes: int, masked: bool) -> Kernel:
+    if layout.sdpa_kernel == "math":
+        return "math"
+    grouped = arch.num_kv_heads < arch.num_heads
+    half = activation_bytes == 2
+    if grouped and not masked and arch.head_dim <= 256:
+        return "flash" if half else "math"  # enable_gqa: only flash and math accept it
+    if half and not masked and arch.head_dim <= 256:
+        return "flash"
+    return "efficient"
+
+
+def repeats_kv(arch: Architecture, kernel: Kernel, masked: bool) -> bool:
+    """transformers copies K and V to every query head (repeat_kv) for eager, and for SDPA
+    whenever it cannot pass enable_gqa."""
+    if arch.num_kv_heads == arch.num_heads:
+        return False
+    if kernel == "eager":
+        return True
+    return kernel != "math" and (masked or arch.head_dim > 256)
+
+
+def kernel_workspace(arch: Architecture, layout: FamilyLayout, kernel: Kernel, batch: int,
+                     q_len: int, kv_len: int, activation_bytes: int, masked: bool) -> int:
+    """Bytes the attention call itself allocates for one layer, output included."""
+    heads, d = arch.num_heads, arch.head_dim
+    scores = batch * heads * q_len * kv_len
+    out = block_bytes(batch * q_len * heads * d * activation_bytes)
+    if kernel == "flash":
+        return out + block_bytes(batch * heads * q_len * 4)  # log-sum-exp, fp32
+    if kernel == "efficient":
+        padded = -(-q_len // 32) * 32
+        return out + block_bytes(batch * heads * padded * 4)
+    if kernel == "math":
+        # aten _scaled_dot_product_attention_math: scaled q (fp32), scores and softmax (fp32),
+        # _safe_softmax's boolean mask of the scores and of fully-masked rows
+        total = 2 * block_bytes(scores * 4) + block_bytes(scores) + block_bytes(batch * heads * q_len)
+        total += block_bytes(batch * heads * q_len * d * 4)  # q * sqrt(scale)
+        if activation_bytes < 4:  # fp16/bf16 inputs are upcast first
+            total += block_bytes(batch * heads * q_len * d * 4)
+            total += 2 * block_bytes(batch * arch.num_kv_heads * kv_len * d * 4)
+        if arch.num_kv_heads < heads and layout.sdpa_kernel != "math":  # enable_gqa expands K, V
+            total += 2 * block_bytes(batch * heads * kv_len * d * 4)
+        if masked:  # the boolean mask becomes an additive one in the input dtype
+            total += block_bytes(batch * q_len * kv_len * activation_bytes)
+        else:  # is_causal: a lower-triangular N x N mask, made additive in fp32
+            total += block_bytes(q_len * kv_len * 4)
+        return total
+    # eager: q @ k^T (+ mask) in the model dtype, softmax in fp32 (input upcast and output)
+    eager = layout.eager_scores
+    dtype_copies = eager.dtype_copies
+    fp32_copies = eager.fp32_copies - (1 if activation_bytes == 4 and eager.fp32_copies else 0)
+    return (dtype_copies * block_bytes(scores * activation_bytes)
+            + fp32_copies * block_bytes(scores * 4))

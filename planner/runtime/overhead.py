@@ -1,0 +1,44 @@
+"""Fixed costs around the model: cuBLAS workspace, inputs, memory outside torch, allocator reserve."""
+
+from __future__ import annotations
+
+from ..architecture import Architecture
+from ..base import block_bytes
+from ..catalog import Calibration, RuntimeProfile
+
+
+def cublas_workspace(arch: Architecture, profile: RuntimeProfile) -> int:
+    has_bias = any(t.kind == "bias" for t in arch.tensors)
+    workspace = profile.constant("cublas_workspace_bytes")
+    if has_bias:
+        workspace += profile.constant("cublaslt_bias_workspace_bytes")
+    return workspace
+
+
+def input_bytes(batch: int, prompt_len: int) -> int:
+    """input_ids and attention_mask, int64, on the GPU before generate() starts."""
+    return 2 * block_bytes(batch * prompt_len * 8)
+
+
+def outside_torch(calibration: Calibration, gpu_key: str, bitsandbytes: bool) -> tuple[int, str]:
+    """CUDA context and kernels: NVML's figure for the process minus torch's reserved memory."""
+    key = gpu_key if gpu_key in calibration.outside_torch else "default"
+    entry = calibration.outside_torch[key]
+    extra = calibration.bitsandbytes_outside_torch_bytes if bitsandbytes else 0
+    if key == "default":
+        why = "no committed rows for this GPU: the default, not a measurement"
+    else:
+        why = (f"median of {entry.samples} {key} rows (range {entry.low / 2**20:.0f}-"
+               f"{entry.high / 2**20:.0f} MiB)")
+    if extra:
+        why += f", plus {extra / 2**20:.0f} MiB for bitsandbytes' CUDA library"
+    return entry.bytes + extra, why
+
+
+def allocator_reserve(calibration: Calibration, peak_kind: str, runtime_bytes: int) -> int:
+    """Blocks the caching allocator holds beyond the tensors alive at the peak: a fraction of
+    the runtime tensors, fitted per kind of peak by scripts/calibrate.py."""
+    fraction = calibration.reserve_fraction.get(peak_kind)
+    if fraction is None:
+        fraction = calibration.reserve_fraction.get(peak_kind.split(":")[0], 0.0)
+    return int(fraction * runtime_bytes)

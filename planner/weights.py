@@ -1,0 +1,87 @@
+"""Architecture + precision -> the exact bytes the loaded weights occupy on the GPU.
+
+Every parameter of the inventory is one allocation (per layer), so bytes are computed per
+tensor and rounded to the caching allocator's 512-byte blocks, the way memory_allocated()
+counts them. bitsandbytes converts only the decoder's Linear weights; what it stores for each
+one is listed in `_bnb_allocations` as bitsandbytes 0.50.2 allocates it.
+"""
+
+from __future__ import annotations
+
+from .architecture import Architecture, TensorSpec
+from .base import Frozen, block_bytes
+from .catalog import DTYPE_BYTES, Precision, precisions
+
+BUFFER_BYTES = {"fp32": 4, "bool": 1}
+
+
+class WeightBreakdown(Frozen):
+    precision: str
+    parameters: int  # transformers' count of the unquantized model
+    weight_bytes: int  # data bytes of every parameter as stored on the GPU
+    quant_state_bytes: int  # bitsandbytes scales, absmax, codes
+    buffer_bytes: int  # non-persistent buffers the model allocates
+    rounding_bytes: int  # the allocator's 512-byte block rounding of all of the above
+    largest_linear_elements: int  # what a 4-bit matmul dequantizes at most at once
+    by_kind: dict[str, int]  # data bytes per tensor kind
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.weight_bytes + self.quant_state_bytes + self.buffer_bytes + self.rounding_bytes
+
+
+def compute_dtype(precision: Precision, requested: str) -> str:
+    """The dtype of activations and of every tensor a scheme leaves unquantized."""
+    return precision.dtype if precision.kind == "dtype" and precision.dtype else requested
+
+
+def _bnb_allocations(tensor: TensorSpec, precision: Precision, double_quant: bool,
+                     nested_block: int) -> tuple[list[int], list[int]]:
+    """(weight allocations, quantization-state allocations) of one converted Linear weight."""
+    n = tensor.elements_each
+    out_features = tensor.shape[1] if tensor.transposed else tensor.shape[0]
+    if precision.kind == "bnb_int8":
+        return [n], [out_features * 4]  # int8 weight; SCB: one fp32 scale per output row
+    block = precision.block_size or 64
+    blocks = -(-n // block)
+    weight = [-(-n // 2)]  # two 4-bit values per byte
+    code = 16 * 4  # the 16-entry fp32 lookup table each QuantState carries
+    if not double_quant:
+        return weight, [blocks * 4, code]
+    nested = -(-blocks // nested_block)
+    return weight, [blocks, nested * 4, 4, code]  # uint8 absmax, fp32 absmax of it, offset
+
+
+def weight_breakdown(arch: Architecture, precision: Precision, compute: str,
+                     double_quant: bool = False) -> WeightBreakdown:
+    element = DTYPE_BYTES[compute]
+    nested_block = precisions().double_quant_block_size
+    data = state = allocated = 0
+    by_kind: dict[str, int] = {}
+    largest = 0
+    quantizes = precision.kind in ("bnb_int8", "bnb_4bit")
+    for tensor in arch.tensors:
+        if quantizes and tensor.kind == "linear":
+            weights, states = _bnb_allocations(tensor, precision, double_quant, nested_block)
+            largest = max(largest, tensor.elements_each)
+        else:
+            weights, states = [tensor.elements_each * element], []
+        tensor_data = sum(weights) * tensor.count
+        data += tensor_data
+        state += sum(states) * tensor.count
+        allocated += sum(block_bytes(x) for x in (*weights, *states)) * tensor.count
+        by_kind[tensor.kind] = by_kind.get(tensor.kind, 0) + tensor_data
+    if precision.kind == "bnb_4bit" and double_quant:
+        state += 256 * 4  # one shared 256-entry fp32 map for the nested quantization
+        allocated += block_bytes(256 * 4)
+    buffers = buffer_alloc = 0
+    for buf in arch.buffers:
+        size = buf.elements_each * (BUFFER_BYTES.get(buf.dtype) or element)
+        buffers += size * buf.count
+        buffer_alloc += block_bytes(max(size, 1)) * buf.count
+    return WeightBreakdown(
+        precision=precision.name, parameters=arch.parameters, weight_bytes=data,
+        quant_state_bytes=state, buffer_bytes=buffers,
+        rounding_bytes=allocated + buffer_alloc - data - state - buffers,
+        largest_linear_elements=largest, by_kind=by_kind,
+    )

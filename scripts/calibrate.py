@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Fit the constants vramplan cannot derive from a config, from the committed measurements.
+
+Writes profiles/calibration.yaml (never edit it by hand; run this script again):
+
+* outside_torch, per GPU: NVML's device memory of the process minus torch.cuda.memory_reserved(),
+  read in the same instant after each run; the median over rows without bitsandbytes.
+* bitsandbytes_outside_torch_bytes: how much more the same figure is once bitsandbytes' CUDA
+  library is loaded (median of bitsandbytes rows minus the median above).
+* reserve_fraction, per kind of peak: the caching allocator's reserve that the run itself adds
+  (peak reserved - peak allocated, less the fragmentation already present before the run),
+  as a fraction of the runtime tensors the engine predicts at the peak; the median per kind.
+
+    python scripts/calibrate.py            # rewrite profiles/calibration.yaml
+    python scripts/calibrate.py --check    # exit 1 if the committed file is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+from vramplan.catalog import calibration, runtime_profile
+from vramplan.validate.compare import compare_rows, gpu_key, measurement_files, read_rows
+
+OUT = Path(__file__).resolve().parent.parent / "profiles" / "calibration.yaml"
+FIXED_TERMS = {"weights", "quantization state", "buffers", "allocator block rounding",
+               "cuBLAS workspace", "inputs", "bitsandbytes runtime"}
+BNB = {"int8", "nf4", "fp4"}
+
+
+def fit() -> dict:
+    files = measurement_files()
+    rows = [r for r in read_rows(files) if r.get("status") == "ok" and r.get("device_bytes")]
+    outside: dict[str, list[int]] = defaultdict(list)
+    outside_bnb: dict[str, list[int]] = defaultdict(list)
+    for row in rows:
+        key = gpu_key(row["env"]["gpu"])
+        value = row["device_bytes"] - row["reserved_at_device_read_bytes"]
+        (outside_bnb if row["case"]["precision"] in BNB else outside)[key].append(value)
+    fitted_outside = {
+        key: {"bytes": int(statistics.median(values)), "samples": len(values),
+              "low": min(values), "high": max(values)}
+        for key, values in sorted(outside.items())
+    }
+    # GPUs never measured get the measured GPU's figure: the best evidence there is
+    reference = fitted_outside.get("H100") or next(iter(fitted_outside.values()))
+    fitted_outside["default"] = dict(reference)
+    bnb_extra = [statistics.median(v) - fitted_outside[k]["bytes"] for k, v in outside_bnb.items()
+                 if k in fitted_outside]
+    # reserve: compare against the engine's own runtime terms, with the reserve zeroed
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    done, _ = compare_rows(rows)
+    by_case = {repr(sorted(r["case"].items())): r for r in rows}
+    for comparison in done:
+        row = by_case[repr(sorted(comparison.case.items()))]
+        runtime = sum(t.bytes for t in comparison.estimate.breakdown
+                      if t.scope == "allocated" and t.name not in FIXED_TERMS)
+        slack = row["peak_reserved_bytes"] - row["peak_allocated_bytes"]
+        before = row["base_reserved_bytes"] - row["base_allocated_bytes"]
+        kind = comparison.estimate.peak_kind
+        by_kind[kind].append(max(0, slack - before) / max(runtime, 1))
+    env = rows[0]["env"]
+    return {
+        "fitted_from": [f"{p.name}: {sum(1 for _ in read_rows([p]))} rows" for p in files],
+        "measured_with": {"gpu": env["gpu"], "driver": env.get("driver") or "unknown",
+                          "cuda": env["cuda"], "torch": env["torch"],
+                          "transformers": env["transformers"],
+                          "bitsandbytes": runtime_profile().measured_with.bitsandbytes},
+        "outside_torch": fitted_outside,
+        "bitsandbytes_outside_torch_bytes": int(statistics.median(bnb_extra)) if bnb_extra else 0,
+        "reserve_fraction": {k: round(statistics.median(v), 3) for k, v in sorted(by_kind.items())},
+    }
+
+
+HEADER = """\
+# Written by scripts/calibrate.py from the committed measurements; do not edit by hand.
+# outside_torch: NVML's process memory minus torch's reserved memory, per GPU ("default" is
+# the measured GPU's figure, used for GPUs with no rows). reserve_fraction: the allocator
+# reserve a run adds, as a fraction of the runtime tensors at its peak, per kind of peak.
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if calibration.yaml is stale")
+    args = parser.parse_args()
+    if args.check and not OUT.exists():
+        print(f"{OUT} is missing; run scripts/calibrate.py", file=sys.stderr)
+        return 1
+    if not OUT.exists():  # first run: the engine needs a calibration to compare rows at all
+        OUT.write_text(HEADER + yaml.safe_dump(_bootstrap(), sort_keys=False))
+        calibration.cache_clear()
+    fitted = fit()
+    text = HEADER + yaml.safe_dump(fitted, sort_keys=False)
+    if args.check:
+        if OUT.read_text() != text:
+            print(f"{OUT} is stale: run scripts/calibrate.py and commit it", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text)
+    print(yaml.safe_dump(fitted, sort_keys=False))
+    return 0
+
+
+def _bootstrap() -> dict:
+    zero = {"bytes": 0, "samples": 0, "low": 0, "high": 0}
+    return {"fitted_from": [], "measured_with": runtime_profile().measured_with.model_dump(),
+            "outside_torch": {"default": zero}, "bitsandbytes_outside_torch_bytes": 0,
+            "reserve_fraction": {}}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

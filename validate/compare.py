@@ -1,0 +1,111 @@
+"""Prediction against measurement, for one row or a whole committed measurement set.
+
+Pure and torch-free: the CI accuracy gate, the README table script and `vramplan validate`
+all compare through here, so they cannot disagree about what an error is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..architecture import architecture_from_config
+from ..base import Frozen
+from ..catalog import gpu_catalog
+from ..config import shrink_config
+from ..errors import VramplanError
+from ..estimate import Estimate, PrecisionChoice, Workload, estimate_architecture
+from ..source import resolve
+
+
+class Comparison(Frozen):
+    """One measured row next to its prediction."""
+
+    case: dict[str, Any]
+    gpu: str
+    measured_allocated: int
+    predicted_allocated: int
+    measured_device: int | None
+    predicted_device: int
+    estimate: Estimate
+
+    @property
+    def allocated_error(self) -> float:
+        return self.predicted_allocated / self.measured_allocated - 1
+
+    @property
+    def device_error(self) -> float | None:
+        if not self.measured_device:
+            return None
+        return self.predicted_device / self.measured_device - 1
+
+    def label(self) -> str:
+        c = self.case
+        layers = f" ({c['layers']} layers)" if c.get("layers") else ""
+        dq = "+dq" if c.get("double_quant") else ""
+        return (f"{c['model']}{layers} {c['precision']}{dq} {c['attn']} b{c['batch']} "
+                f"n{c['prompt_len']} t{c['new_tokens']} {c['mode']}")
+
+
+def measurement_files() -> list[Path]:
+    folder = resources.files("vramplan.profiles") / "measurements"
+    return sorted(Path(str(f)) for f in folder.iterdir() if f.name.endswith(".jsonl"))
+
+
+def read_rows(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
+    for path in paths:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                yield json.loads(line)
+
+
+def gpu_key(gpu_name: str) -> str:
+    """The catalog entry a measured device name belongs to ("NVIDIA H100 80GB HBM3" -> H100)."""
+    for gpu in gpu_catalog().gpus:
+        if gpu.outside_torch_key != "default" and gpu.outside_torch_key.lower() in gpu_name.lower():
+            return gpu.outside_torch_key
+    return "default"
+
+
+def predict_case(case: dict[str, Any], config: dict[str, Any], gpu_name: str) -> Estimate:
+    arch = architecture_from_config(shrink_config(config, case.get("layers")), case["model"])
+    workload = Workload(batch=case["batch"], prompt_len=case["prompt_len"],
+                        new_tokens=case.get("new_tokens", 0), mode=case.get("mode", "generate"),
+                        attn=case["attn"])
+    choice = PrecisionChoice(name=case["precision"], double_quant=bool(case.get("double_quant")))
+    key = gpu_key(gpu_name)
+    gpu = next((g for g in gpu_catalog().gpus if g.outside_torch_key == key), None)
+    return estimate_architecture(arch, case["model"], workload, choice, gpu)
+
+
+def compare_row(row: dict[str, Any], config: dict[str, Any] | None = None) -> Comparison:
+    case = row["case"]
+    config = config if config is not None else resolve(case["model"]).config
+    gpu_name = row.get("env", {}).get("gpu", "")
+    est = predict_case(case, config, gpu_name)
+    return Comparison(case=case, gpu=gpu_name, measured_allocated=row["peak_allocated_bytes"],
+                      predicted_allocated=est.peak_allocated_bytes,
+                      measured_device=row.get("device_bytes"),
+                      predicted_device=est.peak_device_bytes, estimate=est)
+
+
+def comparable(row: dict[str, Any]) -> bool:
+    """Rows with a measured peak: OOMs and refusals are data, but have no peak to compare."""
+    return row.get("status") == "ok" and "peak_allocated_bytes" in row
+
+
+def compare_rows(rows: Iterable[dict[str, Any]]) -> tuple[list[Comparison], list[tuple[dict, str]]]:
+    """Every comparable row's comparison, and the rows the engine refuses (with why)."""
+    done: list[Comparison] = []
+    refused: list[tuple[dict, str]] = []
+    for row in rows:
+        if not comparable(row):
+            continue
+        try:
+            done.append(compare_row(row))
+        except VramplanError as exc:
+            refused.append((row["case"], str(exc)))
+    return done, refused
