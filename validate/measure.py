@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from vramplan.config import shrink_config
+
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BNB_PRECISIONS = ("int8", "nf4", "fp4")
 
@@ -98,29 +100,6 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def shrink_config(config: dict[str, Any], num_layers: int | None) -> dict[str, Any]:
-    """A copy of `config` with fewer decoder layers: memory is per layer, so a reduced model
-    measures the same per-layer cost when the full one does not fit. A multimodal config's
-    text model (`text_config`) is the one reduced."""
-    config = dict(config)
-    if num_layers is None:
-        return config
-    if isinstance(config.get("text_config"), dict):
-        config["text_config"] = shrink_config(config["text_config"], num_layers)
-        return config
-    keys = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-    for key in keys:
-        if key in config:
-            config[key] = num_layers
-    if not any(key in config for key in keys):
-        config["num_hidden_layers"] = num_layers
-    # per-layer lists (layer kinds, which layers use rope or experts) follow the new count
-    for key in ("layer_types", "no_rope_layers", "moe_layers"):
-        if isinstance(config.get(key), list):
-            config[key] = config[key][:num_layers]
-    return config
-
-
 def _hf_config(config: dict[str, Any]):
     """A transformers config object from a config dict, without running any repository code.
 
@@ -159,7 +138,7 @@ def build_quantized(config: dict[str, Any], precision: str, attn: str, num_layer
                     workdir: str, compute_dtype: str = "bf16", double_quant: bool = False):
     """Save a random bf16 checkpoint, then reload it through bitsandbytes: the real loading
     path, quantization included. The checkpoint is written once per worker and reused."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     path = os.path.join(workdir, "checkpoint")
     if not os.path.exists(os.path.join(path, "config.json")):
@@ -168,15 +147,7 @@ def build_quantized(config: dict[str, Any], precision: str, attn: str, num_layer
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    if precision == "int8":
-        quant = BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=precision,
-            bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=TORCH_DTYPES[compute_dtype],
-        )
+    quant = bnb_config(precision, compute_dtype, double_quant)
     torch.cuda.reset_peak_memory_stats()
     model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=quant, device_map="cuda:0", attn_implementation=attn,
@@ -185,14 +156,32 @@ def build_quantized(config: dict[str, Any], precision: str, attn: str, num_layer
     return model.eval()
 
 
-def load_checkpoint(path_or_id: str, precision: str, attn: str, revision: str | None = None):
+def bnb_config(precision: str, compute_dtype: str = "bf16", double_quant: bool = False):
+    from transformers import BitsAndBytesConfig
+
+    if precision == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=precision,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=TORCH_DTYPES[compute_dtype],
+    )
+
+
+def load_checkpoint(path_or_id: str, precision: str, attn: str, revision: str | None = None,
+                    compute_dtype: str = "bf16", double_quant: bool = False):
+    """A real checkpoint through from_pretrained (local directory, or the Hub when reachable)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path_or_id, dtype=TORCH_DTYPES[precision], attn_implementation=attn,
-        device_map="cuda:0", revision=revision,
-    )
-    return model.eval()
+    kwargs: dict[str, Any] = {"attn_implementation": attn, "device_map": "cuda:0", "revision": revision}
+    if precision in BNB_PRECISIONS:
+        kwargs["quantization_config"] = bnb_config(precision, compute_dtype, double_quant)
+        kwargs["dtype"] = TORCH_DTYPES[compute_dtype]
+    else:
+        kwargs["dtype"] = TORCH_DTYPES[precision]
+    torch.cuda.reset_peak_memory_stats()
+    return AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs).eval()
 
 
 def tensor_inventory(model) -> dict[str, int]:
@@ -320,34 +309,38 @@ def run_workload(model, workload: Workload, diagnose: bool = False) -> dict[str,
     reserved_base = torch.cuda.memory_reserved()
     if diagnose:
         torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
-    started = time.perf_counter()
-    with torch.no_grad():
-        if workload.mode == "forward":
-            out = model(input_ids=ids, attention_mask=mask, use_cache=False)
-            del out
-        else:
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=False,
-                min_new_tokens=workload.new_tokens, max_new_tokens=workload.new_tokens,
-                pad_token_id=0, eos_token_id=None,
-            )
-            produced = int(out.shape[1] - workload.prompt_len)
-            del out
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - started
-    result = {
-        "base_allocated_bytes": base,
-        "base_reserved_bytes": reserved_base,
-        "peak_allocated_bytes": int(torch.cuda.max_memory_allocated()),
-        "peak_reserved_bytes": int(torch.cuda.max_memory_reserved()),
-        # NVML and the allocator read together: their difference is memory outside torch
-        "device_bytes": process_device_bytes(),
-        "reserved_at_device_read_bytes": int(torch.cuda.memory_reserved()),
-        "seconds": round(elapsed, 3),
-    }
-    if diagnose:
-        result["peak_live_set"] = peak_live_set(torch.cuda.memory._snapshot())
-        torch.cuda.memory._record_memory_history(enabled=None)
+    try:
+        started = time.perf_counter()
+        with torch.no_grad():
+            if workload.mode == "forward":
+                out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+                del out
+            else:
+                out = model.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=False,
+                    min_new_tokens=workload.new_tokens, max_new_tokens=workload.new_tokens,
+                    pad_token_id=0, eos_token_id=None,
+                )
+                produced = int(out.shape[1] - workload.prompt_len)
+                del out
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        result = {
+            "base_allocated_bytes": base,
+            "base_reserved_bytes": reserved_base,
+            "peak_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+            "peak_reserved_bytes": int(torch.cuda.max_memory_reserved()),
+            # NVML and the allocator read together: their difference is memory outside torch
+            "device_bytes": process_device_bytes(),
+            "reserved_at_device_read_bytes": int(torch.cuda.memory_reserved()),
+            "seconds": round(elapsed, 3),
+        }
+        if diagnose:
+            result["peak_live_set"] = peak_live_set(torch.cuda.memory._snapshot())
+    finally:
+        # an OOM must not leave recording on: the next case's live set would replay this one's
+        if diagnose:
+            torch.cuda.memory._record_memory_history(enabled=None)
     if workload.mode != "forward":
         result["tokens_generated"] = produced
     del ids, mask

@@ -128,7 +128,7 @@ def run_matrix(matrix_path: Path, out_path: Path, resolve_config, progress=None,
     return added
 
 
-def _print_progress(done: int, total: int, line: str) -> None:
+def print_progress(done: int, total: int, line: str) -> None:
     width = 30
     filled = int(width * done / max(total, 1))
     print(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {line}", file=sys.stderr, flush=True)
@@ -138,5 +138,5 @@ if __name__ == "__main__":  # python -m vramplan.validate.sweep MATRIX.yaml OUT.
     from vramplan.source import resolve
 
     budget = float(sys.argv[3]) if len(sys.argv) > 3 else None
-    run_matrix(Path(sys.argv[1]), Path(sys.argv[2]), lambda m: resolve(m).config, _print_progress,
+    run_matrix(Path(sys.argv[1]), Path(sys.argv[2]), lambda m: resolve(m).config, print_progress,
                deadline=time.time() + budget if budget else None)

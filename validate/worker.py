@@ -19,9 +19,15 @@ from vramplan.validate import measure
 
 
 def _build(config: dict[str, Any], case: dict[str, Any], workdir: str):
+    compute = case.get("compute_dtype", "bf16")
+    if case.get("checkpoint"):
+        return measure.load_checkpoint(case["checkpoint"], case["precision"], case["attn"],
+                                       case.get("revision"), compute_dtype=compute,
+                                       double_quant=case.get("double_quant", False))
     if case["precision"] in measure.BNB_PRECISIONS:
         return measure.build_quantized(config, case["precision"], case["attn"], case["layers"],
-                                       workdir, double_quant=case.get("double_quant", False))
+                                       workdir, compute_dtype=compute,
+                                       double_quant=case.get("double_quant", False))
     return measure.build_random(config, case["precision"], case["attn"], case["layers"])
 
 
