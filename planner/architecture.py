@@ -102,6 +102,7 @@ class Architecture(Frozen):
     num_kv_heads: int
     head_dim: int
     intermediate_size: int
+    cache_heads: int | None = None  # heads the KV cache holds, when not num_kv_heads
     rotary_dim: int  # 0: no rotary embedding
     positions: Literal["rope", "learned", "alibi"]
     max_positions: int | None  # a hard limit (a learned table), None where positions extrapolate
@@ -274,6 +275,10 @@ def _heads(raw: RawConfig, hidden: int, heads_keys: tuple[str, ...] = ("num_atte
 
 def _rotary_dim(raw: RawConfig, head_dim: int, factor_keys: tuple[str, ...] = ("partial_rotary_factor",)
                 ) -> int:
+    # transformers 5 configs keep it in `rope_parameters`; older ones at the top level
+    nested = raw.raw("rope_parameters", default=None)
+    if isinstance(nested, dict) and nested.get("partial_rotary_factor") is not None:
+        raw = RawConfig({**raw.data, factor_keys[0]: nested["partial_rotary_factor"]}, raw.where)
     factor = raw.float(*factor_keys, default=1.0)
     if not 0 < factor <= 1:
         raise ConfigError(f"{raw.where}: {factor_keys[0]} must be in (0, 1], not {factor}.")
@@ -676,6 +681,9 @@ def _falcon(raw: RawConfig) -> Architecture:
     return Architecture(
         model_type="falcon", family=family, hidden_size=hidden, num_layers=layers,
         vocab_size=vocab, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        # the new decoder layout broadcasts K and V to every query head before caching them
+        # (FalconAttention: num_kv_heads = num_heads if new_decoder_architecture)
+        cache_heads=heads if new_arch else None,
         intermediate_size=ffn, rotary_dim=head_dim, positions="rope", max_positions=None,
         layer_types=("full",) * layers, sliding_window=None, tie_word_embeddings=tied,
         config_dtype=_config_dtype(raw), attention_implementations=("sdpa", "eager",

@@ -68,8 +68,12 @@ class PointCounts(Frozen):
 
 
 class EagerScores(Frozen):
-    dtype_copies: int
-    fp32_copies: int
+    """B x heads x N x N tensors alive at once in the family's eager attention."""
+
+    dtype_copies: int  # in the activation dtype
+    fp32_copies: int  # fp32 whatever the activation dtype
+    upcast_copies: int = 0  # fp32 copies of dtype tensors: absent when the dtype is fp32
+    weights_held: Literal["layer", "next_layer"] = "layer"  # how long the returned weights live
 
 
 class FamilyLayout(Frozen):
@@ -84,6 +88,7 @@ class FamilyLayout(Frozen):
     rope_fp32: bool = False
     forward_logit_copies: int = 1
     sdpa_kernel: Literal["dispatch", "math"] = "dispatch"
+    repeats_kv: bool = True  # False: K/V broadcast in the matmul (falcon's multi-query)
 
 
 class MeasuredWith(Frozen):

@@ -109,3 +109,33 @@ def compare_rows(rows: Iterable[dict[str, Any]]) -> tuple[list[Comparison], list
         except VramplanError as exc:
             refused.append((row["case"], str(exc)))
     return done, refused
+
+
+FIXED_TERMS = ("weights", "quantization state", "buffers", "allocator block rounding",
+               "cuBLAS workspace", "inputs", "bitsandbytes runtime")
+
+
+def drift(comparison: Comparison, row: dict[str, Any]) -> str:
+    """Which part of a prediction drifted: the memory before the run, or the runtime terms at
+    the peak (listed, next to the measured live set when the row recorded one)."""
+    est = comparison.estimate
+    base_pred = sum(t.bytes for t in est.breakdown if t.name in FIXED_TERMS)
+    runtime_terms = [t for t in est.breakdown if t.scope == "allocated" and t.name not in FIXED_TERMS]
+    runtime_pred = sum(t.bytes for t in runtime_terms)
+    base_meas = row["base_allocated_bytes"]
+    runtime_meas = row["peak_allocated_bytes"] - base_meas
+    mib = 2**20
+    lines = [
+        f"{comparison.label()}: predicted {comparison.predicted_allocated / mib:.1f} MiB, "
+        f"measured {comparison.measured_allocated / mib:.1f} MiB ({comparison.allocated_error:+.2%})",
+        f"  before the run: predicted {base_pred / mib:.1f}, measured {base_meas / mib:.1f} MiB",
+        f"  runtime at the peak ({est.peak_phase}): predicted {runtime_pred / mib:.1f}, "
+        f"measured {runtime_meas / mib:.1f} MiB",
+    ]
+    lines += [f"    {t.name}: {t.bytes / mib:.1f} MiB" for t in runtime_terms]
+    live = row.get("peak_live_set", {}).get("live", [])
+    if live:
+        lines.append("  measured live set at the peak (largest groups):")
+        lines += [f"    {g['bytes'] * g['count'] / mib:.1f} MiB = {g['count']} x {g['bytes']} B at "
+                  f"{g['where'].split(' < ')[0]}" for g in live[:8]]
+    return "\n".join(lines)

@@ -97,8 +97,10 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
          "generate() keeps two int64 copies of the position ids"),
     )
 
+    held_in_attention, held_in_mlp = attention.held_weights(layout, kernel, b, arch.num_heads, n, n, s)
     mlp = layout.mlp_point
     mlp_terms = [
+        ("attention weights", held_in_mlp, "eager attention's softmax weights, still referenced"),
         ("hidden states", mlp.hidden * hidden,
          f"{mlp.hidden} B x N x hidden tensors (embeddings, residuals, norm output)"),
         ("MLP intermediates", mlp.intermediate * inter,
@@ -130,7 +132,7 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
         )))
 
     att = layout.attention_point
-    repeats = attention.repeats_kv(arch, kernel, masked)
+    repeats = attention.repeats_kv(arch, layout, kernel, masked)
     kv_len = n
     attn_terms = [
         ("hidden states", att.hidden * hidden, f"{att.hidden} B x N x hidden tensors"),
@@ -147,6 +149,7 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
          if att.fp32_query_key else 0, "q and k upcast to fp32 for the scores"),
         ("current keys/values", 0 if generate else 2 * block_bytes(
             b * arch.num_kv_heads * n * arch.head_dim * s), "this layer's K and V (no cache)"),
+        ("attention weights", held_in_attention, "the previous layer's eager weights, still referenced"),
         ("attention workspace", attention.kernel_workspace(arch, layout, kernel, b, n, kv_len, s, masked),
          f"{kernel} attention: output" + (" and B x heads x N x N scores" if kernel in ("eager", "math")
                                           else " and softmax statistics")),

@@ -38,10 +38,10 @@ def sdpa_kernel(arch: Architecture, layout: FamilyLayout, activation_bytes: int,
     return "efficient"
 
 
-def repeats_kv(arch: Architecture, kernel: Kernel, masked: bool) -> bool:
+def repeats_kv(arch: Architecture, layout: FamilyLayout, kernel: Kernel, masked: bool) -> bool:
     """transformers copies K and V to every query head (repeat_kv) for eager, and for SDPA
     whenever it cannot pass enable_gqa."""
-    if arch.num_kv_heads == arch.num_heads:
+    if arch.num_kv_heads == arch.num_heads or not layout.repeats_kv:
         return False
     if kernel == "eager":
         return True
@@ -76,7 +76,17 @@ def kernel_workspace(arch: Architecture, layout: FamilyLayout, kernel: Kernel, b
         return total
     # eager: q @ k^T (+ mask) in the model dtype, softmax in fp32 (input upcast and output)
     eager = layout.eager_scores
-    dtype_copies = eager.dtype_copies
-    fp32_copies = eager.fp32_copies - (1 if activation_bytes == 4 and eager.fp32_copies else 0)
-    return (dtype_copies * block_bytes(scores * activation_bytes)
-            + fp32_copies * block_bytes(scores * 4))
+    upcasts = eager.upcast_copies if activation_bytes < 4 else 0
+    return (eager.dtype_copies * block_bytes(scores * activation_bytes)
+            + (eager.fp32_copies + upcasts) * block_bytes(scores * 4))
+
+
+def held_weights(layout: FamilyLayout, kernel: Kernel, batch: int, heads: int, q_len: int,
+                 kv_len: int, activation_bytes: int) -> tuple[int, int]:
+    """Eager attention returns its softmax weights (B x heads x N x N, model dtype): bytes
+    still alive (in attention, in the MLP) because a layer or the model's loop holds them."""
+    if kernel != "eager":
+        return 0, 0
+    one = block_bytes(batch * heads * q_len * kv_len * activation_bytes)
+    previous = one if layout.eager_scores.weights_held == "next_layer" else 0
+    return previous, one + previous

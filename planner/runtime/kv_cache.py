@@ -14,7 +14,8 @@ from ..base import block_bytes
 
 def layer_tensor_bytes(arch: Architecture, batch: int, length: int, element_bytes: int) -> int:
     """One key (or value) tensor of one layer, as the allocator holds it."""
-    return block_bytes(batch * arch.num_kv_heads * length * arch.head_dim * element_bytes)
+    heads = arch.cache_heads or arch.num_kv_heads
+    return block_bytes(batch * heads * length * arch.head_dim * element_bytes)
 
 
 def stored_length(kind: str, window: int | None, prompt_len: int, decoded: int) -> int:

@@ -1,0 +1,58 @@
+"""Weights exact to the parameter: our inventory against transformers' own instantiation.
+
+For every bundled config we model (and the test configs written from transformers' config
+classes), every parameter name, shape and buffer must match the model transformers builds
+on the meta device, and the counts must agree to the parameter.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from vramplan.architecture import architecture_from_config
+from vramplan.errors import UnsupportedModelError
+from vramplan.source import bundled_names, load_bundled
+
+from .conftest import TEST_CONFIGS, load_json, transformers_model_on_meta
+
+pytest.importorskip("transformers")
+
+CASES = [(hub_id, lambda h=hub_id: load_bundled(h).config) for hub_id, _ in bundled_names()]
+CASES += [(path.name, lambda p=path: load_json(p)) for path in TEST_CONFIGS]
+
+
+@pytest.mark.parametrize("name,config_of", CASES, ids=[c[0] for c in CASES])
+def test_inventory_matches_transformers(name, config_of):
+    config = config_of()
+    try:
+        arch = architecture_from_config(config, name)
+    except UnsupportedModelError as exc:
+        pytest.skip(f"refused on purpose: {exc}")
+    model = transformers_model_on_meta(config)
+    theirs = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    ours = {n: t.shape for t in arch.tensors for n in t.names()}
+    assert ours == theirs, _diff("parameter", ours, theirs)
+    assert arch.parameters == sum(p.numel() for p in model.parameters())
+    buffers = {n: tuple(b.shape) for n, b in model.named_buffers()}
+    our_buffers = {}
+    for b in arch.buffers:
+        names = [b.name] if b.layers is None else [b.name.replace("{i}", str(i)) for i in b.layers]
+        our_buffers.update({n: b.shape for n in names})
+    assert our_buffers == buffers, _diff("buffer", our_buffers, buffers)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert arch.tie_word_embeddings == tied
+
+
+def _diff(what: str, ours: dict, theirs: dict) -> str:
+    lines = [f"{what} {n}: ours {ours.get(n)}, transformers {theirs.get(n)}"
+             for n in sorted(set(ours) | set(theirs)) if ours.get(n) != theirs.get(n)]
+    return "\n".join(lines[:20])
+
+
+def test_qwen3_0_6b_loaded_count_is_not_the_checkpoint_count():
+    """Qwen3-0.6B's checkpoint stores 751.6M elements (lm_head written out although tied);
+    the loaded model holds 596.0M: the planner counts what is loaded."""
+    arch = architecture_from_config(load_bundled("Qwen/Qwen3-0.6B").config)
+    assert arch.parameters == 596_049_920
+    embedding = next(t for t in arch.tensors if t.kind == "embedding")
+    assert arch.parameters + embedding.elements == 751_632_384
