@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import field_validator
 
 from .base import Frozen
-from .config import RawConfig
+from .config import MAX_LAYERS, RawConfig
 from .errors import ConfigError, UnsupportedModelError
 
 TensorKind = Literal[
@@ -322,7 +322,7 @@ def _llama_like(raw: RawConfig, *, family: str, tied_default: bool, qkv_bias: bo
                 attention: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2"),
                 intermediate_keys: tuple[str, ...] = ("intermediate_size",)) -> Architecture:
     hidden = raw.int("hidden_size")
-    layers = raw.int("num_hidden_layers")
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     vocab = raw.int("vocab_size")
     heads, kv_heads, head_dim = _heads(raw, hidden)
     intermediate = raw.int(*intermediate_keys)
@@ -538,7 +538,7 @@ def _learned_positions_arch(raw: RawConfig, **fields) -> Architecture:
 @adapter("gpt2")
 def _gpt2(raw: RawConfig) -> Architecture:
     hidden = raw.int("n_embd", "hidden_size")
-    layers = raw.int("n_layer", "num_hidden_layers")
+    layers = raw.int("n_layer", "num_hidden_layers", maximum=MAX_LAYERS)
     heads = raw.int("n_head", "num_attention_heads")
     head_dim = raw.divides(hidden, heads, "n_embd / n_head")
     vocab = raw.int("vocab_size")
@@ -567,7 +567,7 @@ def _gpt2(raw: RawConfig) -> Architecture:
 @adapter("gpt_bigcode")
 def _gpt_bigcode(raw: RawConfig) -> Architecture:
     hidden = raw.int("n_embd", "hidden_size")
-    layers = raw.int("n_layer", "num_hidden_layers")
+    layers = raw.int("n_layer", "num_hidden_layers", maximum=MAX_LAYERS)
     heads = raw.int("n_head", "num_attention_heads")
     head_dim = raw.divides(hidden, heads, "n_embd / n_head")
     kv_heads = 1 if raw.bool("multi_query", default=True) else heads
@@ -600,7 +600,7 @@ def _gpt_bigcode(raw: RawConfig) -> Architecture:
 @adapter("opt")
 def _opt(raw: RawConfig) -> Architecture:
     hidden = raw.int("hidden_size")
-    layers = raw.int("num_hidden_layers")
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     heads = raw.int("num_attention_heads")
     head_dim = raw.divides(hidden, heads, "hidden_size / num_attention_heads")
     vocab = raw.int("vocab_size")
@@ -642,7 +642,7 @@ def _opt(raw: RawConfig) -> Architecture:
 @adapter("falcon")
 def _falcon(raw: RawConfig) -> Architecture:
     hidden = raw.int("hidden_size")
-    layers = raw.int("num_hidden_layers")
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     heads = raw.int("num_attention_heads")
     head_dim = raw.divides(hidden, heads, "hidden_size / num_attention_heads")
     vocab = raw.int("vocab_size")
@@ -695,7 +695,7 @@ def _falcon(raw: RawConfig) -> Architecture:
 @adapter("bloom")
 def _bloom(raw: RawConfig) -> Architecture:
     hidden = raw.int("hidden_size", "n_embed")
-    layers = raw.int("n_layer", "num_hidden_layers")
+    layers = raw.int("n_layer", "num_hidden_layers", maximum=MAX_LAYERS)
     heads = raw.int("n_head", "num_attention_heads")
     head_dim = raw.divides(hidden, heads, "hidden_size / n_head")
     vocab = raw.int("vocab_size")
@@ -726,7 +726,7 @@ def _bloom(raw: RawConfig) -> Architecture:
 @adapter("gpt_neox")
 def _gpt_neox(raw: RawConfig) -> Architecture:
     hidden = raw.int("hidden_size")
-    layers = raw.int("num_hidden_layers")
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     heads = raw.int("num_attention_heads")
     head_dim = raw.divides(hidden, heads, "hidden_size / num_attention_heads")
     vocab = raw.int("vocab_size")
@@ -761,7 +761,7 @@ def _gpt_neox(raw: RawConfig) -> Architecture:
 @adapter("gptj")
 def _gptj(raw: RawConfig) -> Architecture:
     hidden = raw.int("n_embd", "hidden_size")
-    layers = raw.int("n_layer", "num_hidden_layers")
+    layers = raw.int("n_layer", "num_hidden_layers", maximum=MAX_LAYERS)
     heads = raw.int("n_head", "num_attention_heads")
     head_dim = raw.divides(hidden, heads, "n_embd / n_head")
     vocab = raw.int("vocab_size")
@@ -798,7 +798,7 @@ def _gptj(raw: RawConfig) -> Architecture:
 @adapter("mpt")
 def _mpt(raw: RawConfig) -> Architecture:
     hidden = raw.int("d_model", "hidden_size")
-    layers = raw.int("n_layers", "num_hidden_layers")
+    layers = raw.int("n_layers", "num_hidden_layers", maximum=MAX_LAYERS)
     heads = raw.int("n_heads", "num_attention_heads")
     head_dim = raw.divides(hidden, heads, "d_model / n_heads")
     vocab = raw.int("vocab_size")

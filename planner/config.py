@@ -14,6 +14,9 @@ from typing import Any
 from .errors import ConfigError
 
 _MISSING = object()
+# Bounds no real config comes near; they keep arithmetic on nonsense configs cheap and sane.
+MAX_DIMENSION = 1 << 24  # widths, vocabularies, positions, windows
+MAX_LAYERS = 1 << 12
 
 
 class RawConfig:
@@ -42,7 +45,8 @@ class RawConfig:
             raise ConfigError(f"{self.where} has no {' / '.join(names)}; it is needed to size the model.")
         return default
 
-    def int(self, *names: str, default: Any = _MISSING, minimum: int = 1) -> int:
+    def int(self, *names: str, default: Any = _MISSING, minimum: int = 1,
+            maximum: int = MAX_DIMENSION) -> int:
         value = self.raw(*names, default=default)
         if value is None:
             return value
@@ -53,6 +57,9 @@ class RawConfig:
         value = int(value)
         if value < minimum:
             raise ConfigError(f"{self.where}: {names[0]} must be at least {minimum}, not {value}.")
+        if value > maximum:
+            raise ConfigError(f"{self.where}: {names[0]} = {value} is beyond any real model "
+                              f"(at most {maximum}).")
         return value
 
     def float(self, *names: str, default: Any = _MISSING) -> float:

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Regenerate README.md's accuracy table from the committed measurements.
+
+Predicts every committed row with the current engine and writes, between the README markers
+<!-- accuracy:start --> and <!-- accuracy:end -->, the overall figures (rows, median, p90,
+worst) for peak_allocated_bytes and peak_device_bytes and a table per family and precision.
+
+    python scripts/accuracy_table.py          # rewrite README.md's table
+    python scripts/accuracy_table.py --check  # exit 1 if README.md is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from vramplan.validate.compare import compare_rows, measurement_files, read_rows
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.2f}%"
+
+
+def _summary(errors: list[float]) -> tuple[str, str, str]:
+    a = sorted(abs(e) for e in errors)
+    return _pct(statistics.median(a)), _pct(a[min(len(a) - 1, int(0.9 * len(a)))]), _pct(a[-1])
+
+
+def table() -> str:
+    rows = list(read_rows(measurement_files()))
+    done, refused = compare_rows(rows)
+    measured_ok = sum(1 for r in rows if r.get("status") == "ok")
+    gpus = sorted({c.gpu for c in done})
+    alloc = [c.allocated_error for c in done]
+    device = [c.device_error for c in done if c.device_error is not None]
+    lines = [
+        f"Measured on {', '.join(gpus)}: {len(rows)} committed rows, {measured_ok} with a peak, "
+        f"{len(done)} predicted ({len(refused)} rows of families this release refuses are not).",
+        "Error = predicted / measured - 1.",
+        "",
+        "| total | rows | median abs. error | p90 | worst |",
+        "|---|---:|---:|---:|---:|",
+        "| peak_allocated_bytes | {} | {} | {} | {} |".format(len(alloc), *_summary(alloc)),
+        "| peak_device_bytes | {} | {} | {} | {} |".format(len(device), *_summary(device)),
+        "",
+        "| family | precision | rows | allocated: median | allocated: worst | device: median |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    groups: dict[tuple[str, str], list] = defaultdict(list)
+    for c in done:
+        precision = c.case["precision"] + ("+dq" if c.case.get("double_quant") else "")
+        groups[(c.estimate.model_type, precision)].append(c)
+    for (family, precision), group in sorted(groups.items()):
+        a = [abs(c.allocated_error) for c in group]
+        d = [abs(c.device_error) for c in group if c.device_error is not None]
+        lines.append(f"| {family} | {precision} | {len(group)} | {_pct(statistics.median(a))} | "
+                     f"{_pct(max(a))} | {_pct(statistics.median(d)) if d else 'n/a'} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    text = README.read_text()
+    if START not in text or END not in text:
+        print(f"README.md lacks the {START} / {END} markers", file=sys.stderr)
+        return 1
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{START}\n{table()}\n{END}{tail}"
+    if args.check:
+        if new != text:
+            print("README.md's accuracy table is stale: run scripts/accuracy_table.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The CLI through click's CliRunner: output, --json round-trips, and one-sentence errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from vramplan import Workload, estimate
+from vramplan.cli import main
+from vramplan.estimate import Estimate
+
+
+@pytest.fixture
+def run():
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, list(args))
+
+    return invoke
+
+
+def test_estimate_prints_a_table_with_totals(run):
+    result = run("estimate", "llama-3.2-1b", "--batch", "2", "--prompt-len", "256")
+    assert result.exit_code == 0, result.output
+    assert "= peak allocated" in result.output and "= peak on device" in result.output
+    assert "KV cache" in result.output and "weights" in result.output
+
+
+def test_estimate_json_is_the_result_model(run):
+    result = run("estimate", "llama-3.2-1b", "--batch", "2", "--prompt-len", "256", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    for key in ("model", "parameters", "weights_bytes", "kv_cache_bytes", "peak_allocated_bytes",
+                "peak_device_bytes", "breakdown"):
+        assert key in data
+    assert all({"name", "bytes", "why"} <= set(t) for t in data["breakdown"])
+    parsed = Estimate.model_validate(data)
+    direct = estimate("llama-3.2-1b", Workload(batch=2, prompt_len=256))
+    assert parsed == direct
+    allocated = sum(t["bytes"] for t in data["breakdown"] if t["scope"] == "allocated")
+    assert allocated == data["peak_allocated_bytes"]
+    assert sum(t["bytes"] for t in data["breakdown"]) == data["peak_device_bytes"]
+
+
+def test_gpu_verdict_says_whether_it_fits(run):
+    fits = json.loads(run("estimate", "llama-3.2-1b", "--gpu", "H100-80GB-SXM", "--json").output)
+    assert fits["verdict"]["fits"] is True and fits["verdict"]["gpu"] == "H100"
+    big = json.loads(run("estimate", "meta-llama/Llama-3.1-70B", "--gpu", "rtx4090", "--json").output)
+    assert big["verdict"]["fits"] is False and big["verdict"]["headroom_bytes"] < 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["estimate", "no-such-model"], "not an existing path"),
+    (["estimate", "llama-3.2-1b", "--gpu", "tpu-v9"], "Unknown GPU"),
+    (["estimate", "llama-3.2-1b", "--batch", "0"], "batch"),
+    (["estimate", "llama-3.2-1b", "--batch", "999999999"], "batch"),
+    (["estimate", "llama-3.2-1b", "--precision", "int3"], "Unknown precision"),
+    (["estimate", "gpt2", "--prompt-len", "4000"], "positions"),
+    (["estimate", "bloomz-560m", "--attn", "sdpa"], "eager"),
+    (["estimate", "THUDM/chatglm3-6b"], "trust_remote_code"),
+    (["estimate", "/no/such/dir/config.json"], "not an existing path"),
+])
+def test_user_errors_are_one_sentence_and_exit_2(run, args, needle):
+    result = run(*args)
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vramplan: ") and needle in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_malformed_config_file(run, tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    result = run("estimate", str(bad))
+    assert result.exit_code == 2 and "not valid JSON" in result.output
+    bad.write_text(json.dumps({"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 0}))
+    result = run("estimate", str(bad))
+    assert result.exit_code == 2 and "num_attention_heads" in result.output
+
+
+def test_models_lists_the_bundle(run):
+    result = run("models", "--json")
+    assert result.exit_code == 0
+    entries = json.loads(result.output)
+    aliases = {e["alias"] for e in entries}
+    assert {"llama-3.1-8b", "qwen3-0.6b", "octocoder"} <= aliases
+    assert any(e["status"].startswith("refused") for e in entries)
+
+
+def test_validate_without_cuda_is_a_clear_error(run):
+    result = run("validate", "llama-3.2-1b")
+    assert result.exit_code == 2
+    assert "CUDA" in result.output or "validate needs" in result.output
+
+
+def test_validate_matrix_needs_out(run, tmp_path):
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text("blocks: []\n")
+    result = run("validate", "--matrix", str(matrix))
+    assert result.exit_code == 2 and "--out" in result.output
