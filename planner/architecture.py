@@ -489,7 +489,7 @@ def _stablelm(raw: RawConfig) -> Architecture:
     if raw.bool("use_parallel_residual", default=False):
         raise UnsupportedModelError(f"{raw.where}: stablelm with use_parallel_residual is not "
                                     "modelled yet.")
-    heads, _, head_dim = _heads(raw, raw.int("hidden_size"))
+    _, _, head_dim = _heads(raw, raw.int("hidden_size"))
     return _llama_like(raw, family="stablelm", tied_default=False,
                        qkv_bias=raw.bool("use_qkv_bias", default=False), norm_bias=True,
                        rotary_dim=_rotary_dim(raw, head_dim))
@@ -506,7 +506,7 @@ def _starcoder2(raw: RawConfig) -> Architecture:
 
 @adapter("phi3")
 def _phi3(raw: RawConfig) -> Architecture:
-    heads, _, head_dim = _heads(raw, raw.int("hidden_size"))
+    _, _, head_dim = _heads(raw, raw.int("hidden_size"))
     window = _window(raw)
     return _llama_like(raw, family="phi3", tied_default=False, fused_qkv=True,
                        mlp="gate_up_fused", rotary_dim=_rotary_dim(raw, head_dim), window=window,
@@ -517,7 +517,7 @@ def _phi3(raw: RawConfig) -> Architecture:
 def _phi(raw: RawConfig) -> Architecture:
     if raw.bool("qk_layernorm", default=False):
         raise UnsupportedModelError(f"{raw.where}: phi with qk_layernorm is not modelled yet.")
-    heads, _, head_dim = _heads(raw, raw.int("hidden_size"))
+    _, _, head_dim = _heads(raw, raw.int("hidden_size"))
     # attention and MLP read the same LayerNorm output in parallel
     return _llama_like(raw, family="phi", tied_default=False, qkv_bias=True, o_bias=True,
                        mlp_bias=True, mlp="fc", o_name="dense", norms=("input_layernorm",),

@@ -55,7 +55,6 @@ class Calibration(Frozen):
     measured_with: MeasuredWith
     outside_torch: dict[str, OutsideTorch]  # by GPU key; "default" for GPUs never measured
     bitsandbytes_outside_torch_bytes: int  # bitsandbytes' CUDA library, loaded with it
-    reserve_fraction: dict[str, float]  # allocator reserve / runtime tensors, by peak kind
 
 
 class PointCounts(Frozen):

@@ -14,12 +14,21 @@ from pydantic import Field
 
 from .architecture import Architecture
 from .base import Frozen
-from .catalog import (DTYPE_BYTES, Calibration, FamilyLayout, Gpu, Precision, RuntimeProfile,
-                      calibration, precision, runtime_profile)
+from .catalog import (
+    DTYPE_BYTES,
+    Calibration,
+    FamilyLayout,
+    Gpu,
+    Precision,
+    RuntimeProfile,
+    calibration,
+    precision,
+    runtime_profile,
+)
 from .errors import WorkloadError
-from .runtime import kv_cache, overhead
+from .runtime import kv_cache, overhead, sequence
 from .runtime.activations import Point, RunSpec, decode_point, prefill_points
-from .weights import WeightBreakdown, compute_dtype, weight_breakdown
+from .weights import WeightBreakdown, allocation_sizes, compute_dtype, weight_breakdown
 
 MAX_BATCH = 1 << 16
 MAX_TOKENS = 1 << 24
@@ -128,13 +137,15 @@ def candidate_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) ->
     return points
 
 
-def estimate_architecture(arch: Architecture, model: str, workload: Workload = Workload(),
-                          choice: PrecisionChoice = PrecisionChoice(), gpu: Gpu | None = None,
+def estimate_architecture(arch: Architecture, model: str, workload: Workload | None = None,
+                          choice: PrecisionChoice | None = None, gpu: Gpu | None = None,
                           profile: RuntimeProfile | None = None,
                           fitted: Calibration | None = None) -> Estimate:
     """The pure core: no I/O, everything it needs passed in or read from packaged data."""
     profile = profile or runtime_profile()
     fitted = fitted or calibration()
+    workload = workload or Workload()
+    choice = choice or PrecisionChoice()
     workload = resolve_attention(arch, workload)
     _check_workload(arch, workload)
     chosen, compute = resolve_precision(arch, choice)
@@ -167,11 +178,14 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload = W
     allocated = sum(t.bytes for t in fixed) + peak.total
     outside, outside_why = overhead.outside_torch(
         fitted, gpu.outside_torch_key if gpu else "H100", chosen.kind.startswith("bnb"))
-    reserve = overhead.allocator_reserve(fitted, peak.kind, peak.total)
+    simulated = sequence.simulate(arch, layout, spec,
+                                  allocation_sizes(arch, chosen, compute, choice.double_quant),
+                                  overhead.cublas_workspace(arch, profile))
+    reserve = simulated.run_reserve
     device_terms = [
         BreakdownTerm(name="allocator reserve", bytes=reserve, scope="outside",
-                      why="cached blocks the allocator holds beyond live tensors (fitted per "
-                          f"kind of peak: {peak.kind})"),
+                      why="segments the caching allocator keeps beyond live tensors, from "
+                          "replaying the run's requests through its rules"),
         BreakdownTerm(name="memory outside torch", bytes=outside, scope="outside",
                       why=f"CUDA context and kernels: {outside_why}"),
     ]

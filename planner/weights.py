@@ -52,6 +52,33 @@ def _bnb_allocations(tensor: TensorSpec, precision: Precision, double_quant: boo
     return weight, [blocks, nested * 4, 4, code]  # uint8 absmax, fp32 absmax of it, offset
 
 
+def allocation_sizes(arch: Architecture, precision: Precision, compute: str,
+                     double_quant: bool = False) -> list[int]:
+    """Every allocation the loaded weights make, in the order the model is constructed
+    (embeddings, then layer by layer, then the final norm and head), for the allocator
+    simulation."""
+    element = DTYPE_BYTES[compute]
+    nested_block = precisions().double_quant_block_size
+    quantizes = precision.kind in ("bnb_int8", "bnb_4bit")
+
+    def sizes(tensor: TensorSpec) -> list[int]:
+        if quantizes and tensor.kind == "linear":
+            weights, states = _bnb_allocations(tensor, precision, double_quant, nested_block)
+            return [*weights, *states]
+        return [tensor.elements_each * element]
+
+    first = [t for t in arch.tensors if t.layers is None and t.kind in ("embedding", "position_embedding")]
+    last = [t for t in arch.tensors if t.layers is None and t not in first]
+    layered = [t for t in arch.tensors if t.layers is not None]
+    out = [x for t in first for x in sizes(t)]
+    for _ in range(arch.num_layers):
+        out += [x for t in layered for x in sizes(t)]
+    out += [x for t in last for x in sizes(t)]
+    for buf in arch.buffers:
+        out += [max(1, buf.elements_each * (BUFFER_BYTES.get(buf.dtype) or element))] * buf.count
+    return out
+
+
 def weight_breakdown(arch: Architecture, precision: Precision, compute: str,
                      double_quant: bool = False) -> WeightBreakdown:
     element = DTYPE_BYTES[compute]

@@ -44,7 +44,7 @@ def main() -> int:
                            stdout=subprocess.DEVNULL)
             times.append(time.perf_counter() - start)
         imports = subprocess.run([sys.executable, "-X", "importtime", "-c", "import vramplan.cli"],
-                                 capture_output=True, text=True, env=env).stderr
+                                 capture_output=True, text=True, env=env, check=False).stderr
     print(f"cold `vramplan estimate <config.json>`: median {statistics.median(times) * 1000:.0f} ms, "
           f"worst {max(times) * 1000:.0f} ms over {args.runs} runs")
     costs = []
@@ -54,7 +54,7 @@ def main() -> int:
             costs.append((int(match.group(1)), match.group(2)))
     print("top-level imports by cumulative time:",
           ", ".join(f"{name} {us / 1000:.0f} ms" for us, name in sorted(costs, reverse=True)[:6]))
-    heavy = [m for m in ("torch", "transformers") if re.search(rf"\| +{m}$", imports, re.M)]
+    heavy = [m for m in ("torch", "transformers") if re.search(rf"\| +{m}$", imports, re.MULTILINE)]
     print("torch/transformers imported:", heavy or "no")
     return 0
 

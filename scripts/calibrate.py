@@ -7,9 +7,9 @@ Writes profiles/calibration.yaml (never edit it by hand; run this script again):
   read in the same instant after each run; the median over rows without bitsandbytes.
 * bitsandbytes_outside_torch_bytes: how much more the same figure is once bitsandbytes' CUDA
   library is loaded (median of bitsandbytes rows minus the median above).
-* reserve_fraction, per kind of peak: the caching allocator's reserve that the run itself adds
-  (peak reserved - peak allocated, less the fragmentation already present before the run),
-  as a fraction of the runtime tensors the engine predicts at the peak; the median per kind.
+
+The allocator's reserve is not fitted: the engine replays each run through a simulation of the
+caching allocator (vramplan/runtime/allocator.py).
 
     python scripts/calibrate.py            # rewrite profiles/calibration.yaml
     python scripts/calibrate.py --check    # exit 1 if the committed file is stale
@@ -24,13 +24,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import yaml
-
 from vramplan.catalog import calibration, runtime_profile
-from vramplan.validate.compare import compare_rows, gpu_key, measurement_files, read_rows
+from vramplan.validate.compare import gpu_key, measurement_files, read_rows
 
 OUT = Path(__file__).resolve().parent.parent / "profiles" / "calibration.yaml"
-FIXED_TERMS = {"weights", "quantization state", "buffers", "allocator block rounding",
-               "cuBLAS workspace", "inputs", "bitsandbytes runtime"}
 BNB = {"int8", "nf4", "fp4"}
 
 
@@ -53,18 +50,6 @@ def fit() -> dict:
     fitted_outside["default"] = dict(reference)
     bnb_extra = [statistics.median(v) - fitted_outside[k]["bytes"] for k, v in outside_bnb.items()
                  if k in fitted_outside]
-    # reserve: compare against the engine's own runtime terms, with the reserve zeroed
-    by_kind: dict[str, list[float]] = defaultdict(list)
-    done, _ = compare_rows(rows)
-    by_case = {repr(sorted(r["case"].items())): r for r in rows}
-    for comparison in done:
-        row = by_case[repr(sorted(comparison.case.items()))]
-        runtime = sum(t.bytes for t in comparison.estimate.breakdown
-                      if t.scope == "allocated" and t.name not in FIXED_TERMS)
-        slack = row["peak_reserved_bytes"] - row["peak_allocated_bytes"]
-        before = row["base_reserved_bytes"] - row["base_allocated_bytes"]
-        kind = comparison.estimate.peak_kind
-        by_kind[kind].append(max(0, slack - before) / max(runtime, 1))
     env = rows[0]["env"]
     return {
         "fitted_from": [f"{p.name}: {sum(1 for _ in read_rows([p]))} rows" for p in files],
@@ -74,15 +59,14 @@ def fit() -> dict:
                           "bitsandbytes": runtime_profile().measured_with.bitsandbytes},
         "outside_torch": fitted_outside,
         "bitsandbytes_outside_torch_bytes": int(statistics.median(bnb_extra)) if bnb_extra else 0,
-        "reserve_fraction": {k: round(statistics.median(v), 3) for k, v in sorted(by_kind.items())},
     }
 
 
 HEADER = """\
 # Written by scripts/calibrate.py from the committed measurements; do not edit by hand.
 # outside_torch: NVML's process memory minus torch's reserved memory, per GPU ("default" is
-# the measured GPU's figure, used for GPUs with no rows). reserve_fraction: the allocator
-# reserve a run adds, as a fraction of the runtime tensors at its peak, per kind of peak.
+# the measured GPU's figure, used for GPUs with no rows); bitsandbytes_outside_torch_bytes:
+# what loading bitsandbytes' CUDA library adds to it.
 """
 
 
@@ -111,8 +95,7 @@ def main() -> int:
 def _bootstrap() -> dict:
     zero = {"bytes": 0, "samples": 0, "low": 0, "high": 0}
     return {"fitted_from": [], "measured_with": runtime_profile().measured_with.model_dump(),
-            "outside_torch": {"default": zero}, "bitsandbytes_outside_torch_bytes": 0,
-            "reserve_fraction": {}}
+            "outside_torch": {"default": zero}, "bitsandbytes_outside_torch_bytes": 0}
 
 
 if __name__ == "__main__":

@@ -9,13 +9,44 @@ from __future__ import annotations
 import statistics
 
 import pytest
-
 from vramplan.validate.compare import comparable, compare_row, drift
 
 from .conftest import committed_rows
 
 ALLOCATED_TOLERANCE = 0.05  # every row
 ALLOCATED_MEDIAN_TOLERANCE = 0.02
+DEVICE_TOLERANCE = 0.05
+# A row whose allocator already held this share of the device figure, free, before the run
+# started (left by building random weights, or by the previous case in the same worker) does
+# not measure what peak_device_bytes predicts: one load, then one run. Those rows are reported
+# in README's table, not gated.
+PRE_RUN_RESERVE_LIMIT = 0.05
+
+# Rows the allocator replay does not yet reproduce within DEVICE_TOLERANCE, and why. strict:
+# a row that starts passing fails here until it is taken off the list.
+KNOWN_DEVICE_GAPS = {
+    "llama-3.2-1b-bf16-eager-b32-n480-t16-generate": "eager at batch 32: replay reuses more blocks than the GPU",
+    "gpt_bigcode-santacoder-bf16-eager-b32-n480-t16-generate": "eager at batch 32, as above",
+    "gpt-j-6b-bf16-eager-b32-n480-t16-generate": "GPT-J's fp32 score chain is not replayed op by op",
+    "octocoder-bf16-eager-b1-n6000-t60-generate": "GPT-BigCode's multi-query eager path is replayed with llama's order",
+    "gpt2-medium-bf16-sdpa-b32-n480-t16-generate": "GPT-2's Conv1D and learned positions replayed coarsely",
+    "gpt2-medium-fp32-sdpa-b8-n960-t16-generate": "as above",
+    "falcon-7b-instruct-bf16-sdpa-b8-n960-t16-generate": "the math kernel's order is approximated: over-reserves",
+    "falcon-7b-instruct-bf16-sdpa-b32-n480-t16-generate": "math kernel, as above",
+    "falcon-7b-instruct-bf16-sdpa-b4-n4096-t8-generate": "math kernel, as above (one 19 GB fp32 score block too many)",
+    "falcon-7b-instruct-fp16-sdpa-b8-n960-t16-generate": "math kernel, as above",
+    "qwen3-0.6b-fp32-sdpa-b8-n960-t16-generate": "math kernel with enable_gqa: under-reserves",
+    "phi-3.5-mini-instruct-bf16-sdpa-b8-n960-t16-generate": "phi3's fused qkv and gate_up outputs: over-reserves",
+    "phi-3.5-mini-instruct-bf16-sdpa-b32-n480-t16-generate": "phi3, as above",
+    "phi-3.5-mini-instruct-bf16-sdpa-b1-n16384-t8-generate": "phi3, as above",
+    "phi-3.5-mini-instruct-bf16-sdpa-b4-n4096-t8-generate": "phi3, as above",
+    "phi-3.5-mini-instruct-fp32-sdpa-b8-n960-t16-generate": "phi3, as above",
+    "olmo-2-1124-7b-instruct-bf16-sdpa-b1-n16384-t8-generate": "olmo2's post-norm layer order is replayed with llama's",
+    "olmo-2-1124-7b-instruct-bf16-sdpa-b4-n4096-t8-generate": "olmo2, as above",
+    "olmo-2-1124-7b-instruct-fp32-sdpa-b8-n960-t16-generate": "olmo2, as above",
+    "phi-2-nf4-sdpa-b8-n960-t16-generate": "bitsandbytes 4-bit matmuls are not replayed",
+    "phi-2-nf4dq-sdpa-b8-n960-t16-generate": "bitsandbytes 4-bit matmuls are not replayed",
+}
 
 
 def _modelled_rows():
@@ -59,6 +90,38 @@ def test_peak_allocated_within_tolerance(row):
 def test_median_allocated_error():
     errors = [abs(compare_row(row).allocated_error) for row in ROWS]
     assert statistics.median(errors) <= ALLOCATED_MEDIAN_TOLERANCE
+
+
+def _clean_history(row) -> bool:
+    before = row["base_reserved_bytes"] - row["base_allocated_bytes"]
+    return bool(row.get("device_bytes")) and before < PRE_RUN_RESERVE_LIMIT * row["device_bytes"]
+
+
+DEVICE_ROWS = [row for row in ROWS if _clean_history(row)]
+
+
+def _device_param(row):
+    gap = KNOWN_DEVICE_GAPS.get(_id(row))
+    marks = [pytest.mark.xfail(reason=gap, strict=True)] if gap else []
+    return pytest.param(row, id=_id(row), marks=marks)
+
+
+@pytest.mark.parametrize("row", [_device_param(r) for r in DEVICE_ROWS])
+def test_peak_device_within_tolerance(row):
+    comparison = compare_row(row)
+    reserve = next((t.bytes for t in comparison.estimate.breakdown if t.name == "allocator reserve"), 0)
+    measured_reserve = row["peak_reserved_bytes"] - row["peak_allocated_bytes"]
+    assert abs(comparison.device_error) <= DEVICE_TOLERANCE, (
+        f"{comparison.label()}: device predicted {comparison.predicted_device / 2**20:.0f} MiB, measured "
+        f"{comparison.measured_device / 2**20:.0f} MiB ({comparison.device_error:+.2%}); allocator reserve "
+        f"predicted {reserve / 2**20:.0f} MiB, measured {measured_reserve / 2**20:.0f} MiB; allocated "
+        f"{comparison.allocated_error:+.2%}")
+
+
+def test_known_device_gaps_are_real_rows():
+    ids = {_id(r) for r in DEVICE_ROWS}
+    assert set(KNOWN_DEVICE_GAPS) <= ids
+    assert len(KNOWN_DEVICE_GAPS) <= 0.15 * len(DEVICE_ROWS)
 
 
 def test_rows_record_their_environment():

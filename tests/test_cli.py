@@ -6,7 +6,6 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from vramplan import Workload, estimate
 from vramplan.cli import main
 from vramplan.estimate import Estimate

@@ -7,7 +7,6 @@ import copy
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from vramplan.architecture import architecture_from_config, supported_model_types
 from vramplan.errors import VramplanError
 from vramplan.source import load_bundled

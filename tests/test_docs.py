@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    first_block = re.search(r"```bash\n(.*?)```", text, re.S)
+    first_block = re.search(r"```bash\n(.*?)```", text, re.DOTALL)
     assert first_block and text.index(first_block.group(0)) < 200, "README must open with its commands"
     return [line for line in first_block.group(1).splitlines() if line.strip()]
 
@@ -31,4 +31,4 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_accuracy_table_is_current():
     script = ROOT / "scripts" / "accuracy_table.py"
-    assert subprocess.run([sys.executable, str(script), "--check"]).returncode == 0
+    assert subprocess.run([sys.executable, str(script), "--check"], check=False).returncode == 0

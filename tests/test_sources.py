@@ -6,7 +6,6 @@ import json
 import struct
 
 import pytest
-
 from vramplan.errors import SourceError
 from vramplan.source import bundled_index, read_safetensors_header, resolve
 
@@ -26,7 +25,7 @@ def test_every_shared_hub_config_is_bundled():
     if not shared.is_dir():
         pytest.skip("../shared/hub-configs is not beside this checkout")
     names = {p.name for p in shared.glob("*.json")}
-    assert names == set(bundled_index().values()) | (names - set(bundled_index().values())) 
+    assert names == set(bundled_index().values()) | (names - set(bundled_index().values()))
     for name in names:
         assert name in bundled_index().values(), f"{name} is not bundled"
 

@@ -6,7 +6,6 @@ import json
 from importlib import resources
 
 import yaml
-
 from vramplan.validate.sweep import case_id, done_ids, expand_matrix
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from vramplan.config import shrink_config
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -93,7 +92,7 @@ def environment() -> dict[str, Any]:
         env["bitsandbytes"] = bitsandbytes.__version__
     except Exception:
         env["bitsandbytes"] = None
-    nvml, handle = _nvml_handle()
+    nvml, _ = _nvml_handle()
     env["driver"] = nvml.nvmlSystemGetDriverVersion() if nvml else None
     if isinstance(env["driver"], bytes):
         env["driver"] = env["driver"].decode()

@@ -17,10 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from ..architecture import architecture_from_config
 from ..base import Frozen, gib
 from ..config import shrink_config
 from ..errors import WorkloadError
-from ..architecture import architecture_from_config
 from ..estimate import Estimate, Workload, resolve_attention
 from ..source import resolve
 from . import compare, sweep
@@ -44,7 +46,7 @@ class ValidationReport(Frozen):
     status: str  # ok, oom, error
     detail: str | None = None
     gpu: str | None = None
-    lines: list[ReportLine] = []
+    lines: list[ReportLine] = Field(default_factory=list)
     estimate: Estimate | None = None
 
     def totals(self) -> list[ReportLine]:
@@ -62,8 +64,8 @@ def _require_gpu_stack() -> None:
     if missing:
         raise WorkloadError(f"vramplan validate needs {' and '.join(missing)}: "
                             "pip install 'vramplan[validate]' (with your CUDA build of torch).")
-    probe = subprocess.run([sys.executable, "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"],
-                           capture_output=True, text=True)
+    check_cuda = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"
+    probe = subprocess.run([sys.executable, "-c", check_cuda], capture_output=True, text=True, check=False)
     if probe.returncode == 3:
         raise WorkloadError("No CUDA device is visible to torch here; vramplan validate measures a real GPU.")
     if probe.returncode != 0:
@@ -77,7 +79,7 @@ def _run_worker(config: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
         job.write_text(json.dumps({"config": config, "cases": [case]}))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.run([sys.executable, "-m", "vramplan.validate.worker", str(job), str(rows)],
-                              capture_output=True, text=True, env=env)
+                              capture_output=True, text=True, env=env, check=False)
         if not rows.exists() or not rows.read_text().strip():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             return {"case": case, "status": "error", "error": " | ".join(tail) or f"exit {proc.returncode}"}

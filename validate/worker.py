@@ -11,10 +11,10 @@ import json
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
-
 from vramplan.validate import measure
 
 
@@ -32,7 +32,7 @@ def _build(config: dict[str, Any], case: dict[str, Any], workdir: str):
 
 
 def main(job_path: str, out_path: str) -> None:
-    job = json.loads(open(job_path).read())
+    job = json.loads(Path(job_path).read_text())
     config, cases = job["config"], job["cases"]
     env = measure.environment()
     baseline_device = measure.process_device_bytes()

@@ -1,4 +1,4 @@
-"""Fixed costs around the model: cuBLAS workspace, inputs, memory outside torch, allocator reserve."""
+"""Fixed costs around the model: cuBLAS workspace, inputs, memory outside torch."""
 
 from __future__ import annotations
 
@@ -33,12 +33,3 @@ def outside_torch(calibration: Calibration, gpu_key: str, bitsandbytes: bool) ->
     if extra:
         why += f", plus {extra / 2**20:.0f} MiB for bitsandbytes' CUDA library"
     return entry.bytes + extra, why
-
-
-def allocator_reserve(calibration: Calibration, peak_kind: str, runtime_bytes: int) -> int:
-    """Blocks the caching allocator holds beyond the tensors alive at the peak: a fraction of
-    the runtime tensors, fitted per kind of peak by scripts/calibrate.py."""
-    fraction = calibration.reserve_fraction.get(peak_kind)
-    if fraction is None:
-        fraction = calibration.reserve_fraction.get(peak_kind.split(":")[0], 0.0)
-    return int(fraction * runtime_bytes)
