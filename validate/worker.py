@@ -57,6 +57,10 @@ def main(job_path: str, out_path: str) -> None:
                 inventory = measure.tensor_inventory(model)
                 inventory["allocated_after_load_bytes"] = int(torch.cuda.memory_allocated())
                 inventory["load_peak_allocated_bytes"] = load_peak
+                inventory["reserved_after_load_bytes"] = int(torch.cuda.memory_reserved())
+                inventory["weights_from"] = ("checkpoint" if group[0].get("checkpoint") else
+                                             "bitsandbytes reload" if group[0]["precision"] in measure.BNB_PRECISIONS
+                                             else "random, relaid out")
                 measure.warm_up(model)
                 inventory["allocated_after_warmup_bytes"] = int(torch.cuda.memory_allocated())
                 build_error = None
