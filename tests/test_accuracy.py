@@ -27,6 +27,7 @@ PRE_RUN_RESERVE_LIMIT = 0.05
 KNOWN_DEVICE_GAPS = {
     "llama-3.2-1b-bf16-eager-b32-n480-t16-generate": "eager at batch 32: replay reuses more blocks than the GPU",
     "gpt_bigcode-santacoder-bf16-eager-b32-n480-t16-generate": "eager at batch 32, as above",
+    "qwen3-0.6b-bf16-eager-b4-n2048-t16-generate": "eager, B*heads*N^2 = 268M scores: as above (vramplan validate run)",
     "gpt-j-6b-bf16-eager-b32-n480-t16-generate": "GPT-J's fp32 score chain is not replayed op by op",
     "octocoder-bf16-eager-b1-n6000-t60-generate": "GPT-BigCode's multi-query eager path is replayed with llama's order",
     "gpt2-medium-bf16-sdpa-b32-n480-t16-generate": "GPT-2's Conv1D and learned positions replayed coarsely",
@@ -44,6 +45,9 @@ KNOWN_DEVICE_GAPS = {
     "olmo-2-1124-7b-instruct-bf16-sdpa-b1-n16384-t8-generate": "olmo2's post-norm layer order is replayed with llama's",
     "olmo-2-1124-7b-instruct-bf16-sdpa-b4-n4096-t8-generate": "olmo2, as above",
     "olmo-2-1124-7b-instruct-fp32-sdpa-b8-n960-t16-generate": "olmo2, as above",
+    "aya-23-8b-bf16-sdpa-b1-n16384-t8-generate": "cohere's parallel attention + MLP replayed as sequential",
+    "aya-23-8b-bf16-sdpa-b4-n4096-t8-generate": "cohere, as above",
+    "aya-23-8b-bf16-sdpa-b32-n480-t16-generate": "cohere, as above",
     "phi-2-nf4-sdpa-b8-n960-t16-generate": "bitsandbytes 4-bit matmuls are not replayed",
     "phi-2-nf4dq-sdpa-b8-n960-t16-generate": "bitsandbytes 4-bit matmuls are not replayed",
 }
@@ -60,7 +64,8 @@ def _modelled_rows():
             continue
         case = row["case"]
         try:
-            architecture_from_config(shrink_config(resolve(case["model"]).config, case.get("layers")))
+            config = resolve(case.get("config_source") or case["model"]).config
+            architecture_from_config(shrink_config(config, case.get("layers")))
         except UnsupportedModelError:
             continue  # families this release refuses (test_refusals covers them)
         yield row

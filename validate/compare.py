@@ -83,7 +83,8 @@ def predict_case(case: dict[str, Any], config: dict[str, Any], gpu_name: str) ->
 
 def compare_row(row: dict[str, Any], config: dict[str, Any] | None = None) -> Comparison:
     case = row["case"]
-    config = config if config is not None else resolve(case["model"]).config
+    # a checkpoint row names the bundled config its weights were written from
+    config = config if config is not None else resolve(case.get("config_source") or case["model"]).config
     gpu_name = row.get("env", {}).get("gpu", "")
     est = predict_case(case, config, gpu_name)
     return Comparison(case=case, gpu=gpu_name, measured_allocated=row["peak_allocated_bytes"],
