@@ -20,7 +20,11 @@ from .estimate import Estimate, PrecisionChoice, Workload, estimate_architecture
 from .source import ModelSource, resolve
 
 __all__ = ["Architecture", "Estimate", "ModelSource", "PrecisionChoice", "Workload", "estimate",
-           "load_model"]
+           "estimate_precisions", "load_model"]
+
+# `--precision all`: the comparison of the seed post, for any model
+ALL_PRECISIONS = (("fp32", False), ("fp16", False), ("bf16", False), ("int8", False), ("nf4", False),
+                  ("nf4", True), ("fp4", False))
 __version__ = "0.1.0"
 
 
@@ -28,6 +32,19 @@ def load_model(model: str, revision: str | None = None) -> tuple[ModelSource, Ar
     """Resolve a model reference and normalize its config."""
     source = resolve(model, revision)
     return source, architecture_from_config(source.config, source.name)
+
+
+def estimate_precisions(model: str, workload: Workload | None = None, gpu: str | None = None, *,
+                        compute_dtype: str = "bf16", revision: str | None = None,
+                        gpu_catalog_file: Path | None = None) -> list[Estimate]:
+    """One estimate per precision vramplan knows (bitsandbytes 4-bit with and without double
+    quantization), for the same workload and GPU."""
+    source, arch = load_model(model, revision)
+    chosen_gpu = gpu_catalog(gpu_catalog_file).find(gpu) if gpu else None
+    return [estimate_architecture(arch, source.name, workload or Workload(),
+                                  PrecisionChoice(name=name, double_quant=dq, compute_dtype=compute_dtype),
+                                  chosen_gpu)
+            for name, dq in ALL_PRECISIONS]
 
 
 def estimate(model: str, workload: Workload | None = None, precision: str = "auto",

@@ -56,7 +56,8 @@ def workload_options(fn):
                      help="transformers' attention implementation; auto = what transformers picks "
                           "(sdpa where the family has it, else eager)."),
         click.option("--precision", "-p", default="auto", show_default=True,
-                     help="fp32, fp16, bf16, int8, nf4 or fp4; auto = the config's torch_dtype."),
+                     help="fp32, fp16, bf16, int8, nf4 or fp4; auto = the config's torch_dtype; "
+                          "all = one row per precision (estimate only)."),
         click.option("--kv-cache-dtype", type=click.Choice(["auto"]), default="auto", show_default=True,
                      help="KV cache dtype; auto = the activation dtype (transformers' DynamicCache)."),
         click.option("--double-quant", is_flag=True, help="bitsandbytes 4-bit double quantization."),
@@ -94,8 +95,17 @@ def estimate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cac
              compute_dtype, revision, gpu, gpu_catalog, as_json):
     """Estimate the GPU memory of one run of MODEL (bundled name, local path or Hub id)."""
     from . import estimate as run_estimate
+    from . import estimate_precisions
 
     workload = _workload(batch, prompt_len, new_tokens, mode, attn, kv_cache_dtype)
+    if precision == "all":
+        results = estimate_precisions(model, workload, gpu, compute_dtype=compute_dtype, revision=revision,
+                                      gpu_catalog_file=gpu_catalog)
+        if as_json:
+            click.echo(json.dumps([r.model_dump(mode="json") for r in results], indent=2))
+        else:
+            click.echo(render.precisions_text(results))
+        return
     result = run_estimate(model, workload, precision, gpu, double_quant=double_quant,
                           compute_dtype=compute_dtype, revision=revision, gpu_catalog_file=gpu_catalog)
     click.echo(render.to_json(result) if as_json else render.estimate_text(result))

@@ -70,6 +70,7 @@ class Estimate(Frozen):
     model: str
     model_type: str
     precision: str
+    double_quant: bool = False
     compute_dtype: str
     workload: Workload
     parameters: int
@@ -202,7 +203,8 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     if workload.attn == "flash_attention_2":
         notes.append("flash_attention_2 is modelled like SDPA's flash kernel; it has no measured rows.")
     return Estimate(
-        model=model, model_type=arch.model_type, precision=chosen.name, compute_dtype=compute,
+        model=model, model_type=arch.model_type, precision=chosen.name,
+        double_quant=choice.double_quant and chosen.kind == "bnb_4bit", compute_dtype=compute,
         workload=workload, parameters=weights.parameters, weights_bytes=weights.weight_bytes,
         kv_cache_bytes=cache, peak_phase=peak.phase, peak_kind=peak.kind,
         peak_allocated_bytes=allocated,

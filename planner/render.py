@@ -58,3 +58,25 @@ def estimate_text(est: Estimate) -> str:
 def models_text(entries: Sequence[tuple[str, str, str]]) -> str:
     rows = [[hub, alias, status] for hub, alias, status in entries]
     return "\n".join(_table(["Hub id", "alias", "status"], rows, [False, False, False]))
+
+
+def precisions_text(estimates: Sequence[Estimate]) -> str:
+    """`--precision all`: one row per precision, as the seed post compares them."""
+    first = estimates[0]
+    w = first.workload
+    lines = [f"{first.model}  ({first.model_type}, {first.parameters / 1e9:.2f}B parameters), "
+             f"{w.attn} attention, batch {w.batch}, prompt {w.prompt_len}, {w.new_tokens} new tokens", ""]
+    verdict = first.verdict is not None
+    headers = ["precision", "weights GiB", "peak allocated GiB", "peak on device GiB"]
+    if verdict:
+        headers.append(f"on {first.verdict.gpu} ({_gib(first.verdict.memory_bytes)} GiB)")
+    rows = []
+    for est in estimates:
+        label = est.precision + (" + double quant" if est.double_quant else "")
+        row = [label, _gib(est.weights_bytes), _gib(est.peak_allocated_bytes), _gib(est.peak_device_bytes)]
+        if verdict and est.verdict:
+            row.append(("fits" if est.verdict.fits else "does not fit")
+                       + f", {_gib(est.verdict.headroom_bytes)} GiB headroom")
+        rows.append(row)
+    lines += _table(headers, rows, [False, True, True, True, False][: len(headers)])
+    return "\n".join(lines)
