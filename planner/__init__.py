@@ -20,7 +20,7 @@ from .estimate import Estimate, PrecisionChoice, Workload, estimate_architecture
 from .source import ModelSource, resolve
 
 __all__ = ["Architecture", "Estimate", "ModelSource", "PrecisionChoice", "Workload", "estimate",
-           "estimate_precisions", "load_model"]
+           "estimate_precisions", "load_model", "plan", "plan_maximum"]
 
 # `--precision all`: the comparison of the seed post, for any model
 ALL_PRECISIONS = (("fp32", False), ("fp16", False), ("bf16", False), ("int8", False), ("nf4", False),
@@ -55,3 +55,56 @@ def estimate(model: str, workload: Workload | None = None, precision: str = "aut
     choice = PrecisionChoice(name=precision, double_quant=double_quant, compute_dtype=compute_dtype)
     chosen_gpu = gpu_catalog(gpu_catalog_file).find(gpu) if gpu else None
     return estimate_architecture(arch, source.name, workload or Workload(), choice, chosen_gpu)
+
+
+def _plan_request(arch: Architecture, *, context: int, new_tokens: int, concurrency: int, precision: str,
+                  runtime: str, tp: int | None, pp: int | None, gpu_memory_utilization: float,
+                  max_num_batched_tokens: int | None, kv_cache_dtype: str, max_gpus: int, multi_node: bool):
+    from .catalog import precisions
+    from .sizing import PlanRequest
+
+    if precision == "any":
+        chosen = tuple(precisions().precisions)
+    elif precision == "auto":
+        chosen = (arch.config_dtype or "bf16",)
+    else:
+        chosen = (precision,)
+    return PlanRequest(context=context, new_tokens=min(new_tokens, context - 1), concurrency=concurrency,
+                       precisions=chosen, runtime=runtime, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                       gpu_memory_utilization=gpu_memory_utilization,
+                       max_num_batched_tokens=max_num_batched_tokens, kv_cache_dtype=kv_cache_dtype,
+                       max_gpus=max_gpus, allow_multi_node=multi_node)
+
+
+def plan(model: str, gpus: list[str] | None = None, *, top: int = 10, revision: str | None = None,
+         gpu_catalog_file: Path | None = None, context: int = 4096, new_tokens: int = 256,
+         concurrency: int = 1, precision: str = "auto", runtime: str = "transformers", tp: int | None = None,
+         pp: int | None = None, gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int | None = None,
+         kv_cache_dtype: str = "auto", max_gpus: int = 64, multi_node: bool = False):
+    """Ranked plans (GPU kind, count, tp x pp layout, replicas) that serve the workload."""
+    from .sizing import make_plans
+
+    source, arch = load_model(model, revision)
+    catalog = gpu_catalog(gpu_catalog_file)
+    kinds = [catalog.find(g) for g in gpus] if gpus else list(catalog.gpus)
+    request = _plan_request(arch, context=context, new_tokens=new_tokens, concurrency=concurrency,
+                            precision=precision, runtime=runtime, tp=tp, pp=pp,
+                            gpu_memory_utilization=gpu_memory_utilization,
+                            max_num_batched_tokens=max_num_batched_tokens, kv_cache_dtype=kv_cache_dtype,
+                            max_gpus=max_gpus, multi_node=multi_node)
+    return make_plans(arch, source.name, kinds, request, top=top)
+
+
+def plan_maximum(model: str, gpu: str, what: str, *, revision: str | None = None,
+                 gpu_catalog_file: Path | None = None, **options) -> list[dict]:
+    """For each tp x pp layout of `gpu`: the largest context or concurrency one replica fits."""
+    from .sizing import candidate_layouts, largest_fitting
+
+    source, arch = load_model(model, revision)
+    kind = gpu_catalog(gpu_catalog_file).find(gpu)
+    request = _plan_request(arch, **options)
+    rows = []
+    for tp, pp in sorted(candidate_layouts(arch, kind, request), key=lambda layout: layout[0] * layout[1]):
+        best = largest_fitting(arch, source.name, kind, request, what, tp, pp)
+        rows.append({"gpu": kind.name, "gpus": tp * pp, "tp": tp, "pp": pp, what: best})
+    return rows

@@ -114,6 +114,7 @@ class Architecture(Frozen):
     tensors: tuple[TensorSpec, ...]
     buffers: tuple[BufferSpec, ...] = ()
     notes: tuple[str, ...] = ()
+    computes_logits: bool = True  # False for pipeline stages before the last
 
     @field_validator("layer_types")
     @classmethod

@@ -55,6 +55,7 @@ class Calibration(Frozen):
     measured_with: MeasuredWith
     outside_torch: dict[str, OutsideTorch]  # by GPU key; "default" for GPUs never measured
     bitsandbytes_outside_torch_bytes: int  # bitsandbytes' CUDA library, loaded with it
+    outside_torch_growth_bytes: int  # outside-torch memory added after start-up by the first run
 
 
 class PointCounts(Frozen):
@@ -103,6 +104,10 @@ class RuntimeProfile(Frozen):
     measured_with: MeasuredWith
     constants: dict[str, Constant]
     families: dict[str, FamilyLayout]
+    serving: dict[str, Constant]
+
+    def serving_constant(self, name: str) -> int:
+        return self.serving[name].value
 
     def constant(self, name: str) -> int:
         return self.constants[name].value

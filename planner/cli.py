@@ -135,6 +135,86 @@ def models(as_json):
 
 
 @main.command()
+@click.argument("model")
+@click.option("--context", "--max-model-len", "context", type=int, default=4096, show_default=True,
+              help="Tokens per sequence, prompt plus generated (vLLM: --max-model-len).")
+@click.option("--new-tokens", "-t", type=int, default=256, show_default=True, help="Generated tokens per sequence.")
+@click.option("--concurrency", "--max-num-seqs", "concurrency", type=int, default=1, show_default=True,
+              help="Sequences that must be served at once (vLLM: --max-num-seqs).")
+@click.option("--gpu", "gpus", multiple=True, help="GPU kind(s) to consider (repeatable); default: the whole catalog.")
+@click.option("--gpu-catalog", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A YAML file of extra GPUs, same format as profiles/gpus.yaml.")
+@click.option("--precision", "-p", default="auto", show_default=True,
+              help="A precision, 'auto' (the config's torch_dtype) or 'any' (all of them).")
+@click.option("--runtime", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
+@click.option("--tensor-parallel-size", "--tp", "tp", type=int, default=None, help="Fix tp instead of searching.")
+@click.option("--pipeline-parallel-size", "--pp", "pp", type=int, default=None, help="Fix pp instead of searching.")
+@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True, help="vLLM's memory fraction.")
+@click.option("--max-num-batched-tokens", type=int, default=None, help="vLLM's token budget per step (profile run).")
+@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
+              help="vLLM KV cache dtype.")
+@click.option("--max-gpus", type=int, default=64, show_default=True, help="Largest plan to consider.")
+@click.option("--multi-node", is_flag=True, help="Allow tensor parallelism across nodes.")
+@click.option("--max", "maximize", type=click.Choice(["context", "concurrency"]), default=None,
+              help="Instead of plans: the largest context or concurrency each layout of --gpu fits.")
+@click.option("--top", type=int, default=10, show_default=True, help="Plans to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@friendly_errors
+def plan(model, context, new_tokens, concurrency, gpus, gpu_catalog, precision, runtime, tp, pp,
+         gpu_memory_utilization, max_num_batched_tokens, kv_cache_dtype, max_gpus, multi_node, maximize, top,
+         as_json):
+    """How many of which GPU, in which tensor x pipeline layout, serve MODEL's workload."""
+    from . import plan as run_plan
+    from . import plan_maximum
+
+    options = dict(context=context, new_tokens=new_tokens, concurrency=concurrency, precision=precision,
+                   runtime=runtime, tp=tp, pp=pp, gpu_memory_utilization=gpu_memory_utilization,
+                   max_num_batched_tokens=max_num_batched_tokens, kv_cache_dtype=kv_cache_dtype,
+                   max_gpus=max_gpus, multi_node=multi_node, gpu_catalog_file=gpu_catalog)
+    if maximize:
+        if len(gpus) != 1:
+            raise WorkloadError("--max answers for one GPU kind: give exactly one --gpu.")
+        rows = plan_maximum(model, gpus[0], maximize, **options)
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+        else:
+            click.echo(render.maximum_text(model, gpus[0], maximize, rows))
+        return
+    result = run_plan(model, list(gpus), top=top, **options)
+    click.echo(render.to_json(result) if as_json else render.plans_text(result))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the chart (.png, .svg or .pdf).")
+@click.option("--x", "axis", type=click.Choice(["context", "batch"]), default="context", show_default=True,
+              help="What the horizontal axis varies.")
+@click.option("--upto", type=int, default=None, help="Largest x value (default: the model's context, or 64).")
+@click.option("--precision", "-p", "precisions", multiple=True,
+              help="Precision(s) to draw; default the config's dtype, int8 and nf4.")
+@click.option("--gpu", "gpus", multiple=True, help="GPU kind(s) whose capacity to draw as a line.")
+@click.option("--batch", "-b", type=int, default=1, show_default=True)
+@click.option("--prompt-len", "-n", type=int, default=2048, show_default=True)
+@click.option("--new-tokens", "-t", type=int, default=128, show_default=True)
+@click.option("--attn", type=click.Choice(["auto", "sdpa", "eager", "flash_attention_2"]), default="auto")
+@friendly_errors
+def plot(model, output, axis, upto, precisions, gpus, batch, prompt_len, new_tokens, attn):
+    """Chart MODEL's memory against context (or batch) per precision, with GPU capacity lines."""
+    from . import load_model
+    from .catalog import gpu_catalog
+    from .estimate import Workload
+    from .plot import write_plot
+
+    source, arch = load_model(model)
+    chosen = list(precisions) or [arch.config_dtype or "bf16", "int8", "nf4"]
+    kinds = [gpu_catalog().find(g) for g in gpus]
+    base = Workload(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, attn=attn)
+    write_plot(output, arch, source.name, axis, chosen, kinds, base, upto)
+    click.echo(f"wrote {output}")
+
+
+@main.command()
 @click.argument("model", required=False)
 @workload_options
 @click.option("--weights", type=click.Choice(["random", "checkpoint"]), default="random", show_default=True,

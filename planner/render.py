@@ -80,3 +80,46 @@ def precisions_text(estimates: Sequence[Estimate]) -> str:
         rows.append(row)
     lines += _table(headers, rows, [False, True, True, True, False][: len(headers)])
     return "\n".join(lines)
+
+
+def plans_text(result) -> str:
+    """`vramplan plan`: ranked plans, then the per-GPU breakdown of the first."""
+    req = result.request
+    head = (f"{result.model}: {req.concurrency} concurrent sequence(s) of {req.context} tokens "
+            f"({req.new_tokens} generated), {req.runtime} runtime")
+    if req.runtime == "vllm":
+        head += f", gpu_memory_utilization {req.gpu_memory_utilization}"
+    lines = [head, ""]
+    if not result.plans:
+        reasons = "; ".join(f"{why} ({n} layouts)" for why, n in result.rejected.items())
+        lines.append(f"No plan fits among {result.considered} layouts: {reasons}.")
+        return "\n".join(lines)
+    vllm = req.runtime == "vllm"
+    headers = ["#", "GPUs", "GPU", "precision", "tp", "pp", "replicas", "per-GPU peak GiB", "headroom GiB"]
+    headers += ["KV pool GiB", "max seqs"] if vllm else ["batch/replica"]
+    headers.append("$/hour")
+    rows = []
+    for i, p in enumerate(result.plans, 1):
+        row = [str(i), str(p.gpus), p.gpu, p.precision, str(p.tp), str(p.pp), str(p.replicas),
+               _gib(p.per_gpu_peak_bytes), _gib(p.headroom_bytes)]
+        row += [_gib(p.kv_cache_bytes or 0), str(p.max_concurrent_sequences)] if vllm else [str(p.batch_per_replica)]
+        row.append(f"{p.cost_per_hour:.2f}" if p.cost_per_hour is not None else "-")
+        rows.append(row)
+    lines += _table(headers, rows, [True, True, False, False, True, True, True, True, True, True, True, True][
+        : len(headers)])
+    best = result.plans[0]
+    lines += ["", f"Plan 1, per GPU ({best.gpu}, {_gib(best.gpu_memory_bytes)} GiB usable):"]
+    for share in best.per_gpu:
+        lines.append(f"  stage {share.stage} ({share.layers} layers): {_gib(share.peak_bytes)} GiB")
+        for term in share.breakdown:
+            if term.bytes >= 2**20:
+                lines.append(f"    {term.name:28s} {_gib(term.bytes):>8s}  {term.why}")
+    lines.append(f"({result.considered} layouts considered; GiB = 2^30 bytes)")
+    return "\n".join(lines)
+
+
+def maximum_text(model: str, gpu: str, what: str, rows: list[dict]) -> str:
+    lines = [f"{model} on {gpu}: the largest {what} one replica fits, per layout", ""]
+    body = [[str(r["gpus"]), str(r["tp"]), str(r["pp"]), str(r[what]) if r[what] else "does not fit"] for r in rows]
+    lines += _table(["GPUs", "tp", "pp", what], body, [True, True, True, True])
+    return "\n".join(lines)

@@ -7,6 +7,8 @@ Writes profiles/calibration.yaml (never edit it by hand; run this script again):
   read in the same instant after each run; the median over rows without bitsandbytes.
 * bitsandbytes_outside_torch_bytes: how much more the same figure is once bitsandbytes' CUDA
   library is loaded (median of bitsandbytes rows minus the median above).
+* outside_torch_growth_bytes: the median above minus the process's device memory right after
+  torch initialized CUDA (before any model): what a first run adds outside torch.
 
 The allocator's reserve is not fitted: the engine replays each run through a simulation of the
 caching allocator (vramplan/runtime/allocator.py).
@@ -59,6 +61,10 @@ def fit() -> dict:
                           "bitsandbytes": runtime_profile().measured_with.bitsandbytes},
         "outside_torch": fitted_outside,
         "bitsandbytes_outside_torch_bytes": int(statistics.median(bnb_extra)) if bnb_extra else 0,
+        # what appears outside torch after a process's start (cuBLAS, kernels loaded by the first
+        # run): what vLLM's start-up profile sees as its non-torch increase
+        "outside_torch_growth_bytes": int(reference["bytes"] - statistics.median(
+            r["process_baseline_device_bytes"] for r in rows if r.get("process_baseline_device_bytes"))),
     }
 
 
@@ -95,7 +101,8 @@ def main() -> int:
 def _bootstrap() -> dict:
     zero = {"bytes": 0, "samples": 0, "low": 0, "high": 0}
     return {"fitted_from": [], "measured_with": runtime_profile().measured_with.model_dump(),
-            "outside_torch": {"default": zero}, "bitsandbytes_outside_torch_bytes": 0}
+            "outside_torch": {"default": zero}, "bitsandbytes_outside_torch_bytes": 0,
+            "outside_torch_growth_bytes": 0}
 
 
 if __name__ == "__main__":

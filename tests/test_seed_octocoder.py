@@ -6,7 +6,6 @@ flash attention. The committed H100 rows redo those runs on torch 2.11 / transfo
 from __future__ import annotations
 
 import pytest
-
 from vramplan import Workload, estimate
 from vramplan.validate.compare import compare_row
 

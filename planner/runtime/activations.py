@@ -158,6 +158,8 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
                         kind=f"attention:{kernel}", terms=_terms(*common, *attn_terms)))
 
     vocab = arch.vocab_size
+    if not arch.computes_logits:  # a pipeline stage before the last
+        return points
     if generate:
         points.append(Point(phase="prefill, computing logits", kind="logits", terms=_terms(
             *common,
@@ -184,7 +186,7 @@ def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
     cache = kv_cache.cache_bytes(arch, b, n, decoded, spec.kv_element_bytes)
     longest = max(kv_cache.stored_length(k, arch.sliding_window, n, decoded - 1) for k in arch.layer_types)
     copy = kv_cache.layer_tensor_bytes(arch, b, longest, spec.kv_element_bytes)
-    vocab = arch.vocab_size
+    vocab = arch.vocab_size if arch.computes_logits else 0
     logits = block_bytes(b * vocab * spec.activation_bytes) + block_bytes(b * vocab * 4)
     return Point(phase=f"decode step {decoded}", kind="decode", terms=_terms(
         ("KV cache", cache, f"keys and values after {decoded} decode steps"),

@@ -21,7 +21,7 @@ from .allocator import CachingAllocator
 
 # Decode steps replayed one by one; later steps repeat the same pattern on slightly longer
 # blocks, so their reserve is carried over from the last replayed step (keeps the CLI fast).
-MAX_REPLAYED_DECODE_STEPS = 48
+MAX_REPLAYED_DECODE_STEPS = 16
 
 
 class SimulatedRun(Frozen):
@@ -179,7 +179,7 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
         layer_input = output
     tr.drop(previous_weights)
 
-    vocab = arch.vocab_size
+    vocab = arch.vocab_size if arch.computes_logits else 0
     final = tr.new(hidden)
     if generate:
         logits = tr.new(b * vocab * s)
@@ -292,7 +292,7 @@ def _mlp(tr: _Tracer, copies: int, inter: int, fused_gate_up: bool, gated: bool)
 def _decode(tr: _Tracer, arch: Architecture, spec: RunSpec, cache: list[int | None]) -> None:
     b, n = spec.batch, spec.prompt_len
     steps = spec.new_tokens - 1
-    vocab = arch.vocab_size
+    vocab = arch.vocab_size if arch.computes_logits else 0
     for step in range(1, min(steps, MAX_REPLAYED_DECODE_STEPS) + 1):
         ids = tr.new(b * (n + step) * 8)
         for index, kind in enumerate(arch.layer_types):
