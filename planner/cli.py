@@ -226,10 +226,14 @@ def plot(model, output, axis, upto, precisions, gpus, batch, prompt_len, new_tok
               help="Run a sweep described by a matrix YAML instead of one case.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Append the measured rows to this JSONL file (a sweep resumes from it).")
+@click.option("--tp", type=int, default=1, show_default=True,
+              help="Measure tensor parallelism over this many GPUs (torchrun, transformers' tp_plan).")
+@click.option("--pp", type=int, default=1, show_default=True,
+              help="Measure pipeline stages over this many GPUs (one process, a device_map of whole layers).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @friendly_errors
 def validate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cache_dtype, double_quant,
-             compute_dtype, revision, weights, layers, tolerance, matrix, out, as_json):
+             compute_dtype, revision, weights, layers, tolerance, matrix, out, tp, pp, as_json):
     """Measure MODEL on this machine's GPU and compare with the estimate (needs CUDA)."""
     from .validate import runner
 
@@ -241,6 +245,13 @@ def validate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cac
     if model is None:
         raise WorkloadError("Give a MODEL to validate, or --matrix FILE for a sweep.")
     workload = _workload(batch, prompt_len, new_tokens, mode, attn, kv_cache_dtype)
+    if tp > 1 or pp > 1:
+        parallel = runner.validate_parallel(model, workload, precision=precision, revision=revision,
+                                            weights=weights, layers=layers, tp=tp, pp=pp, out=out)
+        click.echo(render.to_json(parallel) if as_json else runner.parallel_report_text(parallel))
+        if tolerance is not None and not parallel.within(tolerance):
+            sys.exit(1)
+        return
     report = runner.validate_one(model, workload, precision=precision, double_quant=double_quant,
                                  compute_dtype=compute_dtype, revision=revision, weights=weights,
                                  layers=layers, out=out)

@@ -157,3 +157,94 @@ def run_sweep(matrix: Path, out: Path) -> None:
     _require_gpu_stack()
     added = sweep.run_matrix(matrix, out, lambda m: resolve(m).config, sweep.print_progress)
     print(f"{added} rows appended to {out}", file=sys.stderr)
+
+
+class GpuLine(Frozen):
+    device: int
+    stage: int
+    predicted_allocated: int
+    measured_allocated: int | None
+    predicted_device: int
+    measured_device: int | None
+
+    @property
+    def allocated_error(self) -> float | None:
+        return self.predicted_allocated / self.measured_allocated - 1 if self.measured_allocated else None
+
+
+class ParallelReport(Frozen):
+    model: str
+    case: dict[str, Any]
+    tp: int
+    pp: int
+    status: str
+    detail: str | None = None
+    gpus: list[GpuLine] = Field(default_factory=list)
+
+    def within(self, tolerance_pct: float) -> bool:
+        return self.status == "ok" and all(
+            line.allocated_error is not None and abs(line.allocated_error) * 100 <= tolerance_pct
+            for line in self.gpus)
+
+
+def _visible_gpus() -> int:
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, check=False)
+    return int(probe.stdout.strip() or 0) if probe.returncode == 0 else 0
+
+
+def validate_parallel(model: str, workload: Workload, *, precision: str, revision: str | None, weights: str,
+                      layers: int | None, tp: int, pp: int, out: Path | None) -> ParallelReport:
+    """Measure one case across tp (torchrun) or pp (device_map) GPUs and compare per GPU."""
+    from ..catalog import gpu_catalog
+    from . import multigpu
+
+    _require_gpu_stack()
+    multigpu.check_layout(tp, pp, _visible_gpus())
+    source = resolve(model, revision)
+    config = shrink_config(source.config, layers)
+    arch = architecture_from_config(config, source.name)
+    precision = arch.config_dtype or "bf16" if precision == "auto" else precision
+    workload = resolve_attention(arch, workload)
+    case = {"model": model, "layers": layers, "precision": precision, "attn": workload.attn,
+            "batch": workload.batch, "prompt_len": workload.prompt_len, "new_tokens": workload.new_tokens,
+            "mode": workload.mode, "double_quant": False, "tp": tp, "pp": pp}
+    if weights == "checkpoint":
+        case["checkpoint"] = source.name
+    device_map = multigpu.device_map_for_stages(arch, pp) if pp > 1 else None
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path, rows_path = Path(tmp) / "job.json", Path(tmp) / "rows.jsonl"
+        job_path.write_text(json.dumps(multigpu.job(config, case, device_map)))
+        command = (multigpu.torchrun_command(tp, str(job_path), str(rows_path)) if tp > 1 else
+                   [sys.executable, "-m", "vramplan.validate.parallel_worker", str(job_path), str(rows_path)])
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
+    if not rows:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        return ParallelReport(model=model, case=case, tp=tp, pp=pp, status="error", detail=tail)
+    if out is not None:
+        with out.open("a") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in rows)
+    gpu = next(g for g in gpu_catalog().gpus if g.outside_torch_key == compare.gpu_key(rows[0]["env"]["gpu"]))
+    stages = multigpu.predicted_per_gpu(arch, source.name, workload, precision, gpu, tp, pp)
+    lines = []
+    for index, row in enumerate(rows):
+        stage = index if pp > 1 else 0
+        est = stages[stage]
+        lines.append(GpuLine(device=row["device"], stage=stage, predicted_allocated=est.peak_allocated_bytes,
+                             measured_allocated=row.get("peak_allocated_bytes"),
+                             predicted_device=est.peak_device_bytes, measured_device=row.get("device_bytes")))
+    return ParallelReport(model=model, case=case, tp=tp, pp=pp, status="ok", gpus=lines)
+
+
+def parallel_report_text(report: ParallelReport) -> str:
+    head = f"{report.model}: {compare_label(report.case)}, tp {report.tp} x pp {report.pp}"
+    if report.status != "ok":
+        return f"{head}\nmeasurement {report.status}: {report.detail}"
+    out = [head, "", f"{'GPU':>4s} {'stage':>6s} {'predicted':>11s} {'measured':>11s} {'error':>9s}"]
+    for line in report.gpus:
+        measured = f"{gib(line.measured_allocated):9.2f} G" if line.measured_allocated else f"{'n/a':>11s}"
+        error = f"{line.allocated_error * 100:+8.2f}%" if line.allocated_error is not None else ""
+        out.append(f"{line.device:>4d} {line.stage:>6d} {gib(line.predicted_allocated):9.2f} G {measured} {error}")
+    out.append("(peak allocated per GPU)")
+    return "\n".join(out)
