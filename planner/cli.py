@@ -155,8 +155,8 @@ def models(as_json):
               help="vLLM KV cache dtype.")
 @click.option("--max-gpus", type=int, default=64, show_default=True, help="Largest plan to consider.")
 @click.option("--multi-node", is_flag=True, help="Allow tensor parallelism across nodes.")
-@click.option("--max", "maximize", type=click.Choice(["context", "concurrency"]), default=None,
-              help="Instead of plans: the largest context or concurrency each layout of --gpu fits.")
+@click.option("--max", "maximize", type=click.Choice(["context", "batch", "concurrency"]), default=None,
+              help="Instead of plans: the largest context, or batch (= concurrency), each layout of --gpu fits.")
 @click.option("--top", type=int, default=10, show_default=True, help="Plans to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @friendly_errors
@@ -174,6 +174,7 @@ def plan(model, context, new_tokens, concurrency, gpus, gpu_catalog, precision, 
     if maximize:
         if len(gpus) != 1:
             raise WorkloadError("--max answers for one GPU kind: give exactly one --gpu.")
+        maximize = "concurrency" if maximize == "batch" else maximize  # one replica's batch is its concurrency
         rows = plan_maximum(model, gpus[0], maximize, **options)
         if as_json:
             click.echo(json.dumps(rows, indent=2))
