@@ -17,7 +17,7 @@ from pathlib import Path
 from .architecture import Architecture, architecture_from_config
 from .catalog import gpu_catalog
 from .estimate import Estimate, PrecisionChoice, Workload, estimate_architecture
-from .source import ModelSource, resolve
+from .source import ModelSource, resolve, stored_sizes
 
 __all__ = ["Architecture", "Estimate", "ModelSource", "PrecisionChoice", "Workload", "estimate",
            "estimate_precisions", "load_model", "plan", "plan_maximum"]
@@ -54,7 +54,8 @@ def estimate(model: str, workload: Workload | None = None, precision: str = "aut
     source, arch = load_model(model, revision)
     choice = PrecisionChoice(name=precision, double_quant=double_quant, compute_dtype=compute_dtype)
     chosen_gpu = gpu_catalog(gpu_catalog_file).find(gpu) if gpu else None
-    return estimate_architecture(arch, source.name, workload or Workload(), choice, chosen_gpu)
+    return estimate_architecture(arch, source.name, workload or Workload(), choice, chosen_gpu,
+                                 stored=stored_sizes(source.stored_tensors))
 
 
 def _plan_request(arch: Architecture, *, context: int, new_tokens: int, concurrency: int, precision: str,

@@ -20,6 +20,7 @@ from pydantic import field_validator
 from .base import Frozen
 from .config import MAX_LAYERS, RawConfig
 from .errors import ConfigError, UnsupportedModelError
+from .quantized import QuantScheme, scheme_from_config
 
 TensorKind = Literal[
     "embedding",  # token embedding table (never quantized by bitsandbytes)
@@ -115,6 +116,7 @@ class Architecture(Frozen):
     buffers: tuple[BufferSpec, ...] = ()
     notes: tuple[str, ...] = ()
     computes_logits: bool = True  # False for pipeline stages before the last
+    quantization: QuantScheme | None = None  # a pre-quantized checkpoint's scheme
 
     @field_validator("layer_types")
     @classmethod
@@ -183,6 +185,8 @@ def architecture_from_config(config: dict, where: str = "config") -> Architectur
     if model_type in MULTIMODAL_TEXT_CONFIG and isinstance(config.get("text_config"), dict):
         text = dict(config["text_config"])
         text.setdefault("model_type", _default_text_model_type(model_type))
+        if "quantization_config" in config and "quantization_config" not in text:
+            text["quantization_config"] = config["quantization_config"]
         arch = architecture_from_config(text, f"{where}.text_config")
         note = (f"{model_type} is multimodal: only its language model ({arch.model_type}) is "
                 "estimated; the vision tower and projector are not included.")
@@ -199,7 +203,9 @@ def architecture_from_config(config: dict, where: str = "config") -> Architectur
     if fn is None:
         raise UnsupportedModelError(
             f"Unknown model_type {model_type!r}; supported: {', '.join(supported_model_types())}.")
-    return fn(raw)
+    arch = fn(raw)
+    scheme = scheme_from_config(raw)
+    return arch if scheme is None else arch.model_copy(update={"quantization": scheme})
 
 
 def _default_text_model_type(wrapper: str) -> str:

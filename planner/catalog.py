@@ -15,7 +15,8 @@ import yaml
 from pydantic import Field, ValidationError
 
 from .base import Frozen
-from .errors import CatalogError
+from .errors import CatalogError, WorkloadError
+from .quantized import QuantScheme
 
 DType = Literal["fp32", "fp16", "bf16"]
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -23,11 +24,12 @@ DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 class Precision(Frozen):
     name: str
-    kind: Literal["dtype", "bnb_int8", "bnb_4bit"]
+    kind: Literal["dtype", "bnb_int8", "bnb_4bit", "prequantized"]
     description: str
     dtype: DType | None = None  # for kind=dtype: every tensor and activation
     weight_bits: int | None = None
     block_size: int | None = None
+    scheme: QuantScheme | None = None  # kind=prequantized: the checkpoint's layout
 
 
 class PrecisionCatalog(Frozen):
@@ -56,6 +58,7 @@ class Calibration(Frozen):
     outside_torch: dict[str, OutsideTorch]  # by GPU key; "default" for GPUs never measured
     bitsandbytes_outside_torch_bytes: int  # bitsandbytes' CUDA library, loaded with it
     outside_torch_growth_bytes: int  # outside-torch memory added after start-up by the first run
+    bnb_load_transient: dict[str, float]  # int8 / 4bit: load peak above the model / largest Linear's bf16 bytes
 
 
 class PointCounts(Frozen):
@@ -202,5 +205,5 @@ def precision(name: str) -> Precision:
     catalog = precisions()
     if name not in catalog.precisions:
         known = ", ".join(catalog.precisions)
-        raise CatalogError(f"Unknown precision {name!r}; choose one of: {known}.")
+        raise WorkloadError(f"Unknown precision {name!r}; choose one of: {known}.")
     return catalog.precisions[name]

@@ -58,8 +58,10 @@ def workload_options(fn):
         click.option("--precision", "-p", default="auto", show_default=True,
                      help="fp32, fp16, bf16, int8, nf4 or fp4; auto = the config's torch_dtype; "
                           "all = one row per precision (estimate only)."),
-        click.option("--kv-cache-dtype", type=click.Choice(["auto"]), default="auto", show_default=True,
-                     help="KV cache dtype; auto = the activation dtype (transformers' DynamicCache)."),
+        click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32", "fp8", "int8", "int4",
+                                                           "int2"]), default="auto", show_default=True,
+                     help="auto: the activation dtype (DynamicCache); int8/int4/int2: transformers' QuantizedCache "
+                          "(recent 127 tokens kept in full precision); fp8: as serving engines store it."),
         click.option("--double-quant", is_flag=True, help="bitsandbytes 4-bit double quantization."),
         click.option("--compute-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16",
                      show_default=True, help="bitsandbytes compute dtype."),

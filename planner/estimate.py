@@ -28,6 +28,7 @@ from .catalog import (
 from .errors import WorkloadError
 from .runtime import kv_cache, overhead, sequence
 from .runtime.activations import Point, RunSpec, decode_point, prefill_points
+from .runtime.kv_cache import KvFormat
 from .weights import WeightBreakdown, allocation_sizes, compute_dtype, weight_breakdown
 
 MAX_BATCH = 1 << 16
@@ -43,7 +44,9 @@ class Workload(Frozen):
     mode: Literal["generate", "forward"] = "generate"
     # "auto": what transformers picks itself, SDPA where the family has it, else eager
     attn: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    kv_cache_dtype: Literal["auto"] = "auto"
+    # auto: DynamicCache in the activation dtype; int8/int4/int2: transformers' QuantizedCache
+    # (HQQ for 8 bits, quanto for 4 and 2); fp8: the layout serving engines use (1 byte each)
+    kv_cache_dtype: Literal["auto", "fp16", "bf16", "fp32", "fp8", "int8", "int4", "int2"] = "auto"
 
 
 class PrecisionChoice(Frozen):
@@ -80,18 +83,71 @@ class Estimate(Frozen):
     peak_kind: str  # mlp, attention:<kernel>, logits, decode, int8, dequantize
     peak_allocated_bytes: int
     peak_device_bytes: int
+    load_peak_allocated_bytes: int  # while from_pretrained loads (and bitsandbytes quantizes) the weights
     breakdown: list[BreakdownTerm]
     notes: list[str]
     verdict: Verdict | None = None
+    checkpoint_bytes: int | None = None  # what the checkpoint's safetensors store, when known
     calibrated_with: dict[str, str]
 
 
-def resolve_precision(arch: Architecture, choice: PrecisionChoice) -> tuple[Precision, str]:
-    name = choice.name
-    if name == "auto":
-        name = arch.config_dtype or "bf16"
+def resolve_precision(arch: Architecture, choice: PrecisionChoice) -> tuple[Precision, str, PrecisionChoice]:
+    """The precision a run uses: an explicit one, or `auto`: the checkpoint's own quantization
+    when its config has one, else its torch_dtype (bf16 when it has none)."""
+    scheme = arch.quantization
+    if choice.name == "auto" and scheme is not None:
+        if scheme.method == "bitsandbytes":  # serialized bitsandbytes loads like the on-the-fly scheme
+            chosen = precision(scheme.label)
+            dq = choice.model_copy(update={"double_quant": scheme.double_quant})
+            return chosen, compute_dtype(chosen, arch.config_dtype or choice.compute_dtype), dq
+        if scheme.method == "mxfp4":
+            return precision("bf16"), "bf16", choice
+        pre = Precision(name=scheme.label, kind="prequantized", scheme=scheme,
+                        description=f"pre-quantized checkpoint ({scheme.method})")
+        return pre, arch.config_dtype or ("fp16" if scheme.method in ("gptq", "awq") else "bf16"), choice
+    name = arch.config_dtype or "bf16" if choice.name == "auto" else choice.name
     chosen = precision(name)
-    return chosen, compute_dtype(chosen, choice.compute_dtype)
+    return chosen, compute_dtype(chosen, choice.compute_dtype), choice
+
+
+def _checkpoint_notes(arch: Architecture, stored: dict[str, tuple[int, tuple[int, ...]]] | None,
+                      weights: WeightBreakdown) -> list[str]:
+    """Stored bytes are not memory: name what the checkpoint holds that the model does not load."""
+    if not stored:
+        return []
+    loaded = {n for t in arch.tensors for n in t.names()}
+    modules = {n.rsplit(".", 1)[0] for n in loaded}
+    extra = sorted(n for n in stored if n not in loaded and n.rsplit(".", 1)[0] not in modules)
+    total = sum(nbytes for nbytes, _ in stored.values())
+    note = (f"the checkpoint stores {sum(_numel(s) for _, s in stored.values()):,} elements "
+            f"({total / 2**30:.2f} GiB); the loaded model holds {weights.parameters:,} parameters")
+    if extra:
+        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        note += f"; not loaded: {shown}"
+    return [note + "."]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _precision_notes(arch: Architecture, chosen: Precision, choice: PrecisionChoice) -> list[str]:
+    scheme = arch.quantization
+    if scheme is None:
+        return []
+    if choice.name != "auto":
+        return [f"the config is a pre-quantized {scheme.label} checkpoint; this estimate is for the same "
+                f"model at {chosen.name} instead (use --precision auto for the checkpoint as stored)."]
+    if scheme.method == "mxfp4":
+        return ["mxfp4 weights are dequantized to bf16 by transformers 5.17 unless the `kernels` package, "
+                "Triton >= 3.4 and a GPU of compute capability >= 7.5 are present; this estimate is the bf16 case."]
+    if chosen.kind == "prequantized":
+        return [f"{scheme.label}: weights as the checkpoint stores them; the quantized matmul kernels' "
+                "own workspaces are not included (not measured)."]
+    return []
 
 
 def _family_layout(arch: Architecture, profile: RuntimeProfile) -> FamilyLayout:
@@ -126,8 +182,21 @@ def run_spec(arch: Architecture, workload: Workload, weights: WeightBreakdown, c
     quant = {"bnb_int8": "int8", "bnb_4bit": "4bit"}.get(chosen.kind, "none")
     return RunSpec(batch=workload.batch, prompt_len=workload.prompt_len,
                    new_tokens=workload.new_tokens, mode=workload.mode, attn=workload.attn,
-                   activation_bytes=element, kv_element_bytes=element, quantization=quant,
+                   activation_bytes=element, kv=kv_format(workload, compute), quantization=quant,
                    largest_linear_elements=weights.largest_linear_elements)
+
+
+def kv_format(workload: Workload, compute: str) -> KvFormat:
+    element = DTYPE_BYTES[compute]
+    dtype = workload.kv_cache_dtype
+    if dtype in ("auto", compute):
+        return KvFormat(element_bytes=element)
+    if dtype in ("fp16", "bf16", "fp32"):
+        raise WorkloadError(f"transformers' DynamicCache stores keys in the activation dtype ({compute}); "
+                            f"--kv-cache-dtype {dtype} needs --precision {dtype} (or a quantized cache: int8/int4).")
+    if dtype == "fp8":
+        return KvFormat(element_bytes=1)
+    return KvFormat(kind="quantized", element_bytes=element, nbits=int(dtype.removeprefix("int")))
 
 
 def candidate_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> list[Point]:
@@ -141,7 +210,8 @@ def candidate_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) ->
 def estimate_architecture(arch: Architecture, model: str, workload: Workload | None = None,
                           choice: PrecisionChoice | None = None, gpu: Gpu | None = None,
                           profile: RuntimeProfile | None = None,
-                          fitted: Calibration | None = None) -> Estimate:
+                          fitted: Calibration | None = None,
+                          stored: dict[str, tuple[int, tuple[int, ...]]] | None = None) -> Estimate:
     """The pure core: no I/O, everything it needs passed in or read from packaged data."""
     profile = profile or runtime_profile()
     fitted = fitted or calibration()
@@ -149,10 +219,10 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     choice = choice or PrecisionChoice()
     workload = resolve_attention(arch, workload)
     _check_workload(arch, workload)
-    chosen, compute = resolve_precision(arch, choice)
-    weights = weight_breakdown(arch, chosen, compute, choice.double_quant)
+    chosen, compute, choice = resolve_precision(arch, choice)
+    weights = weight_breakdown(arch, chosen, compute, choice.double_quant, stored)
     layout = _family_layout(arch, profile)
-    spec = run_spec(arch, workload, weights, chosen, compute)
+    spec = run_spec(arch, workload, weights, chosen, compute)  # pre-quantized: activations like a dtype
     peak = max(candidate_points(arch, layout, spec), key=lambda p: p.total)
 
     fixed = [
@@ -191,15 +261,30 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
                       why=f"CUDA context and kernels: {outside_why}"),
     ]
     device = allocated + reserve + outside
-    cache = max(kv_cache.cache_bytes(arch, workload.batch, workload.prompt_len, 0, spec.kv_element_bytes),
+    cache = max(kv_cache.cache_bytes(arch, workload.batch, workload.prompt_len, 0, spec.kv),
                 kv_cache.cache_bytes(arch, workload.batch, workload.prompt_len,
-                                     max(workload.new_tokens - 1, 0), spec.kv_element_bytes)
+                                     max(workload.new_tokens - 1, 0), spec.kv)
                 ) if workload.mode == "generate" else 0
+    loaded = sum(t.bytes for t in fixed if t.name != "inputs")
+    transient = 0
+    if chosen.kind in ("bnb_int8", "bnb_4bit"):
+        ratio = fitted.bnb_load_transient.get("int8" if chosen.kind == "bnb_int8" else "4bit", 0.0)
+        transient = int(ratio * weights.largest_linear_elements * DTYPE_BYTES[compute])
+    load_peak = loaded + transient
+    needed = max(device, load_peak + outside)
     verdict = None
     if gpu is not None:
-        verdict = Verdict(gpu=gpu.name, memory_bytes=gpu.memory_bytes, fits=device <= gpu.memory_bytes,
-                          headroom_bytes=gpu.memory_bytes - device)
+        verdict = Verdict(gpu=gpu.name, memory_bytes=gpu.memory_bytes, fits=needed <= gpu.memory_bytes,
+                          headroom_bytes=gpu.memory_bytes - needed)
     notes = list(arch.notes)
+    notes += _precision_notes(arch, chosen, choice)
+    if workload.kv_cache_dtype == "fp8":
+        notes.append("fp8 KV cache as serving engines (vLLM, SGLang) store it, one byte per element: "
+                     "transformers' own caches cannot hold fp8.")
+    elif workload.kv_cache_dtype.startswith("int"):
+        notes.append(f"{workload.kv_cache_dtype} KV cache: transformers' QuantizedCache ("
+                     + ("HQQ" if workload.kv_cache_dtype == "int8" else "optimum-quanto")
+                     + "), residual_length 128 and groups of 64; modelled from cache_utils, not measured.")
     if workload.attn == "flash_attention_2":
         notes.append("flash_attention_2 is modelled like SDPA's flash kernel; it has no measured rows.")
     return Estimate(
@@ -208,9 +293,10 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
         workload=workload, parameters=weights.parameters, weights_bytes=weights.weight_bytes,
         kv_cache_bytes=cache, peak_phase=peak.phase, peak_kind=peak.kind,
         peak_allocated_bytes=allocated,
-        peak_device_bytes=device,
+        peak_device_bytes=device, load_peak_allocated_bytes=load_peak,
         breakdown=[t for t in (*fixed, *runtime_terms, *device_terms) if t.bytes > 0],
-        notes=notes,
+        notes=notes + _checkpoint_notes(arch, stored, weights),
         verdict=verdict,
+        checkpoint_bytes=sum(nbytes for nbytes, _ in stored.values()) if stored else None,
         calibrated_with=profile.measured_with.model_dump(),
     )

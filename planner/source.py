@@ -21,6 +21,12 @@ from .errors import SourceError
 SAFETENSORS_HEADER_LIMIT = 100 * 2**20  # a header larger than this is not a safetensors file
 
 
+# bytes per element of safetensors dtypes (F4-packed types store two values per byte)
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                           "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+                           "F8_E8M0": 1}
+
+
 @dataclass(frozen=True)
 class StoredTensor:
     dtype: str
@@ -32,6 +38,17 @@ class StoredTensor:
         for d in self.shape:
             n *= d
         return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.elements * SAFETENSORS_DTYPE_BYTES.get(self.dtype.upper(), 2)
+
+
+def stored_sizes(stored: dict[str, StoredTensor] | None) -> dict[str, tuple[int, tuple[int, ...]]] | None:
+    """name -> (bytes, shape), the form the engine takes (it never sees I/O types)."""
+    if not stored:
+        return None
+    return {name: (t.nbytes, t.shape) for name, t in stored.items()}
 
 
 @dataclass(frozen=True)

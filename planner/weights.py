@@ -35,6 +35,36 @@ def compute_dtype(precision: Precision, requested: str) -> str:
     return precision.dtype if precision.kind == "dtype" and precision.dtype else requested
 
 
+def _converted(tensor: TensorSpec, precision: Precision) -> bool:
+    if tensor.kind != "linear":
+        return False
+    if precision.kind in ("bnb_int8", "bnb_4bit"):
+        return True
+    return precision.kind == "prequantized" and precision.scheme is not None and \
+        precision.scheme.converts(tensor.name.removesuffix(".weight"))
+
+
+def _stored_module_sizes(stored: dict[str, tuple[int, tuple[int, ...]]] | None, module: str) -> list[int]:
+    """Exact bytes of each tensor a checkpoint stores for one module's weight and scales (not
+    its bias); empty when the checkpoint's header is unknown or lacks the module."""
+    if not stored:
+        return []
+    prefix = module + "."
+    return [nbytes for name, (nbytes, _shape) in stored.items()
+            if name.startswith(prefix) and not name.endswith(".bias")]
+
+
+def _linear_allocations(tensor: TensorSpec, precision: Precision, double_quant: bool,
+                        nested_block: int) -> tuple[list[int], list[int]]:
+    """(weight allocations, scale/state allocations) of one converted Linear."""
+    if precision.kind == "prequantized" and precision.scheme is not None:
+        out_features = tensor.shape[1] if tensor.transposed else tensor.shape[0]
+        in_features = tensor.shape[0] if tensor.transposed else tensor.shape[1]
+        parts = precision.scheme.linear_allocations(out_features, in_features)
+        return parts[:1], parts[1:]
+    return _bnb_allocations(tensor, precision, double_quant, nested_block)
+
+
 def _bnb_allocations(tensor: TensorSpec, precision: Precision, double_quant: bool,
                      nested_block: int) -> tuple[list[int], list[int]]:
     """(weight allocations, quantization-state allocations) of one converted Linear weight."""
@@ -59,11 +89,10 @@ def allocation_sizes(arch: Architecture, precision: Precision, compute: str,
     simulation."""
     element = DTYPE_BYTES[compute]
     nested_block = precisions().double_quant_block_size
-    quantizes = precision.kind in ("bnb_int8", "bnb_4bit")
 
     def sizes(tensor: TensorSpec) -> list[int]:
-        if quantizes and tensor.kind == "linear":
-            weights, states = _bnb_allocations(tensor, precision, double_quant, nested_block)
+        if _converted(tensor, precision):
+            weights, states = _linear_allocations(tensor, precision, double_quant, nested_block)
             return [*weights, *states]
         return [tensor.elements_each * element]
 
@@ -79,18 +108,27 @@ def allocation_sizes(arch: Architecture, precision: Precision, compute: str,
     return out
 
 
-def weight_breakdown(arch: Architecture, precision: Precision, compute: str,
-                     double_quant: bool = False) -> WeightBreakdown:
+def weight_breakdown(arch: Architecture, precision: Precision, compute: str, double_quant: bool = False,
+                     stored: dict[str, tuple[int, tuple[int, ...]]] | None = None) -> WeightBreakdown:
+    """`stored` (name -> (bytes, shape)) is the checkpoint's safetensors header when known: a
+    pre-quantized Linear then takes its exact stored bytes instead of the layout formula."""
     element = DTYPE_BYTES[compute]
     nested_block = precisions().double_quant_block_size
     data = state = allocated = 0
     by_kind: dict[str, int] = {}
     largest = 0
-    quantizes = precision.kind in ("bnb_int8", "bnb_4bit")
     for tensor in arch.tensors:
-        if quantizes and tensor.kind == "linear":
-            weights, states = _bnb_allocations(tensor, precision, double_quant, nested_block)
+        if _converted(tensor, precision):
+            weights, states = _linear_allocations(tensor, precision, double_quant, nested_block)
             largest = max(largest, tensor.elements_each)
+            exact = [_stored_module_sizes(stored, n.removesuffix(".weight")) for n in tensor.names()] \
+                if precision.kind == "prequantized" else []
+            if exact and all(exact):
+                total = sum(sum(sizes) for sizes in exact)
+                data += total
+                allocated += sum(block_bytes(x) for sizes in exact for x in sizes)
+                by_kind[tensor.kind] = by_kind.get(tensor.kind, 0) + total
+                continue
         else:
             weights, states = [tensor.elements_each * element], []
         tensor_data = sum(weights) * tensor.count

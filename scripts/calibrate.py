@@ -52,6 +52,19 @@ def fit() -> dict:
     fitted_outside["default"] = dict(reference)
     bnb_extra = [statistics.median(v) - fitted_outside[k]["bytes"] for k, v in outside_bnb.items()
                  if k in fitted_outside]
+    # loading through bitsandbytes: the peak above the loaded model, per scheme, as a multiple of
+    # the largest Linear's bf16 size (the tensor being quantized when the peak happens); the
+    # largest ratio seen, so the estimate is an upper bound
+    load_ratio: dict[str, float] = {}
+    for row in rows:
+        inventory = row.get("inventory", {})
+        if inventory.get("weights_from") != "bitsandbytes reload" and not (
+                row["case"]["precision"] in BNB and "load_peak_allocated_bytes" in inventory):
+            continue
+        largest = _largest_linear(row["case"])
+        excess = inventory["load_peak_allocated_bytes"] - inventory["allocated_after_load_bytes"]
+        key = "int8" if row["case"]["precision"] == "int8" else "4bit"
+        load_ratio[key] = max(load_ratio.get(key, 0.0), excess / (2 * largest))
     env = rows[0]["env"]
     return {
         "fitted_from": [f"{p.name}: {sum(1 for _ in read_rows([p]))} rows" for p in files],
@@ -60,6 +73,7 @@ def fit() -> dict:
                           "transformers": env["transformers"],
                           "bitsandbytes": runtime_profile().measured_with.bitsandbytes},
         "outside_torch": fitted_outside,
+        "bnb_load_transient": {k: round(v + 0.005, 2) for k, v in sorted(load_ratio.items())},
         "bitsandbytes_outside_torch_bytes": int(statistics.median(bnb_extra)) if bnb_extra else 0,
         # what appears outside torch after a process's start (cuBLAS, kernels loaded by the first
         # run): what vLLM's start-up profile sees as its non-torch increase
@@ -68,11 +82,22 @@ def fit() -> dict:
     }
 
 
+def _largest_linear(case: dict) -> int:
+    from vramplan.architecture import architecture_from_config
+    from vramplan.config import shrink_config
+    from vramplan.source import resolve
+
+    arch = architecture_from_config(shrink_config(resolve(case["model"]).config, case.get("layers")))
+    return max(t.elements_each for t in arch.tensors if t.kind == "linear")
+
+
 HEADER = """\
 # Written by scripts/calibrate.py from the committed measurements; do not edit by hand.
 # outside_torch: NVML's process memory minus torch's reserved memory, per GPU ("default" is
 # the measured GPU's figure, used for GPUs with no rows); bitsandbytes_outside_torch_bytes:
-# what loading bitsandbytes' CUDA library adds to it.
+# what loading bitsandbytes' CUDA library adds to it. bnb_load_transient: the largest peak seen
+# while bitsandbytes quantizes a model at load, above the loaded model, in units of the
+# largest Linear's bf16 size.
 """
 
 
@@ -102,7 +127,7 @@ def _bootstrap() -> dict:
     zero = {"bytes": 0, "samples": 0, "low": 0, "high": 0}
     return {"fitted_from": [], "measured_with": runtime_profile().measured_with.model_dump(),
             "outside_torch": {"default": zero}, "bitsandbytes_outside_torch_bytes": 0,
-            "outside_torch_growth_bytes": 0}
+            "outside_torch_growth_bytes": 0, "bnb_load_transient": {}}
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class RunSpec(Frozen):
     mode: Literal["generate", "forward"]
     attn: Literal["sdpa", "eager", "flash_attention_2"]  # resolved: never "auto"
     activation_bytes: int
-    kv_element_bytes: int
+    kv: kv_cache.KvFormat
     quantization: Literal["none", "int8", "4bit"] = "none"
     largest_linear_elements: int = 0
 
@@ -87,7 +87,7 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
         attention.sdpa_kernel(arch, layout, s, masked) if spec.attn == "sdpa" else "flash")
     any_masked = spec.attn == "sdpa" and any(attention.needs_mask(arch, k, n) for k in arch.layer_types)
 
-    cache = kv_cache.cache_bytes(arch, b, n, 0, spec.kv_element_bytes) if generate else 0
+    cache = kv_cache.cache_bytes(arch, b, n, 0, spec.kv) if generate else 0
     common = (
         ("KV cache", cache, f"keys and values of all {arch.num_layers} layers at the prompt length"),
         ("rotary tables", _rope_tables(arch, layout, spec, n), "cos and sin for every prompt position"),
@@ -183,14 +183,14 @@ def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
         return None
     b, n, t = spec.batch, spec.prompt_len, spec.new_tokens
     decoded = t - 1
-    cache = kv_cache.cache_bytes(arch, b, n, decoded, spec.kv_element_bytes)
+    cache = kv_cache.cache_bytes(arch, b, n, decoded, spec.kv)
     longest = max(kv_cache.stored_length(k, arch.sliding_window, n, decoded - 1) for k in arch.layer_types)
-    copy = kv_cache.layer_tensor_bytes(arch, b, longest, spec.kv_element_bytes)
+    copy = kv_cache.decode_update_transient(arch, b, longest, spec.kv)
     vocab = arch.vocab_size if arch.computes_logits else 0
     logits = block_bytes(b * vocab * spec.activation_bytes) + block_bytes(b * vocab * 4)
     return Point(phase=f"decode step {decoded}", kind="decode", terms=_terms(
         ("KV cache", cache, f"keys and values after {decoded} decode steps"),
-        ("cache growth copy", max(copy, logits), "torch.cat copies a layer's keys to grow them "
-         "(or the step's logits, whichever is larger)"),
+        ("cache update", max(copy, logits), "a layer's cache update during the step: torch.cat copies its "
+         "keys, a quantized cache dequantizes them (or the step's logits, whichever is larger)"),
         ("generated ids", 2 * block_bytes(b * (n + t) * 8), "the growing ids and attention mask"),
     ))

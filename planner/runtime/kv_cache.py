@@ -8,14 +8,54 @@ on it keeps the last `window` tokens (DynamicSlidingWindowLayer.update).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from ..architecture import Architecture
-from ..base import block_bytes
+from ..base import Frozen, block_bytes
+
+# transformers' QuantizedCache defaults (cache_utils.QuantizedLayer)
+RESIDUAL_LENGTH = 128
+Q_GROUP_SIZE = 64
+
+
+class KvFormat(Frozen):
+    """How the cache stores keys and values.
+
+    dense: DynamicCache in `element_bytes` (the activation dtype; fp8 as serving engines store
+    it). quantized: transformers' QuantizedCache, `nbits` per element plus a scale and a zero
+    point per group of 64 in the activation dtype, with up to residual_length - 1 recent tokens
+    kept in full precision."""
+
+    kind: Literal["dense", "quantized"] = "dense"
+    element_bytes: int  # dense storage, or the full-precision residual and dequantized copies
+    nbits: int = 16
+
+    def stored_bytes(self, elements: int) -> int:
+        if self.kind == "dense":
+            return elements * self.element_bytes
+        groups = -(-elements // Q_GROUP_SIZE)
+        return -(-elements * self.nbits // 8) + 2 * groups * self.element_bytes
+
+
+def _layer_elements(arch: Architecture, batch: int, length: int) -> int:
+    heads = arch.cache_heads or arch.num_kv_heads
+    return batch * heads * length * arch.head_dim
 
 
 def layer_tensor_bytes(arch: Architecture, batch: int, length: int, element_bytes: int) -> int:
-    """One key (or value) tensor of one layer, as the allocator holds it."""
-    heads = arch.cache_heads or arch.num_kv_heads
-    return block_bytes(batch * heads * length * arch.head_dim * element_bytes)
+    """One key (or value) tensor of one layer in a dense cache, as the allocator holds it."""
+    return block_bytes(_layer_elements(arch, batch, length) * element_bytes)
+
+
+def layer_bytes(arch: Architecture, batch: int, length: int, kv: KvFormat, decoded: int = 0) -> int:
+    """One key (or value) of one layer after prefill and `decoded` steps, in `kv`'s format."""
+    if kv.kind == "dense":
+        return block_bytes(kv.stored_bytes(_layer_elements(arch, batch, length)))
+    # the residual holds the tokens since the last requantization (at most residual_length - 1)
+    residual = min(decoded, RESIDUAL_LENGTH - 1)
+    quantized = length - residual
+    return (block_bytes(kv.stored_bytes(_layer_elements(arch, batch, quantized)))
+            + block_bytes(_layer_elements(arch, batch, residual) * kv.element_bytes))
 
 
 def stored_length(kind: str, window: int | None, prompt_len: int, decoded: int) -> int:
@@ -27,11 +67,21 @@ def stored_length(kind: str, window: int | None, prompt_len: int, decoded: int) 
     return min(total, window)
 
 
-def cache_bytes(arch: Architecture, batch: int, prompt_len: int, decoded: int,
-                element_bytes: int) -> int:
+def cache_bytes(arch: Architecture, batch: int, prompt_len: int, decoded: int, kv: KvFormat) -> int:
     """All layers' keys and values after prefill and `decoded` decode steps."""
     total = 0
     for kind in arch.layer_types:
         length = stored_length(kind, arch.sliding_window, prompt_len, decoded)
-        total += 2 * layer_tensor_bytes(arch, batch, length, element_bytes)
+        total += 2 * layer_bytes(arch, batch, length, kv, decoded)
     return total
+
+
+def decode_update_transient(arch: Architecture, batch: int, length: int, kv: KvFormat) -> int:
+    """What one layer's cache update allocates on top of the cache during a decode step:
+    DynamicCache copies the layer's key (then value) to grow it; QuantizedLayer dequantizes
+    the layer's keys and values and concatenates them with the residual (four full-precision
+    copies of the layer at once)."""
+    full = layer_tensor_bytes(arch, batch, length, kv.element_bytes)
+    if kv.kind == "quantized":
+        return 4 * full
+    return layer_tensor_bytes(arch, batch, length, kv.element_bytes)

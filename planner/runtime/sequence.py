@@ -147,9 +147,9 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
             q_rot, k_rot = q, k
         current = []
         if generate:
-            kc = tr.new(kv_cache.layer_tensor_bytes(arch, b, n, spec.kv_element_bytes))
+            kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv))
             tr.drop(k_rot)
-            vc = tr.new(kv_cache.layer_tensor_bytes(arch, b, n, spec.kv_element_bytes))
+            vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv))
             tr.drop(v)
             cache += [kc, vc]
         else:
@@ -299,7 +299,7 @@ def _decode(tr: _Tracer, arch: Architecture, spec: RunSpec, cache: list[int | No
             length = kv_cache.stored_length(kind, arch.sliding_window, n, step)
             for j in (0, 1):
                 slot = 2 * index + j
-                fresh = tr.new(kv_cache.layer_tensor_bytes(arch, b, length, spec.kv_element_bytes))
+                fresh = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step))
                 tr.drop(cache[slot])
                 cache[slot] = fresh
         logits = tr.new(b * vocab * spec.activation_bytes)
