@@ -66,8 +66,8 @@ def _plan_request(arch: Architecture, *, context: int, new_tokens: int, concurre
 
     if precision == "any":
         chosen = tuple(precisions().precisions)
-    elif precision == "auto":
-        chosen = (arch.config_dtype or "bf16",)
+    elif precision == "auto":  # a pre-quantized checkpoint as stored, else its torch_dtype
+        chosen = ("auto",) if arch.quantization is not None else (arch.config_dtype or "bf16",)
     else:
         chosen = (precision,)
     return PlanRequest(context=context, new_tokens=min(new_tokens, context - 1), concurrency=concurrency,

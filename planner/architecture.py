@@ -6,8 +6,10 @@ under transformers' own name. Naming tensors exactly is what lets the exactness 
 our inventory with transformers' instantiation name by name, and what lets quantization
 decide per tensor what it converts.
 
-Families with a fused or structured layout we do not model yet (remote-code families, MoE,
-latent attention, state-space layers) are refused with a message that says so.
+Mixture-of-experts families are listed the way transformers 5.17 holds them: every layer's
+experts fused into two 3-D Parameters (gate_up_proj, down_proj), a router, and shared experts
+where the family has them. Families we do not model yet (remote-code families, hybrid linear
+attention, state-space layers) are refused with a message that says so.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ TensorKind = Literal[
     "norm",  # layer-norm / RMS-norm weights and biases
     "lm_head",  # output projection when not tied to the embedding
     "lm_head_bias",
+    "expert",  # fused 3-D expert weights [experts, ...]: a Parameter, not an nn.Linear
+    "router",  # a mixture-of-experts router's own Parameter (not an nn.Linear)
+    "other",  # other parameters (attention sinks)
 ]
 BufferDtype = Literal["fp32", "bool", "activation"]
 LayerKind = Literal["full", "sliding", "chunked"]
@@ -47,7 +52,9 @@ class TensorSpec(Frozen):
     shape: tuple[int, ...]
     kind: TensorKind
     layers: tuple[int, ...] | None = None  # None: a single tensor outside the layer stack
-    transposed: bool = False  # GPT-2's Conv1D stores [in, out] instead of nn.Linear's [out, in]
+    # GPT-2's Conv1D stores [in, out] instead of nn.Linear's [out, in]; fused experts likewise
+    # [E, in, out] instead of [E, out, in]
+    transposed: bool = False
 
     @property
     def elements_each(self) -> int:
@@ -91,6 +98,31 @@ class BufferSpec(Frozen):
         return n
 
 
+class MoeSpec(Frozen):
+    """A mixture-of-experts MLP as transformers 5.17 runs it (integrations/moe.py)."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate: int
+    shared_intermediate: int = 0  # shared expert(s), one dense gated MLP of this width
+    sparse_layers: tuple[int, ...]  # positions of the layers whose MLP is the mixture (others are dense)
+    routing_fp32: bool = False  # top-k weights in fp32 (Mixtral, DeepSeek): weighted outputs are fp32
+    router_fp32: bool = False  # the router's logits themselves in fp32 (DeepSeek)
+    all_experts: bool = False  # Llama-4: every expert runs on every token (routing by masking)
+    expert_bias: bool = False  # gpt-oss
+    shared_first: bool = False  # the shared expert runs before the routed ones (Qwen2-MoE)
+
+
+class MlaSpec(Frozen):
+    """Multi-head latent attention (DeepSeek-V2/V3)."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+
 class Architecture(Frozen):
     """What the memory of a decoder depends on, read from its config."""
 
@@ -104,6 +136,8 @@ class Architecture(Frozen):
     head_dim: int
     intermediate_size: int
     cache_heads: int | None = None  # heads the KV cache holds, when not num_kv_heads
+    cache_key_dim: int | None = None  # per-head width of cached keys / values, when not head_dim
+    cache_value_dim: int | None = None
     rotary_dim: int  # 0: no rotary embedding
     positions: Literal["rope", "learned", "alibi"]
     max_positions: int | None  # a hard limit (a learned table), None where positions extrapolate
@@ -117,6 +151,9 @@ class Architecture(Frozen):
     notes: tuple[str, ...] = ()
     computes_logits: bool = True  # False for pipeline stages before the last
     quantization: QuantScheme | None = None  # a pre-quantized checkpoint's scheme
+    moe: MoeSpec | None = None
+    mla: MlaSpec | None = None
+    attention_sinks: bool = False  # gpt-oss: a learned sink logit per head joins the softmax
 
     @field_validator("layer_types")
     @classmethod
@@ -138,6 +175,17 @@ class Architecture(Frozen):
     def kv_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    def cache_width(self, part: Literal["key", "value"]) -> int:
+        """Elements one token adds to one layer's cached keys (or values): heads x width."""
+        heads = self.cache_heads or self.num_kv_heads
+        width = self.cache_key_dim if part == "key" else self.cache_value_dim
+        return heads * (width or self.head_dim)
+
+    @property
+    def dense_mlp_layers(self) -> int:
+        """Layers whose MLP is a plain (dense) one."""
+        return self.num_layers - (len(self.moe.sparse_layers) if self.moe else 0)
+
 
 # --------------------------------------------------------------------------------------------
 # Adapter registry
@@ -150,17 +198,12 @@ _ADAPTERS: dict[str, Adapter] = {}
 REMOTE_CODE_FAMILIES = {"chatglm", "internlm2", "phi-msft", "minicpm", "phi3_v", "kimi_k2"}
 # Modelled in a later release of vramplan; refused clearly until then.
 NOT_YET_MODELLED = {
-    "mixtral": "mixture-of-experts", "qwen2_moe": "mixture-of-experts",
-    "qwen3_moe": "mixture-of-experts", "olmoe": "mixture-of-experts",
-    "deepseek_v2": "latent attention and mixture-of-experts",
-    "deepseek_v3": "latent attention and mixture-of-experts",
-    "gpt_oss": "mixture-of-experts", "llama4": "mixture-of-experts",
-    "llama4_text": "mixture-of-experts", "qwen3_next": "hybrid linear attention",
+    "qwen3_next": "hybrid linear attention",
     "mamba": "state-space layers", "mamba2": "state-space layers", "jamba": "state-space layers",
     "falcon_h1": "state-space layers", "granitemoehybrid": "state-space layers",
 }
 # Multimodal wrappers whose language model is a family we model: the text config is used.
-MULTIMODAL_TEXT_CONFIG = {"llava", "mistral3", "gemma3", "llava_next", "paligemma", "qwen2_vl"}
+MULTIMODAL_TEXT_CONFIG = {"llava", "mistral3", "gemma3", "llava_next", "paligemma", "qwen2_vl", "llama4"}
 
 
 def adapter(*model_types: str) -> Callable[[Adapter], Adapter]:
@@ -209,7 +252,7 @@ def architecture_from_config(config: dict, where: str = "config") -> Architectur
 
 
 def _default_text_model_type(wrapper: str) -> str:
-    return {"llava": "llama", "mistral3": "mistral", "gemma3": "gemma3_text",
+    return {"llava": "llama", "mistral3": "mistral", "gemma3": "gemma3_text", "llama4": "llama4_text",
             "llava_next": "llama", "paligemma": "gemma", "qwen2_vl": "qwen2"}[wrapper]
 
 
@@ -229,17 +272,19 @@ class _Inventory:
         self.items.append(TensorSpec(name=name, shape=tuple(shape), kind=kind))
 
     def per_layer(self, name: str, shape: Iterable[int], kind: TensorKind,
-                  transposed: bool = False) -> None:
-        self.items.append(TensorSpec(name=name, shape=tuple(shape), kind=kind, layers=self.layers,
-                                     transposed=transposed))
+                  transposed: bool = False, layers: tuple[int, ...] | None = None) -> None:
+        chosen = self.layers if layers is None else layers
+        if chosen:
+            self.items.append(TensorSpec(name=name, shape=tuple(shape), kind=kind, layers=chosen,
+                                         transposed=transposed))
 
     def linear(self, name: str, out_features: int, in_features: int, bias: bool,
-               conv1d: bool = False) -> None:
+               conv1d: bool = False, layers: tuple[int, ...] | None = None) -> None:
         """A per-layer nn.Linear (weight [out, in]) or GPT-2's Conv1D (weight [in, out])."""
         shape = (in_features, out_features) if conv1d else (out_features, in_features)
-        self.per_layer(f"{name}.weight", shape, "linear", transposed=conv1d)
+        self.per_layer(f"{name}.weight", shape, "linear", transposed=conv1d, layers=layers)
         if bias:
-            self.per_layer(f"{name}.bias", (out_features,), "bias")
+            self.per_layer(f"{name}.bias", (out_features,), "bias", layers=layers)
 
     def norm(self, name: str, size: int, bias: bool, per_layer: bool = True) -> None:
         add = self.per_layer if per_layer else self.one
@@ -327,7 +372,9 @@ def _llama_like(raw: RawConfig, *, family: str, tied_default: bool, qkv_bias: bo
                 rotary_dim: int | None = None, layer_rule: Callable[[int], LayerKind] | None = None,
                 window: int | None = None, extra_buffers: tuple[BufferSpec, ...] = (),
                 attention: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2"),
-                intermediate_keys: tuple[str, ...] = ("intermediate_size",)) -> Architecture:
+                intermediate_keys: tuple[str, ...] = ("intermediate_size",),
+                moe: MoeSpec | None = None, moe_layout: MoeLayout | None = None,
+                mla: MlaSpec | None = None, mlp_module: str = "mlp") -> Architecture:
     hidden = raw.int("hidden_size")
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     vocab = raw.int("vocab_size")
@@ -337,24 +384,30 @@ def _llama_like(raw: RawConfig, *, family: str, tied_default: bool, qkv_bias: bo
     inv = _Inventory(layers)
     inv.one("model.embed_tokens.weight", (vocab, hidden), "embedding")
     att = "model.layers.{i}.self_attn"
-    if fused_qkv:
+    if mla is not None:
+        _mla_attention(inv, att, mla, heads, hidden, qkv_bias)
+    elif fused_qkv:
         inv.linear(f"{att}.qkv_proj", (heads + 2 * kv_heads) * head_dim, hidden, qkv_bias)
     else:
         inv.linear(f"{att}.q_proj", heads * head_dim, hidden, qkv_bias)
         inv.linear(f"{att}.k_proj", kv_heads * head_dim, hidden, qkv_bias)
         inv.linear(f"{att}.v_proj", kv_heads * head_dim, hidden, qkv_bias)
-    inv.linear(f"{att}.{o_name}", hidden, heads * head_dim, o_bias)
+    if mla is None:
+        inv.linear(f"{att}.{o_name}", hidden, heads * head_dim, o_bias)
     if qk_norm == "per_head":  # one norm over head_dim, shared by all heads (qwen3, gemma3)
         inv.norm(f"{att}.q_norm", head_dim, False)
         inv.norm(f"{att}.k_norm", head_dim, False)
     elif qk_norm == "full":  # one norm over all heads' features (olmo2)
         inv.norm(f"{att}.q_norm", heads * head_dim, False)
         inv.norm(f"{att}.k_norm", kv_heads * head_dim, False)
-    m = "model.layers.{i}.mlp"
+    m = f"model.layers.{{i}}.{mlp_module}"
+    dense_layers = tuple(i for i in range(layers) if moe is None or i not in moe.sparse_layers)
+    if moe is not None:
+        _moe_mlp(inv, m, moe, moe_layout or MoeLayout(), hidden)
     if mlp == "gated":
-        inv.linear(f"{m}.gate_proj", intermediate, hidden, mlp_bias)
-        inv.linear(f"{m}.up_proj", intermediate, hidden, mlp_bias)
-        inv.linear(f"{m}.down_proj", hidden, intermediate, mlp_bias)
+        inv.linear(f"{m}.gate_proj", intermediate, hidden, mlp_bias, layers=dense_layers)
+        inv.linear(f"{m}.up_proj", intermediate, hidden, mlp_bias, layers=dense_layers)
+        inv.linear(f"{m}.down_proj", hidden, intermediate, mlp_bias, layers=dense_layers)
     elif mlp == "gate_up_fused":
         inv.linear(f"{m}.gate_up_proj", 2 * intermediate, hidden, mlp_bias)
         inv.linear(f"{m}.down_proj", hidden, intermediate, mlp_bias)
@@ -370,6 +423,11 @@ def _llama_like(raw: RawConfig, *, family: str, tied_default: bool, qkv_bias: bo
     inv.head("lm_head", vocab, hidden, tied, head_bias)
     rot = head_dim if rotary_dim is None else rotary_dim
     rule = layer_rule or (lambda i: "full")
+    mla_fields = {} if mla is None else {
+        # transformers 5.17 caches the compressed latent as "keys" and the rope key as
+        # "values", one of each per token (measured on DeepSeek-V2-Lite)
+        "cache_heads": 1, "cache_key_dim": mla.kv_lora_rank, "cache_value_dim": mla.qk_rope_head_dim,
+    }
     return Architecture(
         model_type=raw.str("model_type"), family=family, hidden_size=hidden, num_layers=layers,
         vocab_size=vocab, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
@@ -377,7 +435,7 @@ def _llama_like(raw: RawConfig, *, family: str, tied_default: bool, qkv_bias: bo
         layer_types=_layer_types(raw, layers, rule), sliding_window=window,
         tie_word_embeddings=tied, config_dtype=_config_dtype(raw),
         attention_implementations=attention, tensors=tuple(inv.items),
-        buffers=(*_rope_buffers("model.", rot), *extra_buffers),
+        buffers=(*_rope_buffers("model.", rot), *extra_buffers), moe=moe, mla=mla, **mla_fields,
     )
 
 
@@ -388,6 +446,64 @@ _LLAMA_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_
 _MISTRAL_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
                      "sliding_window": 4096}
+
+
+class MoeLayout(Frozen):
+    """Where a family's mixture-of-experts block keeps its tensors (module names, layout)."""
+
+    router: str = "gate"  # the router module under the MLP
+    router_bias: bool = False
+    transposed: bool = False  # experts stored [E, in, out] (gpt-oss, Llama-4) instead of [E, out, in]
+    shared: str | None = None  # the shared expert's module, a gated MLP of MoeSpec.shared_intermediate
+    shared_gate: bool = False  # Qwen2-MoE: a Linear(hidden, 1) scales the shared expert's output
+
+
+def _sparse_layers(num_layers: int, *, first_dense: int = 0, step: int = 1,
+                   dense: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Layers whose MLP is the mixture: from `first_dense` on, every `step`-th ((i + 1) % step
+    == 0, transformers' Qwen-MoE rule), except those listed in `dense`."""
+    if step < 1:
+        raise ConfigError(f"the MoE layer step must be at least 1, not {step}.")
+    return tuple(i for i in range(num_layers) if i >= first_dense and (i + 1) % step == 0 and i not in dense)
+
+
+def _moe_mlp(inv: _Inventory, module: str, moe: MoeSpec, layout: MoeLayout, hidden: int) -> None:
+    layers = moe.sparse_layers
+    experts, width = moe.num_experts, moe.expert_intermediate
+    inv.per_layer(f"{module}.{layout.router}.weight", (experts, hidden), "router", layers=layers)
+    if layout.router_bias:
+        inv.per_layer(f"{module}.{layout.router}.bias", (experts,), "router", layers=layers)
+    gate_up = (experts, hidden, 2 * width) if layout.transposed else (experts, 2 * width, hidden)
+    down = (experts, width, hidden) if layout.transposed else (experts, hidden, width)
+    inv.per_layer(f"{module}.experts.gate_up_proj", gate_up, "expert", transposed=layout.transposed, layers=layers)
+    if moe.expert_bias:
+        inv.per_layer(f"{module}.experts.gate_up_proj_bias", (experts, 2 * width), "expert", layers=layers)
+    inv.per_layer(f"{module}.experts.down_proj", down, "expert", transposed=layout.transposed, layers=layers)
+    if moe.expert_bias:
+        inv.per_layer(f"{module}.experts.down_proj_bias", (experts, hidden), "expert", layers=layers)
+    if moe.shared_intermediate and layout.shared:
+        shared = f"{module}.{layout.shared}"
+        inv.linear(f"{shared}.gate_proj", moe.shared_intermediate, hidden, False, layers=layers)
+        inv.linear(f"{shared}.up_proj", moe.shared_intermediate, hidden, False, layers=layers)
+        inv.linear(f"{shared}.down_proj", hidden, moe.shared_intermediate, False, layers=layers)
+    if layout.shared_gate:
+        inv.linear(f"{module}.shared_expert_gate", 1, hidden, False, layers=layers)
+
+
+def _mla_attention(inv: _Inventory, module: str, mla: MlaSpec, heads: int, hidden: int, bias: bool) -> None:
+    """DeepSeek's multi-head latent attention: queries (optionally through a low-rank
+    bottleneck), one compressed key/value latent plus a shared rotary key, expanded per head."""
+    qk = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    if mla.q_lora_rank is None:
+        inv.linear(f"{module}.q_proj", heads * qk, hidden, False)
+    else:
+        inv.linear(f"{module}.q_a_proj", mla.q_lora_rank, hidden, bias)
+        inv.norm(f"{module}.q_a_layernorm", mla.q_lora_rank, False)
+        inv.linear(f"{module}.q_b_proj", heads * qk, mla.q_lora_rank, False)
+    inv.linear(f"{module}.kv_a_proj_with_mqa", mla.kv_lora_rank + mla.qk_rope_head_dim, hidden, bias)
+    inv.norm(f"{module}.kv_a_layernorm", mla.kv_lora_rank, False)
+    inv.linear(f"{module}.kv_b_proj", heads * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank, False)
+    inv.linear(f"{module}.o_proj", hidden, heads * mla.v_head_dim, bias)
 
 
 def _sliding_everywhere(window: int | None) -> Callable[[int], LayerKind]:
@@ -835,3 +951,134 @@ def _mpt(raw: RawConfig) -> Architecture:
         sliding_window=None, tie_word_embeddings=tied, config_dtype=_config_dtype(raw),
         attention_implementations=("eager",), tensors=tuple(inv.items),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Mixture-of-experts and latent-attention families
+# --------------------------------------------------------------------------------------------
+
+
+def _qwen_sparse_layers(raw: RawConfig, layers: int) -> tuple[int, ...]:
+    """transformers' Qwen2/3-MoE: every decoder_sparse_step-th layer, unless listed in
+    mlp_only_layers."""
+    dense = tuple(raw.list("mlp_only_layers", default=None) or ())
+    return _sparse_layers(layers, step=raw.int("decoder_sparse_step", default=1), dense=dense)
+
+
+@adapter("mixtral")
+def _mixtral(raw: RawConfig) -> Architecture:
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
+    window = _window(raw)
+    moe = MoeSpec(num_experts=raw.int("num_local_experts"), top_k=raw.int("num_experts_per_tok"),
+                  expert_intermediate=raw.int("intermediate_size"), sparse_layers=tuple(range(layers)),
+                  routing_fp32=True)  # MixtralTopKRouter returns its fp32 softmax values
+    return _llama_like(raw, family="moe", tied_default=False, window=window, moe=moe,
+                       layer_rule=_sliding_everywhere(window))
+
+
+@adapter("qwen2_moe")
+def _qwen2_moe(raw: RawConfig) -> Architecture:
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
+    moe = MoeSpec(num_experts=raw.int("num_experts"), top_k=raw.int("num_experts_per_tok"),
+                  expert_intermediate=raw.int("moe_intermediate_size"),
+                  shared_intermediate=raw.int("shared_expert_intermediate_size", default=0, minimum=0),
+                  sparse_layers=_qwen_sparse_layers(raw, layers), shared_first=True)
+    return _llama_like(raw, family="moe", tied_default=False, qkv_bias=True, moe=moe,
+                       moe_layout=MoeLayout(shared="shared_expert", shared_gate=True))
+
+
+@adapter("qwen3_moe")
+def _qwen3_moe(raw: RawConfig) -> Architecture:
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
+    bias = raw.bool("attention_bias", default=False)
+    moe = MoeSpec(num_experts=raw.int("num_experts"), top_k=raw.int("num_experts_per_tok"),
+                  expert_intermediate=raw.int("moe_intermediate_size"),
+                  sparse_layers=_qwen_sparse_layers(raw, layers))
+    return _llama_like(raw, family="moe", tied_default=False, qkv_bias=bias, o_bias=bias,
+                       qk_norm="per_head", moe=moe)
+
+
+@adapter("olmoe")
+def _olmoe(raw: RawConfig) -> Architecture:
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
+    moe = MoeSpec(num_experts=raw.int("num_experts"), top_k=raw.int("num_experts_per_tok"),
+                  expert_intermediate=raw.int("intermediate_size"), sparse_layers=tuple(range(layers)))
+    return _llama_like(raw, family="moe", tied_default=False, qk_norm="full", moe=moe)
+
+
+def _deepseek(raw: RawConfig, correction_bias: bool) -> Architecture:
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
+    experts = raw.int("n_routed_experts", "num_local_experts")
+    width = raw.int("moe_intermediate_size")
+    # transformers 5.17 makes layer i sparse when i >= first_k_dense_replace (moe_layer_freq
+    # is read by the remote code only)
+    moe = MoeSpec(num_experts=experts, top_k=raw.int("num_experts_per_tok"), expert_intermediate=width,
+                  shared_intermediate=raw.int("n_shared_experts", default=0, minimum=0) * width,
+                  sparse_layers=_sparse_layers(layers, first_dense=raw.int("first_k_dense_replace", default=0,
+                                                                           minimum=0)),
+                  routing_fp32=True, router_fp32=True)  # the router runs in fp32, returns fp32 weights
+    mla = MlaSpec(q_lora_rank=raw.int("q_lora_rank", default=None), kv_lora_rank=raw.int("kv_lora_rank"),
+                  qk_nope_head_dim=raw.int("qk_nope_head_dim"), qk_rope_head_dim=raw.int("qk_rope_head_dim"),
+                  v_head_dim=raw.int("v_head_dim"))
+    raw = raw.with_defaults({"head_dim": mla.qk_nope_head_dim + mla.qk_rope_head_dim})
+    extra = ()
+    if correction_bias:
+        extra = (BufferSpec(name="model.layers.{i}.mlp.gate.e_score_correction_bias", shape=(experts,),
+                            dtype="activation", layers=moe.sparse_layers,
+                            why="DeepSeek-V3's per-expert routing score correction"),)
+    return _llama_like(raw, family="deepseek", tied_default=False, moe=moe, mla=mla,
+                       qkv_bias=raw.bool("attention_bias", default=False),
+                       moe_layout=MoeLayout(shared="shared_experts"), rotary_dim=mla.qk_rope_head_dim,
+                       extra_buffers=extra)
+
+
+@adapter("deepseek_v2")
+def _deepseek_v2(raw: RawConfig) -> Architecture:
+    return _deepseek(raw, correction_bias=False)
+
+
+@adapter("deepseek_v3")
+def _deepseek_v3(raw: RawConfig) -> Architecture:
+    return _deepseek(raw, correction_bias=True)
+
+
+@adapter("gpt_oss")
+def _gpt_oss(raw: RawConfig) -> Architecture:
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
+    window = _window(raw)
+    moe = MoeSpec(num_experts=raw.int("num_local_experts"), top_k=raw.int("num_experts_per_tok"),
+                  expert_intermediate=raw.int("intermediate_size"), sparse_layers=tuple(range(layers)),
+                  expert_bias=True)
+    arch = _llama_like(raw, family="gpt_oss", tied_default=False, qkv_bias=True, o_bias=True, moe=moe,
+                       moe_layout=MoeLayout(router="router", router_bias=True, transposed=True), window=window,
+                       layer_rule=lambda i: "sliding" if i % 2 == 0 else "full",
+                       # transformers 5.17 raises for gpt-oss with sdpa (measured): eager or flash
+                       attention=("eager", "flash_attention_2"))
+    sinks = TensorSpec(name="model.layers.{i}.self_attn.sinks", shape=(arch.num_heads,), kind="other",
+                       layers=tuple(range(layers)))
+    return arch.model_copy(update={"tensors": (sinks, *arch.tensors), "attention_sinks": True})
+
+
+@adapter("llama4_text")
+def _llama4_text(raw: RawConfig) -> Architecture:
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
+    step = raw.int("interleave_moe_layer_step", default=1)
+    listed = raw.list("moe_layers", default=None)
+    sparse = tuple(listed) if listed is not None else tuple(range(step - 1, layers, step))
+    if any(not isinstance(i, int) or not 0 <= i < layers for i in sparse):
+        raise ConfigError(f"{raw.where}: moe_layers must list layer indices below {layers}.")
+    width = raw.int("intermediate_size")
+    moe = MoeSpec(num_experts=raw.int("num_local_experts"), top_k=raw.int("num_experts_per_tok"),
+                  expert_intermediate=width, shared_intermediate=width, sparse_layers=sparse,
+                  all_experts=True)
+    # Llama4TextConfig: a layer without rope (every no_rope_layer_interval-th) attends to all
+    # tokens; the others attend within chunks of attention_chunk_size
+    interval = raw.int("no_rope_layer_interval", default=4)
+    no_rope = raw.list("no_rope_layers", default=None) or [int((i + 1) % interval != 0) for i in range(layers)]
+    if len(no_rope) < layers:
+        raise ConfigError(f"{raw.where}: no_rope_layers must have one entry per layer ({layers}).")
+    chunk = raw.int("attention_chunk_size", default=8192)
+    return _llama_like(raw, family="llama4", tied_default=False, moe=moe, mlp_module="feed_forward",
+                       intermediate_keys=("intermediate_size_mlp",), window=chunk,
+                       moe_layout=MoeLayout(router="router", transposed=True, shared="shared_expert"),
+                       layer_rule=lambda i: "chunked" if no_rope[i] else "full")

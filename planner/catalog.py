@@ -66,6 +66,7 @@ class PointCounts(Frozen):
     intermediate: int = 0
     query: int = 0
     fused_qkv: bool = False
+    latent_kv: bool = False  # latent attention: kv_b_proj's per-head keys+values and the assembled keys
     partial_rotary_copies: int = 0
     fp32_query_key: bool = False
 
@@ -77,6 +78,12 @@ class EagerScores(Frozen):
     fp32_copies: int  # fp32 whatever the activation dtype
     upcast_copies: int = 0  # fp32 copies of dtype tensors: absent when the dtype is fp32
     weights_held: Literal["layer", "next_layer"] = "layer"  # how long the returned weights live
+
+
+class ExpertsLayout(Frozen):
+    """How a family's mixture-of-experts block runs (transformers 5.17 integrations/moe.py)."""
+
+    gate_copies: int = 2  # routed-tokens x intermediate tensors its _apply_gate holds beside gate/up
 
 
 class FamilyLayout(Frozen):
@@ -92,6 +99,7 @@ class FamilyLayout(Frozen):
     forward_logit_copies: int = 1
     sdpa_kernel: Literal["dispatch", "math"] = "dispatch"
     repeats_kv: bool = True  # False: K/V broadcast in the matmul (falcon's multi-query)
+    experts: ExpertsLayout | None = None  # mixture-of-experts families
 
 
 class MeasuredWith(Frozen):

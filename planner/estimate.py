@@ -25,7 +25,7 @@ from .catalog import (
     precision,
     runtime_profile,
 )
-from .errors import WorkloadError
+from .errors import UnsupportedModelError, WorkloadError
 from .runtime import kv_cache, overhead, sequence
 from .runtime.activations import Point, RunSpec, decode_point, prefill_points
 from .runtime.kv_cache import KvFormat
@@ -102,6 +102,11 @@ def resolve_precision(arch: Architecture, choice: PrecisionChoice) -> tuple[Prec
             return chosen, compute_dtype(chosen, arch.config_dtype or choice.compute_dtype), dq
         if scheme.method == "mxfp4":
             return precision("bf16"), "bf16", choice
+        if arch.moe is not None and scheme.method != "fp8":
+            raise UnsupportedModelError(
+                f"a {scheme.method} checkpoint of a mixture-of-experts model is not modelled: transformers 5.17 "
+                "fuses the experts into 3-D parameters, which only its fp8 integration quantizes. Estimate "
+                "the model at --precision bf16 for an upper bound.")
         pre = Precision(name=scheme.label, kind="prequantized", scheme=scheme,
                         description=f"pre-quantized checkpoint ({scheme.method})")
         return pre, arch.config_dtype or ("fp16" if scheme.method in ("gptq", "awq") else "bf16"), choice
@@ -148,6 +153,24 @@ def _precision_notes(arch: Architecture, chosen: Precision, choice: PrecisionCho
         return [f"{scheme.label}: weights as the checkpoint stores them; the quantized matmul kernels' "
                 "own workspaces are not included (not measured)."]
     return []
+
+
+def _moe_notes(arch: Architecture, chosen: Precision, peak_kind: str) -> list[str]:
+    moe = arch.moe
+    if moe is None:
+        return []
+    notes = []
+    if chosen.kind in ("bnb_int8", "bnb_4bit"):
+        notes.append("bitsandbytes converts nn.Linear layers only: transformers 5.17 keeps the fused expert "
+                     "weights (3-D parameters) in the compute dtype, so most of this model stays unquantized "
+                     "(read from integrations/bitsandbytes.py; not measured).")
+    if chosen.kind == "prequantized" and chosen.scheme is not None and chosen.scheme.method == "fp8":
+        notes.append("fp8 experts as transformers' FP8Experts holds them (float8 weights, fp32 block scales); "
+                     "their kernels' workspaces are not measured.")
+    if peak_kind == "decode" and not moe.all_experts:
+        notes.append("decode runs the experts with batched_mm, which copies each selected expert's weights "
+                     f"per token: {moe.top_k} experts x batch on every MoE layer of every step (measured).")
+    return notes
 
 
 def _family_layout(arch: Architecture, profile: RuntimeProfile) -> FamilyLayout:
@@ -230,7 +253,8 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
                       why=f"{weights.parameters:,} parameters at {chosen.name}"
                           + ("" if chosen.kind == "dtype" else f", unconverted tensors in {compute}")),
         BreakdownTerm(name="quantization state", bytes=weights.quant_state_bytes, scope="allocated",
-                      why="bitsandbytes scales, absmax and lookup tables"),
+                      why="bitsandbytes scales, absmax and lookup tables" if chosen.kind.startswith("bnb")
+                      else "the checkpoint's scales and zero points"),
         BreakdownTerm(name="buffers", bytes=weights.buffer_bytes, scope="allocated",
                       why="non-persistent buffers the model allocates (rotary frequencies, masks)"),
         BreakdownTerm(name="allocator block rounding", bytes=weights.rounding_bytes, scope="allocated",
@@ -278,6 +302,7 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
                           headroom_bytes=gpu.memory_bytes - needed)
     notes = list(arch.notes)
     notes += _precision_notes(arch, chosen, choice)
+    notes += _moe_notes(arch, chosen, peak.kind)
     if workload.kv_cache_dtype == "fp8":
         notes.append("fp8 KV cache as serving engines (vLLM, SGLang) store it, one byte per element: "
                      "transformers' own caches cannot hold fp8.")

@@ -7,6 +7,9 @@ position tables. Column-parallel layers (q/k/v, gate/up, fc1) split their output
 biases; row-parallel layers (o_proj, down, fc2) split their input features and keep the bias
 whole. Pipeline parallelism gives each stage a contiguous run of layers, the embeddings to the
 first stage and the final norm and output head to the last (a tied head is a copy there).
+Mixture-of-experts layers split every expert along its intermediate size (tensor-parallel
+experts, vLLM's default without --enable-expert-parallel) and replicate the router; latent
+attention (DeepSeek) splits its heads and keeps the whole compressed latent cache on every rank.
 
 The result is an ordinary `Architecture`, so the single-GPU engine (exact inventory, runtime
 points, allocator replay) estimates one rank.
@@ -19,7 +22,7 @@ from .errors import WorkloadError
 
 # transformers' parameter names (last component before .weight/.bias) by parallel style
 COLUMN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv", "gate_proj",
-          "up_proj", "gate_up_proj", "c_fc", "fc1", "fc_in", "dense_h_to_4h"}
+          "up_proj", "gate_up_proj", "c_fc", "fc1", "fc_in", "dense_h_to_4h", "q_b_proj", "kv_b_proj"}
 ROW = {"o_proj", "dense", "c_proj", "out_proj", "down_proj", "fc2", "fc_out", "dense_4h_to_h"}
 
 
@@ -57,6 +60,8 @@ def _shard_tensor(t: TensorSpec, arch: Architecture, tp: int, kv_rank: int) -> T
         return t
     module = _module(t.name)
     shape = list(t.shape)
+    if t.kind == "expert":
+        return t.model_copy(update={"shape": _shard_expert(t, tp)})
     if t.kind in ("embedding", "lm_head", "lm_head_bias"):
         shape[0] = -(-shape[0] // tp)
     elif module in COLUMN and t.kind in ("linear", "bias"):
@@ -66,6 +71,20 @@ def _shard_tensor(t: TensorSpec, arch: Architecture, tp: int, kv_rank: int) -> T
         in_axis = 0 if t.transposed else 1
         shape[in_axis] = shape[in_axis] // tp
     return t.model_copy(update={"shape": tuple(shape)})
+
+
+def _shard_expert(t: TensorSpec, tp: int) -> tuple[int, ...]:
+    """Fused experts [E, out, in] (or [E, in, out] when transposed): the intermediate axis is
+    split; down_proj's bias (over the hidden size) stays whole."""
+    field = t.name.rsplit(".", 1)[-1]
+    shape = list(t.shape)
+    if field == "gate_up_proj_bias":
+        shape[1] //= tp
+    elif field == "gate_up_proj":
+        shape[2 if t.transposed else 1] //= tp
+    elif field == "down_proj":
+        shape[1 if t.transposed else 2] //= tp
+    return tuple(shape)
 
 
 def _column_width(module: str, width: int, arch: Architecture, tp: int, kv_rank: int) -> int:
@@ -85,8 +104,13 @@ def shard(arch: Architecture, tp: int = 1, pp: int = 1, stage: int = 0,
     if tp == 1 and pp == 1:
         return arch
     kv_rank = kv_heads_per_rank(arch, tp, replicate_kv)
-    if arch.intermediate_size % tp:
+    if arch.dense_mlp_layers and arch.intermediate_size % tp:
         raise WorkloadError(f"tensor parallel size {tp} does not divide the MLP width {arch.intermediate_size}.")
+    moe = arch.moe
+    if moe is not None:
+        for width, what in ((moe.expert_intermediate, "expert"), (moe.shared_intermediate, "shared expert")):
+            if width % tp:
+                raise WorkloadError(f"tensor parallel size {tp} does not divide the {what} width {width}.")
     layers = stage_layers(arch.num_layers, pp, stage)
     first, last = stage == 0, stage == pp - 1
     tensors = []
@@ -107,8 +131,15 @@ def shard(arch: Architecture, tp: int = 1, pp: int = 1, stage: int = 0,
         elif t.kind in ("lm_head", "lm_head_bias", "norm") and not last:
             continue
         tensors.append(_shard_tensor(t, arch, tp, kv_rank))
-    cache_heads = arch.cache_heads // tp if arch.cache_heads else None
+    cache_heads = arch.cache_heads // tp if arch.cache_heads and arch.mla is None else arch.cache_heads
+    if moe is not None:
+        moe = moe.model_copy(update={
+            "expert_intermediate": moe.expert_intermediate // tp,
+            "shared_intermediate": moe.shared_intermediate // tp,
+            "sparse_layers": tuple(pos for pos, i in enumerate(layers) if i in moe.sparse_layers),
+        })
     return arch.model_copy(update={
+        "moe": moe,
         "num_heads": arch.num_heads // tp, "num_kv_heads": kv_rank, "cache_heads": cache_heads,
         "intermediate_size": arch.intermediate_size // tp, "num_layers": len(layers),
         "layer_types": tuple(arch.layer_types[i] for i in layers), "tensors": tuple(tensors),

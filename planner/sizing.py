@@ -28,9 +28,16 @@ from pydantic import Field
 from .architecture import Architecture
 from .base import Frozen, block_bytes
 from .catalog import DTYPE_BYTES, Gpu, calibration, gpu_catalog, runtime_profile
-from .catalog import precision as precision_named
 from .errors import VramplanError, WorkloadError
-from .estimate import BreakdownTerm, Estimate, PrecisionChoice, Workload, estimate_architecture, run_spec
+from .estimate import (
+    BreakdownTerm,
+    Estimate,
+    PrecisionChoice,
+    Workload,
+    estimate_architecture,
+    resolve_precision,
+    run_spec,
+)
 from .parallel import kv_heads_per_rank, shard, stage_layers
 from .runtime.activations import prefill_points
 from .weights import weight_breakdown
@@ -148,7 +155,7 @@ def _plan_from_stages(stages: list[Estimate], gpu: Gpu, tp: int, pp: int, replic
     peak = max(e.peak_device_bytes for e in stages)
     gpus = tp * pp * replicas
     return Plan(
-        gpu=gpu.name, gpus=gpus, tp=tp, pp=pp, replicas=replicas, precision=precision, runtime=runtime,
+        gpu=gpu.name, gpus=gpus, tp=tp, pp=pp, replicas=replicas, precision=stages[0].precision, runtime=runtime,
         per_gpu_peak_bytes=peak, gpu_memory_bytes=gpu.memory_bytes, headroom_bytes=gpu.memory_bytes - peak,
         cost_per_hour=gpu.price_per_hour_usd * gpus if gpu.price_per_hour_usd else None,
         per_gpu=[GpuShare(stage=i, layers=len(stage_layers(arch.num_layers, pp, i)), peak_bytes=e.peak_device_bytes,
@@ -211,8 +218,8 @@ def vllm_budget(rank: Architecture, gpu: Gpu, request: PlanRequest, precision: s
                                 PrecisionChoice(name=precision), gpu)
     weights = sum(t.bytes for t in est.breakdown if t.name in (
         "weights", "quantization state", "buffers", "allocator block rounding"))
-    spec = run_spec(rank, est.workload, weight_breakdown(rank, precision_named(precision), est.compute_dtype),
-                    precision_named(precision), est.compute_dtype)
+    chosen, compute, choice = resolve_precision(rank, PrecisionChoice(name=precision))
+    spec = run_spec(rank, est.workload, weight_breakdown(rank, chosen, compute, choice.double_quant), chosen, compute)
     layout = runtime_profile().families[rank.family]
     inner = rank.model_copy(update={"computes_logits": False})
     activation = max(p.total for p in prefill_points(inner, layout, spec))
@@ -223,7 +230,8 @@ def vllm_budget(rank: Architecture, gpu: Gpu, request: PlanRequest, precision: s
     graphs = serving["vllm_cudagraph_bytes"].value
     kv_element = 1 if request.kv_cache_dtype == "fp8" else DTYPE_BYTES[est.compute_dtype]
     block = serving["vllm_block_size"].value
-    per_block = 2 * rank.num_layers * rank.num_kv_heads * rank.head_dim * kv_element * block
+    # keys + values per token and layer (latent attention: its latent and rotary key, once)
+    per_block = rank.num_layers * (rank.cache_width("key") + rank.cache_width("value")) * kv_element * block
     pool = requested - weights - activation - non_torch - graphs
     return VllmBudget(requested_bytes=requested, weights_bytes=weights, activation_bytes=activation,
                       non_torch_bytes=non_torch, cudagraph_bytes=graphs, kv_pool_bytes=max(pool, 0),
@@ -271,7 +279,8 @@ def plan_vllm(arch: Architecture, model: str, request: PlanRequest, precision: s
     if peak > gpu.memory_bytes:
         return "gpu_memory_utilization x memory plus the CUDA context exceeds the GPU"
     gpus = tp * pp * replicas
-    return Plan(gpu=gpu.name, gpus=gpus, tp=tp, pp=pp, replicas=replicas, precision=precision, runtime="vllm",
+    label = resolve_precision(arch, PrecisionChoice(name=precision))[0].name
+    return Plan(gpu=gpu.name, gpus=gpus, tp=tp, pp=pp, replicas=replicas, precision=label, runtime="vllm",
                 per_gpu_peak_bytes=peak, gpu_memory_bytes=gpu.memory_bytes, headroom_bytes=gpu.memory_bytes - peak,
                 cost_per_hour=gpu.price_per_hour_usd * gpus if gpu.price_per_hour_usd else None,
                 kv_cache_bytes=min(b.kv_pool_bytes for b in budgets), max_concurrent_sequences=concurrent,

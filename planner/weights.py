@@ -11,6 +11,7 @@ from __future__ import annotations
 from .architecture import Architecture, TensorSpec
 from .base import Frozen, block_bytes
 from .catalog import DTYPE_BYTES, Precision, precisions
+from .quantized import QuantScheme
 
 BUFFER_BYTES = {"fp32": 4, "bool": 1}
 
@@ -36,12 +37,39 @@ def compute_dtype(precision: Precision, requested: str) -> str:
 
 
 def _converted(tensor: TensorSpec, precision: Precision) -> bool:
+    if tensor.kind == "expert":
+        return _fp8_experts(tensor, precision)
     if tensor.kind != "linear":
         return False
     if precision.kind in ("bnb_int8", "bnb_4bit"):
         return True
     return precision.kind == "prequantized" and precision.scheme is not None and \
         precision.scheme.converts(tensor.name.removesuffix(".weight"))
+
+
+def _fp8_experts(tensor: TensorSpec, precision: Precision) -> bool:
+    """transformers' fp8 integration swaps a family's fused experts for FP8Experts; no other
+    scheme (bitsandbytes included: it converts nn.Linear only) quantizes 3-D expert weights."""
+    scheme = precision.scheme
+    field = tensor.name.rsplit(".", 1)[-1]
+    return (precision.kind == "prequantized" and scheme is not None and scheme.method == "fp8"
+            and field in ("gate_up_proj", "down_proj") and scheme.converts(tensor.name.rsplit(".", 1)[0]))
+
+
+def _fp8_expert_allocations(tensor: TensorSpec, scheme: QuantScheme) -> tuple[list[int], list[int]]:
+    """FP8Experts (integrations/finegrained_fp8.py): float8 weights [E, out, in] and fp32
+    scale_inv [E, ceil(out/b0), ceil(in/b1)] (one per expert without blocks; the fused gate_up
+    keeps at least two rows of scales), plus an fp32 activation scale per expert if static."""
+    experts, first, second = tensor.shape
+    out_features, in_features = (second, first) if tensor.transposed else (first, second)
+    gate_up = tensor.name.endswith(".gate_up_proj")
+    if scheme.block:
+        rows, cols = -(-out_features // scheme.block[0]), -(-in_features // scheme.block[1])
+    else:
+        rows, cols = 1, 1
+    rows = max(rows, 2) if gate_up else rows
+    states = [experts * rows * cols * 4] + ([experts * 4] if scheme.static_activations else [])
+    return [experts * out_features * in_features], states
 
 
 def _stored_module_sizes(stored: dict[str, tuple[int, tuple[int, ...]]] | None, module: str) -> list[int]:
@@ -56,7 +84,9 @@ def _stored_module_sizes(stored: dict[str, tuple[int, tuple[int, ...]]] | None, 
 
 def _linear_allocations(tensor: TensorSpec, precision: Precision, double_quant: bool,
                         nested_block: int) -> tuple[list[int], list[int]]:
-    """(weight allocations, scale/state allocations) of one converted Linear."""
+    """(weight allocations, scale/state allocations) of one converted Linear (or fp8 experts)."""
+    if tensor.kind == "expert" and precision.scheme is not None:
+        return _fp8_expert_allocations(tensor, precision.scheme)
     if precision.kind == "prequantized" and precision.scheme is not None:
         out_features = tensor.shape[1] if tensor.transposed else tensor.shape[0]
         in_features = tensor.shape[0] if tensor.transposed else tensor.shape[1]
@@ -100,8 +130,9 @@ def allocation_sizes(arch: Architecture, precision: Precision, compute: str,
     last = [t for t in arch.tensors if t.layers is None and t not in first]
     layered = [t for t in arch.tensors if t.layers is not None]
     out = [x for t in first for x in sizes(t)]
-    for _ in range(arch.num_layers):
-        out += [x for t in layered for x in sizes(t)]
+    # layer by layer; a tensor only in the layers it lists (MoE models mix dense and sparse MLPs)
+    for index in sorted({i for t in layered for i in t.layers or ()}):
+        out += [x for t in layered if index in (t.layers or ()) for x in sizes(t)]
     out += [x for t in last for x in sizes(t)]
     for buf in arch.buffers:
         out += [max(1, buf.elements_each * (BUFFER_BYTES.get(buf.dtype) or element))] * buf.count
@@ -120,9 +151,10 @@ def weight_breakdown(arch: Architecture, precision: Precision, compute: str, dou
     for tensor in arch.tensors:
         if _converted(tensor, precision):
             weights, states = _linear_allocations(tensor, precision, double_quant, nested_block)
-            largest = max(largest, tensor.elements_each)
+            if tensor.kind == "linear":
+                largest = max(largest, tensor.elements_each)
             exact = [_stored_module_sizes(stored, n.removesuffix(".weight")) for n in tensor.names()] \
-                if precision.kind == "prequantized" else []
+                if precision.kind == "prequantized" and tensor.kind == "linear" else []
             if exact and all(exact):
                 total = sum(sum(sizes) for sizes in exact)
                 data += total

@@ -48,7 +48,8 @@ def table() -> str:
     device_clean = [c.device_error for c in done if c.device_error is not None and clean(c)]
     lines = [
         f"Measured on {', '.join(gpus)}: {len(rows)} committed rows, {measured_ok} with a peak, "
-        f"{len(done)} predicted ({len(refused)} rows of families this release refuses are not).",
+        f"{len(done)} predicted"
+        + (f" ({len(refused)} rows of families this release refuses are not)." if refused else "."),
         "Error = predicted / measured - 1.",
         "",
         "| total | rows | median abs. error | p90 | worst |",

@@ -26,7 +26,7 @@ def transformers_model_on_meta(config: dict):
     config = {k: v for k, v in config.items() if k not in ("auto_map", "quantization_config")}
     model_type = config.pop("model_type")
     hf_config = AutoConfig.for_model(model_type, **config)
-    if model_type in ("llava", "mistral3", "gemma3"):
+    if model_type in ("llava", "mistral3", "gemma3", "llama4"):
         hf_config = hf_config.text_config
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(hf_config)

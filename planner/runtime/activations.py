@@ -15,7 +15,7 @@ from typing import Literal
 from ..architecture import Architecture
 from ..base import Frozen, block_bytes
 from ..catalog import FamilyLayout
-from . import attention, kv_cache
+from . import attention, experts, kv_cache
 
 
 class Term(Frozen):
@@ -73,6 +73,15 @@ def _masks(arch: Architecture, layout: FamilyLayout, spec: RunSpec, kernel_maske
     return 0
 
 
+def _latent_expansion(arch: Architecture, b: int, n: int, s: int) -> int:
+    mla = arch.mla
+    if mla is None:
+        return 0
+    per_head = mla.qk_nope_head_dim + mla.v_head_dim
+    return (block_bytes(b * n * arch.num_heads * per_head * s)
+            + block_bytes(b * n * arch.num_heads * arch.head_dim * s))
+
+
 def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> list[Point]:
     """MLP, attention and logits points of the prefill forward (or of a plain forward)."""
     b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
@@ -87,28 +96,50 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
         attention.sdpa_kernel(arch, layout, s, masked) if spec.attn == "sdpa" else "flash")
     any_masked = spec.attn == "sdpa" and any(attention.needs_mask(arch, k, n) for k in arch.layer_types)
 
-    cache = kv_cache.cache_bytes(arch, b, n, 0, spec.kv) if generate else 0
-    common = (
-        ("KV cache", cache, f"keys and values of all {arch.num_layers} layers at the prompt length"),
-        ("rotary tables", _rope_tables(arch, layout, spec, n), "cos and sin for every prompt position"),
-        ("attention masks", _masks(arch, layout, spec, any_masked),
-         "B x N x N masks built once per forward"),
-        ("position ids", 2 * block_bytes(b * n * 8) if generate else 0,
-         "generate() keeps two int64 copies of the position ids"),
-    )
+    def common_at(layer_count: int | None) -> tuple[tuple[str, int, str], ...]:
+        """Tensors alive through the forward, with the KV cache of the layers run so far."""
+        cache = kv_cache.cache_bytes(arch, b, n, 0, spec.kv, layers=layer_count) if generate else 0
+        return (
+            ("KV cache", cache, f"keys and values of the {layer_count or arch.num_layers} layers run "
+                                "so far, at the prompt length"),
+            ("rotary tables", _rope_tables(arch, layout, spec, n), "cos and sin for every prompt position"),
+            ("attention masks", _masks(arch, layout, spec, any_masked),
+             "B x N x N masks built once per forward"),
+            ("position ids", 2 * block_bytes(b * n * 8) if generate else 0,
+             "generate() keeps two int64 copies of the position ids"),
+        )
 
+    common = common_at(None)
     held_in_attention, held_in_mlp = attention.held_weights(layout, kernel, b, arch.num_heads, n, n, s)
     mlp = layout.mlp_point
-    mlp_terms = [
+    layer_level = [
         ("attention weights", held_in_mlp, "eager attention's softmax weights, still referenced"),
         ("hidden states", mlp.hidden * hidden,
          f"{mlp.hidden} B x N x hidden tensors (embeddings, residuals, norm output)"),
-        ("MLP intermediates", mlp.intermediate * inter,
-         f"{mlp.intermediate} B x N x intermediate tensors alive inside the MLP"),
     ]
-    points = [Point(phase="prefill, inside the MLP" if generate else "forward, inside the MLP",
-                    kind="mlp", terms=_terms(*common, *mlp_terms))]
-    if spec.quantization == "int8":
+    phase = "prefill" if generate else "forward"
+    points = []
+    moe = arch.moe
+    dense_layers = [i for i in range(arch.num_layers) if moe is None or i not in moe.sparse_layers]
+    if dense_layers:
+        mlp_terms = [*layer_level, ("MLP intermediates", mlp.intermediate * inter,
+                                    f"{mlp.intermediate} B x N x intermediate tensors alive inside the MLP")]
+        points.append(Point(phase=f"{phase}, inside the MLP", kind="mlp",
+                            terms=_terms(*common_at(dense_layers[-1] + 1), *mlp_terms)))
+    if moe is not None and moe.sparse_layers and layout.experts is not None:
+        tokens = b * n
+        at_layer = common_at(max(moe.sparse_layers) + 1)
+        routing = [("router outputs", experts.router_outputs(arch, tokens, s),
+                    "router logits and the selected experts' weights and indices"),
+                   ("shared expert output", experts.shared_output(arch, tokens, s),
+                    "computed before the routed experts and kept")]
+        points.append(Point(phase=f"{phase}, inside the experts", kind="experts", terms=_terms(
+            *at_layer, *layer_level, *routing, *experts.prefill_terms(arch, layout.experts, tokens, s))))
+        shared = experts.shared_phase_terms(arch, tokens, s)
+        if shared:
+            points.append(Point(phase=f"{phase}, in the shared expert", kind="experts", terms=_terms(
+                *at_layer, *layer_level, *routing, *shared)))
+    if spec.quantization == "int8" and dense_layers:
         # LLM.int8 peaks inside the MLP's first matmul: the int8 input and its row scales, the
         # int32 product, and the result in fp16 then cast to the compute dtype (measured on
         # llama-3.2-1b and phi-2: one more intermediate-size tensor for a gated MLP's act(gate))
@@ -126,7 +157,8 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
                             terms=_terms(
             *common,
             ("hidden states", mlp.hidden * hidden, f"{mlp.hidden} B x N x hidden tensors"),
-            ("MLP intermediates", max(mlp.intermediate - 1, 0) * inter, "intermediates alive at that call"),
+            ("MLP intermediates", max(mlp.intermediate - 1, 0) * inter if dense_layers else 0,
+             "intermediates alive at that call"),
             ("dequantized weight", block_bytes(spec.largest_linear_elements * s),
              "bitsandbytes 4-bit dequantizes a layer's weight to the compute dtype for each matmul"),
         )))
@@ -142,6 +174,8 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
          "q, k and v are views of one fused projection output"),
         ("repeated keys/values", 2 * block_bytes(b * arch.num_heads * kv_len * arch.head_dim * s)
          if repeats else 0, "K and V copied to every query head (repeat_kv)"),
+        ("expanded latent keys/values", _latent_expansion(arch, b, n, s) if att.latent_kv else 0,
+         "kv_b_proj's per-head keys and values, and the keys assembled with the rotary part"),
         ("partial-rotary pieces", att.partial_rotary_copies
          * block_bytes(b * arch.num_heads * n * arch.rotary_dim * s),
          "rotated and pass-through halves of q and k"),
@@ -154,7 +188,7 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
          f"{kernel} attention: output" + (" and B x heads x N x N scores" if kernel in ("eager", "math")
                                           else " and softmax statistics")),
     ]
-    points.append(Point(phase=("prefill" if generate else "forward") + f", in {kernel} attention",
+    points.append(Point(phase=f"{phase}, in {kernel} attention",
                         kind=f"attention:{kernel}", terms=_terms(*common, *attn_terms)))
 
     vocab = arch.vocab_size
@@ -188,9 +222,15 @@ def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
     copy = kv_cache.decode_update_transient(arch, b, longest, spec.kv)
     vocab = arch.vocab_size if arch.computes_logits else 0
     logits = block_bytes(b * vocab * spec.activation_bytes) + block_bytes(b * vocab * 4)
+    gathered = experts.decode_transient(arch, b, spec.activation_bytes)
+    if gathered > max(copy, logits):
+        step = ("gathered expert weights", gathered + experts.router_outputs(arch, b, spec.activation_bytes),
+                "batched_mm copies the selected experts' gate_up and down weights for every routed token")
+    else:
+        step = ("cache update", max(copy, logits), "a layer's cache update during the step: torch.cat copies "
+                "its keys, a quantized cache dequantizes them (or the step's logits, whichever is larger)")
     return Point(phase=f"decode step {decoded}", kind="decode", terms=_terms(
         ("KV cache", cache, f"keys and values after {decoded} decode steps"),
-        ("cache update", max(copy, logits), "a layer's cache update during the step: torch.cat copies its "
-         "keys, a quantized cache dequantizes them (or the step's logits, whichever is larger)"),
+        step,
         ("generated ids", 2 * block_bytes(b * (n + t) * 8), "the growing ids and attention mask"),
     ))

@@ -21,14 +21,17 @@ Kernel = Literal["flash", "efficient", "math", "eager"]
 
 
 def needs_mask(arch: Architecture, kind: str, kv_length: int) -> bool:
-    """Whether transformers materializes a mask for SDPA (no padding assumed): a sliding
-    layer whose keys reach past its window (masking_utils._ignore_causal_mask_sdpa)."""
-    return kind == "sliding" and arch.sliding_window is not None and kv_length >= arch.sliding_window
+    """Whether transformers materializes a mask for SDPA (no padding assumed): a sliding (or
+    chunked) layer whose keys reach past its window (masking_utils._ignore_causal_mask_sdpa)."""
+    return kind in ("sliding", "chunked") and arch.sliding_window is not None and kv_length >= arch.sliding_window
 
 
 def sdpa_kernel(arch: Architecture, layout: FamilyLayout, activation_bytes: int, masked: bool) -> Kernel:
     if layout.sdpa_kernel == "math":
         return "math"
+    if arch.mla is not None and arch.mla.v_head_dim != arch.head_dim:
+        # flash needs one head size for q, k and v; latent attention's values are narrower
+        return "efficient"
     grouped = arch.num_kv_heads < arch.num_heads
     half = activation_bytes == 2
     if grouped and not masked and arch.head_dim <= 256:
@@ -53,7 +56,8 @@ def kernel_workspace(arch: Architecture, layout: FamilyLayout, kernel: Kernel, b
     """Bytes the attention call itself allocates for one layer, output included."""
     heads, d = arch.num_heads, arch.head_dim
     scores = batch * heads * q_len * kv_len
-    out = block_bytes(batch * q_len * heads * d * activation_bytes)
+    value_dim = arch.mla.v_head_dim if arch.mla is not None else d
+    out = block_bytes(batch * q_len * heads * value_dim * activation_bytes)
     if kernel == "flash":
         return out + block_bytes(batch * heads * q_len * 4)  # log-sum-exp, fp32
     if kernel == "efficient":

@@ -1,9 +1,12 @@
 """The KV cache as transformers 5.17's DynamicCache layers allocate it.
 
 Every layer holds one key and one value tensor of B x kv_heads x length x head_dim, grown by
-torch.cat (a new allocation each step). A sliding-window layer keeps a *view* of the full
-concatenation, so after prefill it still holds the whole prompt; from the first decode step
-on it keeps the last `window` tokens (DynamicSlidingWindowLayer.update).
+torch.cat (a new allocation each step). Multi-head latent attention (DeepSeek-V2/V3) caches its
+compressed latent as the "keys" (B x 1 x length x kv_lora_rank) and the shared rotary key as
+the "values" (B x 1 x length x qk_rope_head_dim): measured on DeepSeek-V2-Lite. A
+sliding-window (or chunked) layer keeps a *view* of the full concatenation, so after prefill it
+still holds the whole prompt; from the first decode step on it keeps the last `window` tokens
+(DynamicSlidingWindowLayer.update).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import Literal
 
 from ..architecture import Architecture
 from ..base import Frozen, block_bytes
+
+Part = Literal["key", "value"]
 
 # transformers' QuantizedCache defaults (cache_utils.QuantizedLayer)
 RESIDUAL_LENGTH = 128
@@ -37,25 +42,26 @@ class KvFormat(Frozen):
         return -(-elements * self.nbits // 8) + 2 * groups * self.element_bytes
 
 
-def _layer_elements(arch: Architecture, batch: int, length: int) -> int:
-    heads = arch.cache_heads or arch.num_kv_heads
-    return batch * heads * length * arch.head_dim
+def _layer_elements(arch: Architecture, batch: int, length: int, part: Part) -> int:
+    return batch * length * arch.cache_width(part)
 
 
-def layer_tensor_bytes(arch: Architecture, batch: int, length: int, element_bytes: int) -> int:
+def layer_tensor_bytes(arch: Architecture, batch: int, length: int, element_bytes: int,
+                       part: Part = "key") -> int:
     """One key (or value) tensor of one layer in a dense cache, as the allocator holds it."""
-    return block_bytes(_layer_elements(arch, batch, length) * element_bytes)
+    return block_bytes(_layer_elements(arch, batch, length, part) * element_bytes)
 
 
-def layer_bytes(arch: Architecture, batch: int, length: int, kv: KvFormat, decoded: int = 0) -> int:
-    """One key (or value) of one layer after prefill and `decoded` steps, in `kv`'s format."""
+def layer_bytes(arch: Architecture, batch: int, length: int, kv: KvFormat, decoded: int = 0,
+                part: Part = "key") -> int:
+    """One layer's keys (or values) after prefill and `decoded` steps, in `kv`'s format."""
     if kv.kind == "dense":
-        return block_bytes(kv.stored_bytes(_layer_elements(arch, batch, length)))
+        return block_bytes(kv.stored_bytes(_layer_elements(arch, batch, length, part)))
     # the residual holds the tokens since the last requantization (at most residual_length - 1)
     residual = min(decoded, RESIDUAL_LENGTH - 1)
     quantized = length - residual
-    return (block_bytes(kv.stored_bytes(_layer_elements(arch, batch, quantized)))
-            + block_bytes(_layer_elements(arch, batch, residual) * kv.element_bytes))
+    return (block_bytes(kv.stored_bytes(_layer_elements(arch, batch, quantized, part)))
+            + block_bytes(_layer_elements(arch, batch, residual, part) * kv.element_bytes))
 
 
 def stored_length(kind: str, window: int | None, prompt_len: int, decoded: int) -> int:
@@ -67,12 +73,14 @@ def stored_length(kind: str, window: int | None, prompt_len: int, decoded: int) 
     return min(total, window)
 
 
-def cache_bytes(arch: Architecture, batch: int, prompt_len: int, decoded: int, kv: KvFormat) -> int:
-    """All layers' keys and values after prefill and `decoded` decode steps."""
+def cache_bytes(arch: Architecture, batch: int, prompt_len: int, decoded: int, kv: KvFormat,
+                layers: int | None = None) -> int:
+    """All layers' keys and values (the first `layers` only, when given: the cache a layer
+    sees while it runs) after prefill and `decoded` decode steps."""
     total = 0
-    for kind in arch.layer_types:
+    for kind in arch.layer_types[:layers]:
         length = stored_length(kind, arch.sliding_window, prompt_len, decoded)
-        total += 2 * layer_bytes(arch, batch, length, kv, decoded)
+        total += sum(layer_bytes(arch, batch, length, kv, decoded, part) for part in ("key", "value"))
     return total
 
 
@@ -81,7 +89,8 @@ def decode_update_transient(arch: Architecture, batch: int, length: int, kv: KvF
     DynamicCache copies the layer's key (then value) to grow it; QuantizedLayer dequantizes
     the layer's keys and values and concatenates them with the residual (four full-precision
     copies of the layer at once)."""
-    full = layer_tensor_bytes(arch, batch, length, kv.element_bytes)
+    key = layer_tensor_bytes(arch, batch, length, kv.element_bytes, "key")
+    value = layer_tensor_bytes(arch, batch, length, kv.element_bytes, "value")
     if kv.kind == "quantized":
-        return 4 * full
-    return layer_tensor_bytes(arch, batch, length, kv.element_bytes)
+        return 2 * (key + value)
+    return max(key, value)

@@ -147,9 +147,9 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
             q_rot, k_rot = q, k
         current = []
         if generate:
-            kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv))
+            kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="key"))
             tr.drop(k_rot)
-            vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv))
+            vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="value"))
             tr.drop(v)
             cache += [kc, vc]
         else:
@@ -165,9 +165,13 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
         residual = tr.new(hidden)
         tr.drop(projected, normed)
         normed_mlp = _norm(tr, hidden, s, rms)
-        intermediates = _mlp(tr, layout.mlp_point.intermediate, inter, fused_gate_up, arch.gated_mlp)
-        down = tr.new(hidden)
-        tr.drop(*intermediates, normed_mlp)
+        if arch.moe is not None and _layer in arch.moe.sparse_layers and layout.experts is not None:
+            down = _moe_block(tr, arch, layout, b * n, s, grouped=True)
+            tr.drop(normed_mlp)
+        else:
+            intermediates = _mlp(tr, layout.mlp_point.intermediate, inter, fused_gate_up, arch.gated_mlp)
+            down = tr.new(hidden)
+            tr.drop(*intermediates, normed_mlp)
         output = tr.new(hidden)
         tr.drop(down, residual, previous_weights)
         if layout.eager_scores.weights_held == "next_layer":
@@ -192,7 +196,7 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
     tr.drop(layer_input, *held_model)
 
     if generate and spec.new_tokens > 1:
-        _decode(tr, arch, spec, cache)
+        _decode(tr, arch, layout, spec, cache)
     return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
                         reserved_before_run=reserved_before)
 
@@ -289,7 +293,8 @@ def _mlp(tr: _Tracer, copies: int, inter: int, fused_gate_up: bool, gated: bool)
     return [act]
 
 
-def _decode(tr: _Tracer, arch: Architecture, spec: RunSpec, cache: list[int | None]) -> None:
+def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
+            cache: list[int | None]) -> None:
     b, n = spec.batch, spec.prompt_len
     steps = spec.new_tokens - 1
     vocab = arch.vocab_size if arch.computes_logits else 0
@@ -297,11 +302,142 @@ def _decode(tr: _Tracer, arch: Architecture, spec: RunSpec, cache: list[int | No
         ids = tr.new(b * (n + step) * 8)
         for index, kind in enumerate(arch.layer_types):
             length = kv_cache.stored_length(kind, arch.sliding_window, n, step)
-            for j in (0, 1):
+            for j, part in enumerate(("key", "value")):
                 slot = 2 * index + j
-                fresh = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step))
+                fresh = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, part))
                 tr.drop(cache[slot])
                 cache[slot] = fresh
+            if arch.moe is not None and index in arch.moe.sparse_layers and layout.experts is not None:
+                tr.drop(_moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False))
         logits = tr.new(b * vocab * spec.activation_bytes)
         copy = tr.new(b * vocab * 4)
         tr.drop(logits, copy, ids)
+
+
+def _gated_mlp(tr: _Tracer, tokens: int, width: int, hidden: int, s: int) -> int:
+    """down(act(gate(x)) * up(x)): returns the output."""
+    gate = tr.new(tokens * width * s)
+    act = tr.new(tokens * width * s)
+    tr.drop(gate)
+    up = tr.new(tokens * width * s)
+    product = tr.new(tokens * width * s)
+    tr.drop(act, up)
+    out = tr.new(tokens * hidden * s)
+    tr.drop(product)
+    return out
+
+
+def _router(tr: _Tracer, arch: Architecture, tokens: int, s: int) -> list[int | None]:
+    """The router's requests; returns what the block keeps (logits, top-k weights, indices)."""
+    moe = arch.moe
+    assert moe is not None
+    e, k, h = moe.num_experts, moe.top_k, arch.hidden_size
+    if moe.all_experts:  # Llama-4: top-k of the logits, scattered into -inf scores, sigmoid in fp32
+        logits = tr.new(tokens * e * s)
+        top = [tr.new(tokens * k * s), tr.new(tokens * k * 8)]
+        scores = tr.new(tokens * e * s)
+        wide = tr.new(tokens * e * 4)
+        sig = tr.new(tokens * e * 4)
+        tr.drop(wide)
+        cast = tr.new(tokens * e * s)
+        tr.drop(sig, scores, *top)
+        return [logits, cast]
+    if moe.router_fp32:  # DeepSeek: inputs and weight upcast, fp32 logits and scores
+        upcast = [tr.new(tokens * h * 4), tr.new(e * h * 4)]
+        logits = tr.new(tokens * e * 4)
+        tr.drop(*upcast)
+        probs = tr.new(tokens * e * 4)
+    else:
+        logits = tr.new(tokens * e * s)
+        probs = tr.new(tokens * e * 4)
+    weights = tr.new(tokens * k * 4)
+    indices = tr.new(tokens * k * 8)
+    if not moe.routing_fp32:
+        cast = tr.new(tokens * k * s)
+        tr.drop(weights)
+        weights = cast
+    tr.drop(probs)
+    return [logits, weights, indices]
+
+
+def _moe_block(tr: _Tracer, arch: Architecture, layout: FamilyLayout, tokens: int, s: int,
+               grouped: bool) -> int:
+    """One sparse MLP in the order transformers runs it (experts.py describes the kernels);
+    returns its output (tokens x hidden)."""
+    moe, experts = arch.moe, layout.experts
+    assert moe is not None and experts is not None
+    h, i, k = arch.hidden_size, moe.expert_intermediate, moe.top_k
+    shared_first = None
+    if moe.shared_first and moe.shared_intermediate:
+        shared_first = _gated_mlp(tr, tokens, moe.shared_intermediate, h, s)
+    kept = _router(tr, arch, tokens, s)
+    if moe.all_experts:
+        e = moe.num_experts
+        routed_in = tr.new(e * tokens * h * s)
+        scaled = tr.new(e * tokens * h * s)
+        tr.drop(routed_in)
+        gate_up = tr.new(e * tokens * 2 * i * s)
+        act = tr.new(e * tokens * i * s)
+        product = tr.new(e * tokens * i * s)
+        tr.drop(act)
+        routed_out = tr.new(e * tokens * h * s)
+        tr.drop(product, gate_up, scaled)
+    else:
+        routed = tokens * k
+        r = 4 if moe.routing_fp32 else s
+        bias = moe.expert_bias
+        if grouped:
+            order = [tr.new(routed * 8), tr.new(routed * 8)]  # sorted ids, permutation
+            rows = tr.new(routed * h * s)
+            order += [tr.new(routed * r), tr.new(routed)]  # sorted weights, sentinel mask
+            up_bias = tr.new(routed * 2 * i * s) if bias else None
+            up = tr.new(routed * 2 * i * s)
+            masked = tr.new(routed * 2 * i * s)
+            tr.drop(up)
+        else:  # batched_mm: each routed token gets a copy of its expert's weights
+            order = [tr.new(routed * 8)]
+            rows = tr.new(routed * h * s)
+            gathered_up = tr.new(routed * 2 * i * h * s)
+            up_bias = tr.new(routed * 2 * i * s) if bias else None
+            masked = tr.new(routed * 2 * i * s)
+        temps = [tr.new(routed * i * s) for _ in range(max(experts.gate_copies - 1, 0))]
+        gated = tr.new(routed * i * s)
+        tr.drop(*temps, masked)
+        if not grouped:
+            gathered_down = tr.new(routed * h * i * s)
+            tr.drop(gathered_up)
+        down_bias = tr.new(routed * h * s) if bias else None
+        tr.drop(up_bias)
+        down = tr.new(routed * h * s)
+        tr.drop(gated)
+        if not grouped:
+            tr.drop(gathered_down)
+        if grouped:
+            masked_down = tr.new(routed * h * s)
+            tr.drop(down)
+            down = masked_down
+        weighted = tr.new(routed * h * r)
+        if grouped:
+            order.append(tr.new(routed * 8))  # inverse permutation
+            tr.temp(routed * 8)
+            reordered = tr.new(routed * h * r)
+            tr.drop(weighted)
+            weighted = reordered
+        summed = tr.new(tokens * h * r)
+        tr.drop(weighted, down, rows, down_bias, *order)
+        routed_out = summed
+        if r != s:
+            routed_out = tr.new(tokens * h * s)
+            tr.drop(summed)
+    out = routed_out
+    if moe.shared_intermediate and not moe.shared_first:
+        shared = _gated_mlp(tr, tokens, moe.shared_intermediate, h, s)
+        out = tr.new(tokens * h * s)  # routed + shared
+        tr.drop(shared, routed_out)
+    if shared_first is not None:
+        scaled_shared = tr.new(tokens * h * s)  # sigmoid(shared_expert_gate(x)) * shared
+        tr.drop(shared_first)
+        out = tr.new(tokens * h * s)
+        tr.drop(scaled_shared, routed_out)
+    tr.drop(*kept)
+    return out

@@ -9,12 +9,13 @@ transformers' own config classes (so every key is one transformers understands).
 * gpt-neox-parallel.json: GPTNeoXConfig defaults (the GPT-NeoX-20B shape, parallel residual),
   4 layers.
 * gpt-neox-partial-rotary.json: a Pythia-like GPTNeoXConfig with rotary_pct 0.25.
+* olmoe-1b-7b.json: OlmoeConfig defaults (OLMoE-1B-7B: 64 experts, top 8), 4 layers.
 """
 
 import json
 from pathlib import Path
 
-from transformers import FalconConfig, GPTNeoXConfig
+from transformers import FalconConfig, GPTNeoXConfig, OlmoeConfig
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,3 +34,4 @@ dump("gpt-neox-parallel.json", GPTNeoXConfig(num_hidden_layers=4, torch_dtype="f
 dump("gpt-neox-partial-rotary.json", GPTNeoXConfig(
     hidden_size=2048, num_attention_heads=8, intermediate_size=8192, num_hidden_layers=4,
     rotary_pct=0.25, vocab_size=50304, tie_word_embeddings=False))
+dump("olmoe-1b-7b.json", OlmoeConfig(num_hidden_layers=4, torch_dtype="bfloat16"))
