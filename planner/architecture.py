@@ -969,7 +969,7 @@ def _qwen_sparse_layers(raw: RawConfig, layers: int) -> tuple[int, ...]:
 def _mixtral(raw: RawConfig) -> Architecture:
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     window = _window(raw)
-    moe = MoeSpec(num_experts=raw.int("num_local_experts"), top_k=raw.int("num_experts_per_tok"),
+    moe = MoeSpec(num_experts=raw.int("num_local_experts", "num_experts"), top_k=raw.int("num_experts_per_tok"),
                   expert_intermediate=raw.int("intermediate_size"), sparse_layers=tuple(range(layers)),
                   routing_fp32=True)  # MixtralTopKRouter returns its fp32 softmax values
     return _llama_like(raw, family="moe", tied_default=False, window=window, moe=moe,
@@ -979,11 +979,15 @@ def _mixtral(raw: RawConfig) -> Architecture:
 @adapter("qwen2_moe")
 def _qwen2_moe(raw: RawConfig) -> Architecture:
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
-    moe = MoeSpec(num_experts=raw.int("num_experts"), top_k=raw.int("num_experts_per_tok"),
+    moe = MoeSpec(num_experts=raw.int("num_experts", "num_local_experts"), top_k=raw.int("num_experts_per_tok"),
                   expert_intermediate=raw.int("moe_intermediate_size"),
                   shared_intermediate=raw.int("shared_expert_intermediate_size", default=0, minimum=0),
                   sparse_layers=_qwen_sparse_layers(raw, layers), shared_first=True)
-    return _llama_like(raw, family="moe", tied_default=False, qkv_bias=True, moe=moe,
+    # Qwen2MoeConfig: with use_sliding_window, the even layers below max_window_layers slide
+    window = _window(raw) if raw.bool("use_sliding_window", default=False) else None
+    first_full = raw.int("max_window_layers", default=28, minimum=0)
+    return _llama_like(raw, family="moe", tied_default=False, qkv_bias=True, moe=moe, window=window,
+                       layer_rule=lambda i: "sliding" if window and i % 2 == 0 and i < first_full else "full",
                        moe_layout=MoeLayout(shared="shared_expert", shared_gate=True))
 
 
@@ -991,17 +995,19 @@ def _qwen2_moe(raw: RawConfig) -> Architecture:
 def _qwen3_moe(raw: RawConfig) -> Architecture:
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     bias = raw.bool("attention_bias", default=False)
-    moe = MoeSpec(num_experts=raw.int("num_experts"), top_k=raw.int("num_experts_per_tok"),
+    moe = MoeSpec(num_experts=raw.int("num_experts", "num_local_experts"), top_k=raw.int("num_experts_per_tok"),
                   expert_intermediate=raw.int("moe_intermediate_size"),
                   sparse_layers=_qwen_sparse_layers(raw, layers))
+    # Qwen3MoeConfig keeps sliding_window only with use_sliding_window; then every layer slides
+    window = _window(raw) if raw.bool("use_sliding_window", default=False) else None
     return _llama_like(raw, family="moe", tied_default=False, qkv_bias=bias, o_bias=bias,
-                       qk_norm="per_head", moe=moe)
+                       qk_norm="per_head", moe=moe, window=window, layer_rule=_sliding_everywhere(window))
 
 
 @adapter("olmoe")
 def _olmoe(raw: RawConfig) -> Architecture:
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
-    moe = MoeSpec(num_experts=raw.int("num_experts"), top_k=raw.int("num_experts_per_tok"),
+    moe = MoeSpec(num_experts=raw.int("num_experts", "num_local_experts"), top_k=raw.int("num_experts_per_tok"),
                   expert_intermediate=raw.int("intermediate_size"), sparse_layers=tuple(range(layers)))
     return _llama_like(raw, family="moe", tied_default=False, qk_norm="full", moe=moe)
 
@@ -1046,7 +1052,7 @@ def _deepseek_v3(raw: RawConfig) -> Architecture:
 def _gpt_oss(raw: RawConfig) -> Architecture:
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     window = _window(raw)
-    moe = MoeSpec(num_experts=raw.int("num_local_experts"), top_k=raw.int("num_experts_per_tok"),
+    moe = MoeSpec(num_experts=raw.int("num_local_experts", "num_experts"), top_k=raw.int("num_experts_per_tok"),
                   expert_intermediate=raw.int("intermediate_size"), sparse_layers=tuple(range(layers)),
                   expert_bias=True)
     arch = _llama_like(raw, family="gpt_oss", tied_default=False, qkv_bias=True, o_bias=True, moe=moe,
@@ -1068,7 +1074,7 @@ def _llama4_text(raw: RawConfig) -> Architecture:
     if any(not isinstance(i, int) or not 0 <= i < layers for i in sparse):
         raise ConfigError(f"{raw.where}: moe_layers must list layer indices below {layers}.")
     width = raw.int("intermediate_size")
-    moe = MoeSpec(num_experts=raw.int("num_local_experts"), top_k=raw.int("num_experts_per_tok"),
+    moe = MoeSpec(num_experts=raw.int("num_local_experts", "num_experts"), top_k=raw.int("num_experts_per_tok"),
                   expert_intermediate=width, shared_intermediate=width, sparse_layers=sparse,
                   all_experts=True)
     # Llama4TextConfig: a layer without rope (every no_rope_layer_interval-th) attends to all

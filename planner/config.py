@@ -29,8 +29,10 @@ class RawConfig:
         self.where = where
 
     def with_defaults(self, defaults: dict[str, Any]) -> RawConfig:
-        """The same config where absent keys take `defaults` (transformers' config-class defaults)."""
-        merged = {**defaults, **{k: v for k, v in self.data.items() if v is not None}}
+        """The same config where absent keys take `defaults` (transformers' config-class defaults).
+        A key present as null keeps its null: Mistral-7B-v0.3's `"sliding_window": null` means no
+        window, not MistralConfig's default of 4096."""
+        merged = {**defaults, **self.data}
         return RawConfig(merged, self.where)
 
     def has(self, *names: str) -> bool:

@@ -55,3 +55,22 @@ def test_qwen3_0_6b_loaded_count_is_not_the_checkpoint_count():
     assert arch.parameters == 596_049_920
     embedding = next(t for t in arch.tensors if t.kind == "embedding")
     assert arch.parameters + embedding.elements == 751_632_384
+
+
+@pytest.mark.parametrize("name,config_of", CASES, ids=[c[0] for c in CASES])
+def test_cache_layers_match_transformers(name, config_of):
+    """Each layer's cache kind (full, sliding, chunked) and window as transformers' own
+    DynamicCache builds them from the config (cache_utils.get_layer_types_and_kwargs)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    config = config_of()
+    try:
+        arch = architecture_from_config(config)
+    except UnsupportedModelError as exc:
+        pytest.skip(f"refused on purpose: {exc}")
+    hf_config = transformers_model_on_meta(config).config
+    kinds, kwargs = get_layer_types_and_kwargs(hf_config)
+    names = {"full": "full_attention", "sliding": "sliding_attention", "chunked": "chunked_attention"}
+    assert [names[k] for k in arch.layer_types] == list(kinds)
+    if set(arch.layer_types) != {"full"}:
+        assert arch.sliding_window == kwargs["sliding_window"]
