@@ -21,6 +21,27 @@ def test_committed_matrices_expand_and_resolve():
                 resolve(model)
 
 
+def test_matrices_not_yet_run_hold_only_estimable_cases():
+    """A matrix waiting for GPU time (next-*.yaml) holds no case the planner would refuse (a
+    family, an attention implementation, a precision): device time is scarce. Run matrices may
+    record refusals on purpose (gpt-oss with SDPA)."""
+    from vramplan.architecture import architecture_from_config
+    from vramplan.config import shrink_config
+    from vramplan.estimate import PrecisionChoice, Workload, estimate_architecture
+    from vramplan.source import resolve
+
+    folder = resources.files("vramplan.profiles") / "matrices"
+    pending = [entry for entry in folder.iterdir() if entry.name.startswith("next-")]
+    assert pending
+    for entry in pending:
+        for case in expand_matrix(yaml.safe_load(entry.read_text())):
+            arch = architecture_from_config(shrink_config(resolve(case["model"]).config, case["layers"]))
+            workload = Workload(batch=case["batch"], prompt_len=case["prompt_len"],
+                                new_tokens=case["new_tokens"], mode=case["mode"], attn=case["attn"])
+            estimate_architecture(arch, case["model"], workload,
+                                  PrecisionChoice(name=case["precision"], double_quant=case["double_quant"]))
+
+
 def test_expand_dedupes_and_keeps_double_quant_for_4bit_only():
     matrix = {"blocks": [{"models": ["m"], "precisions": ["int8", "nf4"], "double_quant": [False, True],
                           "workloads": [{"batch": 1, "prompt_len": 8, "new_tokens": 2}]},
