@@ -224,7 +224,10 @@ def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
     logits = block_bytes(b * vocab * spec.activation_bytes) + block_bytes(b * vocab * 4)
     gathered = experts.decode_transient(arch, b, spec.activation_bytes)
     if gathered > max(copy, logits):
-        step = ("gathered expert weights", gathered + experts.router_outputs(arch, b, spec.activation_bytes),
+        all_experts = arch.moe is not None and arch.moe.all_experts
+        step = ("all-expert rows" if all_experts else "gathered expert weights",
+                gathered + experts.router_outputs(arch, b, spec.activation_bytes),
+                "every expert runs on the step's tokens" if all_experts else
                 "batched_mm copies the selected experts' gate_up and down weights for every routed token")
     else:
         step = ("cache update", max(copy, logits), "a layer's cache update during the step: torch.cat copies "

@@ -8,6 +8,9 @@ transformers makes them (load, prefill layer by layer, logits, decode steps), fo
 family's layout and attention kernel, into `allocator.CachingAllocator`, and reports the
 reserved peak. The sequence is a model of the code, not a trace: it reproduces the measured
 reserve of llama-shaped eager runs to within a few MiB, and is coarser for other families.
+Mixture-of-experts layers replay their router and experts op by op (grouped_mm in the prefill,
+batched_mm's weight gathers in every decode step), which is where most of their reserve comes
+from.
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
     layer_input = held_model[0]
     previous_weights = None
     pre_norm = layout.attention_point.hidden >= 3
-    for _layer in range(arch.num_layers):
+    for layer in range(arch.num_layers):
         normed = _norm(tr, hidden, s, rms) if pre_norm else None
         if layout.attention_point.fused_qkv:
             fused = tr.new(b * n * (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim * s)
@@ -165,7 +168,7 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
         residual = tr.new(hidden)
         tr.drop(projected, normed)
         normed_mlp = _norm(tr, hidden, s, rms)
-        if arch.moe is not None and _layer in arch.moe.sparse_layers and layout.experts is not None:
+        if arch.moe is not None and layer in arch.moe.sparse_layers and layout.experts is not None:
             down = _moe_block(tr, arch, layout, b * n, s, grouped=True)
             tr.drop(normed_mlp)
         else:
