@@ -14,6 +14,7 @@ attention, state-space layers) are refused with a message that says so.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Literal
 
@@ -58,10 +59,7 @@ class TensorSpec(Frozen):
 
     @property
     def elements_each(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def count(self) -> int:
@@ -92,10 +90,7 @@ class BufferSpec(Frozen):
 
     @property
     def elements_each(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 class MoeSpec(Frozen):
@@ -653,9 +648,12 @@ def _phi(raw: RawConfig) -> Architecture:
 # --------------------------------------------------------------------------------------------
 
 
-def _learned_positions_arch(raw: RawConfig, **fields) -> Architecture:
-    return Architecture(model_type=raw.str("model_type"), positions="learned", rotary_dim=0,
-                        sliding_window=None, config_dtype=_config_dtype(raw), **fields)
+def _whole_model_arch(raw: RawConfig, inv: _Inventory, **fields) -> Architecture:
+    """The Architecture of a family written out in full below: every layer attends to all
+    tokens, the config's model_type and dtype, the inventory's tensors."""
+    return Architecture(model_type=raw.str("model_type"), layer_types=("full",) * fields["num_layers"],
+                        sliding_window=None, config_dtype=_config_dtype(raw), tensors=tuple(inv.items),
+                        **fields)
 
 
 @adapter("gpt2")
@@ -680,11 +678,11 @@ def _gpt2(raw: RawConfig) -> Architecture:
     inv.linear(f"{h}.mlp.c_proj", hidden, inner, True, conv1d=True)
     inv.norm("transformer.ln_f", hidden, True, per_layer=False)
     inv.head("lm_head", vocab, hidden, tied)
-    return _learned_positions_arch(
-        raw, family="gpt2", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
+    return _whole_model_arch(
+        raw, inv, family="gpt2", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
         num_heads=heads, num_kv_heads=heads, head_dim=head_dim, intermediate_size=inner,
-        max_positions=positions, layer_types=("full",) * layers, tie_word_embeddings=tied,
-        attention_implementations=("sdpa", "eager", "flash_attention_2"), tensors=tuple(inv.items))
+        rotary_dim=0, positions="learned", max_positions=positions, tie_word_embeddings=tied,
+        attention_implementations=("sdpa", "eager", "flash_attention_2"))
 
 
 @adapter("gpt_bigcode")
@@ -712,12 +710,11 @@ def _gpt_bigcode(raw: RawConfig) -> Architecture:
     inv.head("lm_head", vocab, hidden, tied)
     mask = BufferSpec(name="transformer.bias", shape=(positions, positions), dtype="bool",
                       why="GPT-BigCode's causal-mask table, n_positions^2 booleans")
-    return _learned_positions_arch(
-        raw, family="gpt_bigcode", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
+    return _whole_model_arch(
+        raw, inv, family="gpt_bigcode", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=inner,
-        max_positions=positions, layer_types=("full",) * layers, tie_word_embeddings=tied,
-        attention_implementations=("sdpa", "eager", "flash_attention_2"), tensors=tuple(inv.items),
-        buffers=(mask,))
+        rotary_dim=0, positions="learned", max_positions=positions, tie_word_embeddings=tied,
+        attention_implementations=("sdpa", "eager", "flash_attention_2"), buffers=(mask,))
 
 
 @adapter("opt")
@@ -755,11 +752,11 @@ def _opt(raw: RawConfig) -> Architecture:
     if affine:
         inv.norm(f"{lay}.final_layer_norm", hidden, True)
     inv.head("lm_head", vocab, proj, tied)
-    return _learned_positions_arch(
-        raw, family="opt", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
+    return _whole_model_arch(
+        raw, inv, family="opt", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
         num_heads=heads, num_kv_heads=heads, head_dim=head_dim, intermediate_size=ffn,
-        max_positions=positions, layer_types=("full",) * layers, tie_word_embeddings=tied,
-        attention_implementations=("sdpa", "eager", "flash_attention_2"), tensors=tuple(inv.items))
+        rotary_dim=0, positions="learned", max_positions=positions, tie_word_embeddings=tied,
+        attention_implementations=("sdpa", "eager", "flash_attention_2"))
 
 
 @adapter("falcon")
@@ -801,17 +798,15 @@ def _falcon(raw: RawConfig) -> Architecture:
     inv.norm("transformer.ln_f", hidden, True, per_layer=False)
     inv.head("lm_head", vocab, hidden, tied)
     family = "falcon_mqa" if kv_heads != heads and not new_arch else "falcon"
-    return Architecture(
-        model_type="falcon", family=family, hidden_size=hidden, num_layers=layers,
+    return _whole_model_arch(
+        raw, inv, family=family, hidden_size=hidden, num_layers=layers,
         vocab_size=vocab, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         # the new decoder layout broadcasts K and V to every query head before caching them
         # (FalconAttention: num_kv_heads = num_heads if new_decoder_architecture)
         cache_heads=heads if new_arch else None,
         intermediate_size=ffn, rotary_dim=head_dim, positions="rope", max_positions=None,
-        layer_types=("full",) * layers, sliding_window=None, tie_word_embeddings=tied,
-        config_dtype=_config_dtype(raw), attention_implementations=("sdpa", "eager",
-                                                                     "flash_attention_2"),
-        tensors=tuple(inv.items), buffers=tuple(_rope_buffers("transformer.", head_dim)),
+        tie_word_embeddings=tied, attention_implementations=("sdpa", "eager", "flash_attention_2"),
+        buffers=tuple(_rope_buffers("transformer.", head_dim)),
     )
 
 
@@ -835,14 +830,13 @@ def _bloom(raw: RawConfig) -> Architecture:
     inv.linear(f"{h}.mlp.dense_4h_to_h", hidden, 4 * hidden, True)
     inv.norm("transformer.ln_f", hidden, True, per_layer=False)
     inv.head("lm_head", vocab, hidden, tied)
-    return Architecture(
-        model_type="bloom", family="bloom", hidden_size=hidden, num_layers=layers,
+    return _whole_model_arch(
+        raw, inv, family="bloom", hidden_size=hidden, num_layers=layers,
         vocab_size=vocab, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
         intermediate_size=4 * hidden, rotary_dim=0, positions="alibi", max_positions=None,
-        layer_types=("full",) * layers, sliding_window=None, tie_word_embeddings=tied,
-        config_dtype=_config_dtype(raw),
+        tie_word_embeddings=tied,
         # transformers 5.17 raises for bloom with sdpa: only its own (eager) attention exists
-        attention_implementations=("eager",), tensors=tuple(inv.items),
+        attention_implementations=("eager",),
     )
 
 
@@ -870,14 +864,12 @@ def _gpt_neox(raw: RawConfig) -> Architecture:
     inv.linear(f"{lay}.mlp.dense_4h_to_h", hidden, inner, True)
     inv.norm("gpt_neox.final_layer_norm", hidden, True, per_layer=False)
     inv.head("lm_head", vocab, hidden, tied)
-    return Architecture(
-        model_type="gpt_neox", family=family, hidden_size=hidden, num_layers=layers,
+    return _whole_model_arch(
+        raw, inv, family=family, hidden_size=hidden, num_layers=layers,
         vocab_size=vocab, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
         intermediate_size=inner, rotary_dim=rotary, positions="rope", max_positions=None,
-        layer_types=("full",) * layers, sliding_window=None, tie_word_embeddings=tied,
-        config_dtype=_config_dtype(raw),
-        attention_implementations=("sdpa", "eager", "flash_attention_2"),
-        tensors=tuple(inv.items), buffers=tuple(_rope_buffers("gpt_neox.", rotary)),
+        tie_word_embeddings=tied, attention_implementations=("sdpa", "eager", "flash_attention_2"),
+        buffers=tuple(_rope_buffers("gpt_neox.", rotary)),
     )
 
 
@@ -905,16 +897,14 @@ def _gptj(raw: RawConfig) -> Architecture:
     table = BufferSpec(name="transformer.h.{i}.attn.embed_positions", shape=(positions, rotary),
                        dtype="fp32", layers=tuple(range(layers)),
                        why="GPT-J's sin/cos table, n_positions x rotary_dim fp32, one per layer")
-    return Architecture(
-        model_type="gptj", family="gptj", hidden_size=hidden, num_layers=layers,
+    return _whole_model_arch(
+        raw, inv, family="gptj", hidden_size=hidden, num_layers=layers,
         vocab_size=vocab, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
         intermediate_size=inner, rotary_dim=rotary, positions="rope",
         # positions index the sin/cos table: past it is an out-of-range index on the GPU
-        max_positions=positions, layer_types=("full",) * layers, sliding_window=None,
-        tie_word_embeddings=tied, config_dtype=_config_dtype(raw),
+        max_positions=positions, tie_word_embeddings=tied,
         # transformers 5.17 raises for GPT-J with sdpa
-        attention_implementations=("eager", "flash_attention_2"), tensors=tuple(inv.items),
-        buffers=(table,),
+        attention_implementations=("eager", "flash_attention_2"), buffers=(table,),
     )
 
 
@@ -944,12 +934,11 @@ def _mpt(raw: RawConfig) -> Architecture:
     inv.linear(f"{b}.ffn.down_proj", hidden, ratio * hidden, not no_bias)
     inv.norm("transformer.norm_f", hidden, not no_bias, per_layer=False)
     inv.head("lm_head", vocab, hidden, tied)
-    return Architecture(
-        model_type="mpt", family="mpt", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
+    return _whole_model_arch(
+        raw, inv, family="mpt", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
         num_heads=heads, num_kv_heads=heads, head_dim=head_dim, intermediate_size=ratio * hidden,
-        rotary_dim=0, positions="alibi", max_positions=None, layer_types=("full",) * layers,
-        sliding_window=None, tie_word_embeddings=tied, config_dtype=_config_dtype(raw),
-        attention_implementations=("eager",), tensors=tuple(inv.items),
+        rotary_dim=0, positions="alibi", max_positions=None, tie_word_embeddings=tied,
+        attention_implementations=("eager",),
     )
 
 
