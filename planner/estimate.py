@@ -8,6 +8,7 @@ that: the caching allocator's reserve and the memory outside torch (CUDA context
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field
@@ -124,19 +125,12 @@ def _checkpoint_notes(arch: Architecture, stored: dict[str, tuple[int, tuple[int
     modules = {n.rsplit(".", 1)[0] for n in loaded}
     extra = sorted(n for n in stored if n not in loaded and n.rsplit(".", 1)[0] not in modules)
     total = sum(nbytes for nbytes, _ in stored.values())
-    note = (f"the checkpoint stores {sum(_numel(s) for _, s in stored.values()):,} elements "
+    note = (f"the checkpoint stores {sum(math.prod(s) for _, s in stored.values()):,} elements "
             f"({total / 2**30:.2f} GiB); the loaded model holds {weights.parameters:,} parameters")
     if extra:
         shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
         note += f"; not loaded: {shown}"
     return [note + "."]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _precision_notes(arch: Architecture, chosen: Precision, choice: PrecisionChoice) -> list[str]:

@@ -53,6 +53,15 @@ class _Block:
     next: _Block | None = None
 
 
+def _absorb(left: _Block, right: _Block) -> _Block:
+    """Merge `right` into its neighbour `left` (same segment, adjacent); returns `left`."""
+    left.size += right.size
+    left.next = right.next
+    if right.next is not None:
+        right.next.prev = left
+    return left
+
+
 @dataclass
 class CachingAllocator:
     """Allocate and free by handle; `reserved` and `peak_reserved` follow the real allocator."""
@@ -97,18 +106,9 @@ class CachingAllocator:
             if neighbour is not None and neighbour.free:
                 self._remove_free(neighbour)
         if block.prev is not None and block.prev.free:
-            prev = block.prev
-            prev.size += block.size
-            prev.next = block.next
-            if block.next is not None:
-                block.next.prev = prev
-            block = prev
+            block = _absorb(block.prev, block)
         if block.next is not None and block.next.free:
-            nxt = block.next
-            block.size += nxt.size
-            block.next = nxt.next
-            if nxt.next is not None:
-                nxt.next.prev = block
+            block = _absorb(block, block.next)
         self._add_free(block)
 
     # -- free lists, ordered by (size, address) as the allocator's std::set is ------------------
