@@ -181,7 +181,7 @@ def resolve_attention(arch: Architecture, workload: Workload) -> Workload:
     return workload.model_copy(update={"attn": chosen})
 
 
-def _check_workload(arch: Architecture, workload: Workload) -> None:
+def check_workload(arch: Architecture, workload: Workload) -> None:
     if workload.attn not in arch.attention_implementations:
         raise WorkloadError(
             f"{arch.model_type} has no {workload.attn} attention in transformers 5.17; "
@@ -235,7 +235,7 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     workload = workload or Workload()
     choice = choice or PrecisionChoice()
     workload = resolve_attention(arch, workload)
-    _check_workload(arch, workload)
+    check_workload(arch, workload)
     chosen, compute, choice = resolve_precision(arch, choice)
     weights = weight_breakdown(arch, chosen, compute, choice.double_quant, stored)
     layout = _family_layout(arch, profile)

@@ -34,7 +34,9 @@ from .estimate import (
     Estimate,
     PrecisionChoice,
     Workload,
+    check_workload,
     estimate_architecture,
+    resolve_attention,
     resolve_precision,
     run_spec,
 )
@@ -213,13 +215,14 @@ def vllm_budget(rank: Architecture, gpu: Gpu, request: PlanRequest, precision: s
     seqs = request.max_num_seqs or serving["vllm_max_num_seqs"].value
     # the profile run: one forward of `tokens` tokens, flattened (vLLM has no batch dimension)
     # and without a KV cache; only the sampled positions get logits (the sampler's dummy run)
-    est = estimate_architecture(rank, "profile", Workload(batch=1, prompt_len=tokens, new_tokens=0,
-                                                          mode="forward", attn="auto"),
-                                PrecisionChoice(name=precision), gpu)
-    weights = sum(t.bytes for t in est.breakdown if t.name in (
-        "weights", "quantization state", "buffers", "allocator block rounding"))
+    # only the weights and the activation points are needed: not estimate_architecture's
+    # allocator replay, which is the expensive part of an estimate
+    workload = resolve_attention(rank, Workload(batch=1, prompt_len=tokens, new_tokens=0, mode="forward"))
+    check_workload(rank, workload)
     chosen, compute, choice = resolve_precision(rank, PrecisionChoice(name=precision))
-    spec = run_spec(rank, est.workload, weight_breakdown(rank, chosen, compute, choice.double_quant), chosen, compute)
+    loaded = weight_breakdown(rank, chosen, compute, choice.double_quant)
+    weights = loaded.allocated_bytes
+    spec = run_spec(rank, workload, loaded, chosen, compute)
     layout = runtime_profile().families[rank.family]
     inner = rank.model_copy(update={"computes_logits": False})
     activation = max(p.total for p in prefill_points(inner, layout, spec))
@@ -228,7 +231,7 @@ def vllm_budget(rank: Architecture, gpu: Gpu, request: PlanRequest, precision: s
     requested = int(gpu.memory_bytes * request.gpu_memory_utilization)
     non_torch = calibration().outside_torch_growth_bytes
     graphs = serving["vllm_cudagraph_bytes"].value
-    kv_element = 1 if request.kv_cache_dtype == "fp8" else DTYPE_BYTES[est.compute_dtype]
+    kv_element = 1 if request.kv_cache_dtype == "fp8" else DTYPE_BYTES[compute]
     block = serving["vllm_block_size"].value
     # keys + values per token and layer (latent attention: its latent and rotary key, once)
     per_block = rank.num_layers * (rank.cache_width("key") + rank.cache_width("value")) * kv_element * block
