@@ -37,8 +37,8 @@ TensorKind = Literal[
     "router",  # a mixture-of-experts router's own Parameter (not an nn.Linear)
     "other",  # other parameters (attention sinks)
 ]
-BufferDtype = Literal["fp32", "bool", "activation"]
-LayerKind = Literal["full", "sliding", "chunked"]
+BufferDtype = Literal["fp32", "bool", "int64", "activation"]
+LayerKind = Literal["full", "sliding", "chunked", "none"]  # none: no attention (a recurrent mixer)
 DType = Literal["fp32", "fp16", "bf16"]
 
 _TORCH_DTYPE_NAMES: dict[str, DType] = {
@@ -118,6 +118,41 @@ class MlaSpec(Frozen):
     v_head_dim: int
 
 
+class RecurrentSpec(Frozen):
+    """The recurrent token mixer of state-space and linear-attention layers (hybrid.py reads
+    it from the config): a fixed-size state per layer instead of a growing KV cache.
+
+    mamba: Mamba-1's selective scan (Mamba, Jamba): `inner` channels, `state_size` each.
+    mamba2: Mamba-2's chunked scan (Mamba2, Falcon-H1, Granite-4.0-H): `heads` x `head_dim`
+    channels sharing `groups` B/C groups of `state_size`.
+    gated_delta: Qwen3-Next's gated DeltaNet: `heads` value heads of `head_dim`, `groups` key
+    heads of `state_size` (the key head width).
+    """
+
+    kind: Literal["mamba", "mamba2", "gated_delta"]
+    layers: tuple[int, ...]  # the layers that have the mixer
+    inner: int  # channels on the scan path (value width for gated_delta)
+    state_size: int
+    heads: int = 0
+    head_dim: int = 0
+    groups: int = 1
+    conv_kernel: int
+    conv_dim: int  # channels of the causal conv1d (and of its cached state)
+    in_proj: int  # output features of the mixer's input projection(s)
+    dt_rank: int = 0  # mamba: the time-step projection's rank
+    chunk_size: int = 0  # mamba2 / gated_delta: the scan's chunk length
+    gate_copies: int = 4  # mamba: B x N x inner tensors alive beside the scan (gate, conv, masks)
+
+    def conv_state_elements(self, batch: int) -> int:
+        return batch * self.conv_dim * self.conv_kernel
+
+    def recurrent_state_elements(self, batch: int) -> int:
+        """The scan state, kept in fp32 whatever the model dtype (measured)."""
+        if self.kind == "mamba":
+            return batch * self.inner * self.state_size
+        return batch * self.heads * self.head_dim * self.state_size
+
+
 class Architecture(Frozen):
     """What the memory of a decoder depends on, read from its config."""
 
@@ -134,7 +169,7 @@ class Architecture(Frozen):
     cache_key_dim: int | None = None  # per-head width of cached keys / values, when not head_dim
     cache_value_dim: int | None = None
     rotary_dim: int  # 0: no rotary embedding
-    positions: Literal["rope", "learned", "alibi"]
+    positions: Literal["rope", "learned", "alibi", "none"]
     max_positions: int | None  # a hard limit (a learned table), None where positions extrapolate
     layer_types: tuple[LayerKind, ...]
     sliding_window: int | None
@@ -149,6 +184,8 @@ class Architecture(Frozen):
     moe: MoeSpec | None = None
     mla: MlaSpec | None = None
     attention_sinks: bool = False  # gpt-oss: a learned sink logit per head joins the softmax
+    recurrent: RecurrentSpec | None = None  # state-space / linear-attention layers
+    mlp_free: bool = False  # no MLP at all (Mamba, Mamba-2: the mixer is the whole layer)
 
     @field_validator("layer_types")
     @classmethod
@@ -179,7 +216,13 @@ class Architecture(Frozen):
     @property
     def dense_mlp_layers(self) -> int:
         """Layers whose MLP is a plain (dense) one."""
+        if self.mlp_free:
+            return 0
         return self.num_layers - (len(self.moe.sparse_layers) if self.moe else 0)
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, kind in enumerate(self.layer_types) if kind != "none")
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,11 +235,7 @@ _ADAPTERS: dict[str, Adapter] = {}
 # Families transformers 5.17 has no code for, or whose configs need trust_remote_code.
 REMOTE_CODE_FAMILIES = {"chatglm", "internlm2", "phi-msft", "minicpm", "phi3_v", "kimi_k2"}
 # Modelled in a later release of vramplan; refused clearly until then.
-NOT_YET_MODELLED = {
-    "qwen3_next": "hybrid linear attention",
-    "mamba": "state-space layers", "mamba2": "state-space layers", "jamba": "state-space layers",
-    "falcon_h1": "state-space layers", "granitemoehybrid": "state-space layers",
-}
+NOT_YET_MODELLED: dict[str, str] = {}
 # Multimodal wrappers whose language model is a family we model: the text config is used.
 MULTIMODAL_TEXT_CONFIG = {"llava", "mistral3", "gemma3", "llava_next", "paligemma", "qwen2_vl", "llama4"}
 
@@ -226,6 +265,9 @@ def architecture_from_config(config: dict, where: str = "config") -> Architectur
         if "quantization_config" in config and "quantization_config" not in text:
             text["quantization_config"] = config["quantization_config"]
         arch = architecture_from_config(text, f"{where}.text_config")
+        vision = config.get("vision_config") or {}
+        if model_type == "llava" and vision.get("model_type", "clip_vision_model") == "clip_vision_model":
+            return _with_clip_vision(arch, raw, RawConfig(vision, f"{where}.vision_config"))
         note = (f"{model_type} is multimodal: only its language model ({arch.model_type}) is "
                 "estimated; the vision tower and projector are not included.")
         return arch.model_copy(update={"notes": (*arch.notes, note)})
@@ -244,6 +286,52 @@ def architecture_from_config(config: dict, where: str = "config") -> Architectur
     arch = fn(raw)
     scheme = scheme_from_config(raw)
     return arch if scheme is None else arch.model_copy(update={"quantization": scheme})
+
+
+def _with_clip_vision(arch: Architecture, raw: RawConfig, vision: RawConfig) -> Architecture:
+    """LLaVA: a CLIP vision tower and a two-layer projector beside the language model, named
+    as LlavaForConditionalGeneration holds them (its text model under model.language_model is
+    listed under the causal LM's names). Defaults are LlavaConfig's (CLIP ViT-L/14 at 336 px)."""
+    hidden = vision.int("hidden_size", default=1024)
+    inter = vision.int("intermediate_size", default=4096)
+    layers = vision.int("num_hidden_layers", default=24, maximum=MAX_LAYERS)
+    patch, image = vision.int("patch_size", default=14), vision.int("image_size", default=336)
+    positions = (image // patch) ** 2 + 1  # the patches and the class token
+    inv = _Inventory(0)
+    tower = "model.vision_tower"
+    inv.one(f"{tower}.embeddings.class_embedding", (hidden,), "other")
+    inv.one(f"{tower}.embeddings.patch_embedding.weight", (hidden, 3, patch, patch), "other")
+    inv.one(f"{tower}.embeddings.position_embedding.weight", (positions, hidden), "position_embedding")
+    for name in ("pre_layrnorm", "post_layernorm"):
+        inv.norm(f"{tower}.{name}", hidden, True, per_layer=False)
+    for i in range(layers):
+        layer = f"{tower}.encoder.layers.{i}"
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            inv.one(f"{layer}.self_attn.{proj}.weight", (hidden, hidden), "linear")
+            inv.one(f"{layer}.self_attn.{proj}.bias", (hidden,), "bias")
+        for norm in ("layer_norm1", "layer_norm2"):
+            inv.norm(f"{layer}.{norm}", hidden, True, per_layer=False)
+        inv.one(f"{layer}.mlp.fc1.weight", (inter, hidden), "linear")
+        inv.one(f"{layer}.mlp.fc1.bias", (inter,), "bias")
+        inv.one(f"{layer}.mlp.fc2.weight", (hidden, inter), "linear")
+        inv.one(f"{layer}.mlp.fc2.bias", (hidden,), "bias")
+    feature_layers = raw.raw("vision_feature_layer", default=-2)
+    width = hidden * (len(feature_layers) if isinstance(feature_layers, list) else 1)
+    bias = raw.bool("multimodal_projector_bias", default=True)
+    projector = "model.multi_modal_projector"
+    inv.one(f"{projector}.linear_1.weight", (arch.hidden_size, width), "linear")
+    inv.one(f"{projector}.linear_2.weight", (arch.hidden_size, arch.hidden_size), "linear")
+    if bias:
+        inv.one(f"{projector}.linear_1.bias", (arch.hidden_size,), "bias")
+        inv.one(f"{projector}.linear_2.bias", (arch.hidden_size,), "bias")
+    ids = BufferSpec(name=f"{tower}.embeddings.position_ids", shape=(1, positions), dtype="int64",
+                     why="the vision tower's position ids (int64)")
+    vision_params = sum(t.elements for t in inv.items)
+    note = (f"llava: the CLIP vision tower ({layers} layers) and projector add {vision_params:,} parameters; "
+            "runtime terms cover the language model (prompt_len counts each image's "
+            f"{positions - 1} placeholder tokens), the vision tower's own activations are not modelled.")
+    return arch.model_copy(update={"tensors": (*arch.tensors, *inv.items), "buffers": (*arch.buffers, ids),
+                                   "notes": (*arch.notes, note)})
 
 
 def _default_text_model_type(wrapper: str) -> str:
@@ -339,7 +427,7 @@ def _layer_types(raw: RawConfig, num_layers: int, default: Callable[[int], Layer
     if names is None:
         return tuple(default(i) for i in range(num_layers))
     kinds = {"full_attention": "full", "sliding_attention": "sliding",
-             "chunked_attention": "chunked"}
+             "chunked_attention": "chunked", "linear_attention": "none", "mamba": "none"}
     if len(names) != num_layers or any(n not in kinds for n in names):
         raise ConfigError(f"{raw.where}: layer_types must list one of {sorted(kinds)} per layer "
                           f"({num_layers} layers).")
@@ -1077,3 +1165,6 @@ def _llama4_text(raw: RawConfig) -> Architecture:
                        intermediate_keys=("intermediate_size_mlp",), window=chunk,
                        moe_layout=MoeLayout(router="router", transposed=True, shared="shared_expert"),
                        layer_rule=lambda i: "chunked" if no_rope[i] else "full")
+
+
+from . import hybrid  # noqa: E402,F401  (registers the state-space and hybrid adapters)

@@ -13,7 +13,7 @@ from .base import Frozen, block_bytes
 from .catalog import DTYPE_BYTES, Precision, precisions
 from .quantized import QuantScheme
 
-BUFFER_BYTES = {"fp32": 4, "bool": 1}
+BUFFER_BYTES = {"fp32": 4, "bool": 1, "int64": 8}
 
 
 class WeightBreakdown(Frozen):

@@ -16,6 +16,8 @@ from .conftest import TEST_CONFIGS, load_json, transformers_model_on_meta
 
 pytest.importorskip("transformers")
 
+# LLaVA's vision tower and projector: checked against the whole model below
+VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
 CASES = [(hub_id, lambda h=hub_id: load_bundled(h).config) for hub_id, _ in bundled_names()]
 CASES += [(path.name, lambda p=path: load_json(p)) for path in TEST_CONFIGS]
 
@@ -27,14 +29,15 @@ def test_inventory_matches_transformers(name, config_of):
         arch = architecture_from_config(config, name)
     except UnsupportedModelError as exc:
         pytest.skip(f"refused on purpose: {exc}")
-    model = transformers_model_on_meta(config)
+    model = transformers_model_on_meta(config)  # a multimodal config's language model only
     theirs = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    ours = {n: t.shape for t in arch.tensors for n in t.names()}
+    text = [t for t in arch.tensors if not t.name.startswith(VISION_PREFIXES)]
+    ours = {n: t.shape for t in text for n in t.names()}
     assert ours == theirs, _diff("parameter", ours, theirs)
-    assert arch.parameters == sum(p.numel() for p in model.parameters())
+    assert sum(t.elements for t in text) == sum(p.numel() for p in model.parameters())
     buffers = {n: tuple(b.shape) for n, b in model.named_buffers()}
     our_buffers = {}
-    for b in arch.buffers:
+    for b in (b for b in arch.buffers if not b.name.startswith(VISION_PREFIXES)):
         names = [b.name] if b.layers is None else [b.name.replace("{i}", str(i)) for i in b.layers]
         our_buffers.update({n: b.shape for n in names})
     assert our_buffers == buffers, _diff("buffer", our_buffers, buffers)
@@ -70,7 +73,32 @@ def test_cache_layers_match_transformers(name, config_of):
         pytest.skip(f"refused on purpose: {exc}")
     hf_config = transformers_model_on_meta(config).config
     kinds, kwargs = get_layer_types_and_kwargs(hf_config)
-    names = {"full": "full_attention", "sliding": "sliding_attention", "chunked": "chunked_attention"}
-    assert [names[k] for k in arch.layer_types] == list(kinds)
-    if set(arch.layer_types) != {"full"}:
+    names = {"full": "full_attention", "sliding": "sliding_attention", "chunked": "chunked_attention",
+             "none": "linear_attention"}
+    mixers = arch.recurrent.layers if arch.recurrent else ()
+    # a layer with both attention and a recurrent mixer (Falcon-H1) is transformers' "hybrid"
+    ours = ["hybrid" if i in mixers and k != "none" else names[k] for i, k in enumerate(arch.layer_types)]
+    assert ours == list(kinds)
+    if mixers:
+        assert {i for i, k in enumerate(kinds) if k in ("linear_attention", "hybrid")} == set(mixers)
+    elif set(arch.layer_types) != {"full"}:
         assert arch.sliding_window == kwargs["sliding_window"]
+
+
+def test_llava_vision_tower_and_projector_match_transformers():
+    """LLaVA's whole model (vision tower, projector, language model) against transformers'
+    LlavaForConditionalGeneration on the meta device, name by name."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = load_bundled("llava-hf/llava-1.5-7b-hf").config
+    arch = architecture_from_config(config)
+    hf = {k: v for k, v in config.items() if k != "model_type"}
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model("llava", **hf))
+    theirs = {n.replace("model.language_model.", "model."): tuple(p.shape) for n, p in model.named_parameters()}
+    ours = {n: t.shape for t in arch.tensors for n in t.names()}
+    assert ours == theirs, _diff("parameter", ours, theirs)
+    assert arch.parameters == sum(p.numel() for p in model.parameters())
+    buffers = {n.replace("model.language_model.", "model."): tuple(b.shape) for n, b in model.named_buffers()}
+    assert {b.name: b.shape for b in arch.buffers} == buffers

@@ -31,6 +31,7 @@ class Workload:
     prompt_len: int
     new_tokens: int
     mode: str = "generate"  # "generate" or "forward"
+    images: int = 0  # images per sequence, for a vision-language model
 
 
 def cuda_available() -> bool:
@@ -113,6 +114,18 @@ def _hf_config(config: dict[str, Any]):
     return AutoConfig.for_model(model_type, **config)
 
 
+def auto_model_class(config: dict[str, Any]):
+    """The transformers auto class that generates text for this config: encoder-decoder
+    models through the seq2seq head, vision-language models through image-text-to-text."""
+    import transformers
+
+    if config.get("is_encoder_decoder") or config.get("model_type") in ("t5", "bart", "mt5", "mbart"):
+        return transformers.AutoModelForSeq2SeqLM
+    if isinstance(config.get("vision_config"), dict) and config.get("model_type") != "llama4":
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
 def build_random(config: dict[str, Any], precision: str, attn: str, num_layers: int | None = None,
                  relayout: bool = True):
     """Random weights straight from the config, allocated on the GPU (no download).
@@ -122,11 +135,9 @@ def build_random(config: dict[str, Any], precision: str, attn: str, num_layers: 
     `relayout`, the model goes to the CPU and back once the cache is emptied, so that its
     parameters are allocated one after another, as from_pretrained allocates them.
     """
-    from transformers import AutoModelForCausalLM
-
     hf_config = _hf_config(shrink_config(config, num_layers))
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(
+        model = auto_model_class(config).from_config(
             hf_config, dtype=TORCH_DTYPES[precision], attn_implementation=attn
         )
     if relayout:
@@ -149,8 +160,6 @@ def build_quantized(config: dict[str, Any], precision: str, attn: str, num_layer
                     workdir: str, compute_dtype: str = "bf16", double_quant: bool = False):
     """Save a random bf16 checkpoint, then reload it through bitsandbytes: the real loading
     path, quantization included. The checkpoint is written once per worker and reused."""
-    from transformers import AutoModelForCausalLM
-
     path = os.path.join(workdir, "checkpoint")
     if not os.path.exists(os.path.join(path, "config.json")):
         model = build_random(config, "bf16", attn, num_layers, relayout=False)  # fast on the GPU
@@ -160,7 +169,7 @@ def build_quantized(config: dict[str, Any], precision: str, attn: str, num_layer
         torch.cuda.empty_cache()
     quant = bnb_config(precision, compute_dtype, double_quant)
     torch.cuda.reset_peak_memory_stats()
-    model = AutoModelForCausalLM.from_pretrained(
+    model = auto_model_class(config).from_pretrained(
         path, quantization_config=quant, device_map="cuda:0", attn_implementation=attn,
         dtype=TORCH_DTYPES[compute_dtype],
     )
@@ -237,17 +246,47 @@ def warm_up(model) -> None:
     exist before a case is measured; their size is part of the runtime overhead term."""
     ids = torch.zeros((1, 4), dtype=torch.long, device="cuda")
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        extra = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **extra)
     del ids
     torch.cuda.synchronize()
 
 
-def _inputs(model, workload: Workload):
+def image_token_id(model) -> int | None:
+    config = model.config
+    for key in ("image_token_id", "image_token_index"):
+        if getattr(config, key, None) is not None:
+            return int(getattr(config, key))
+    return None
+
+
+def image_tokens_per_image(model) -> int:
+    """How many placeholder tokens one image expands to (LLaVA-style: one per patch, the
+    class token dropped under the "default" feature selection)."""
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+    return patches + (1 if strategy == "full" else 0)
+
+
+def _inputs(model, workload: Workload) -> dict[str, torch.Tensor]:
+    """Random token ids (image placeholders at the front when the workload has images);
+    ids never hit the image token by chance, so a text-only run stays text-only."""
     vocab = int(model.get_input_embeddings().num_embeddings)
+    special = image_token_id(model)
+    high = min(vocab, special) if special is not None else vocab
     generator = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(3, vocab, (workload.batch, workload.prompt_len), device="cuda",
+    ids = torch.randint(3, high, (workload.batch, workload.prompt_len), device="cuda",
                         generator=generator)
-    return ids, torch.ones_like(ids)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if workload.images:
+        per_image = image_tokens_per_image(model)
+        ids[:, : workload.images * per_image] = special
+        size = model.config.vision_config.image_size
+        inputs["pixel_values"] = torch.randn(
+            (workload.batch * workload.images, 3, size, size), device="cuda", generator=generator,
+            dtype=model.dtype)
+    return inputs
 
 
 # Frames from these packages say which code allocated a block; the rest is call plumbing.
@@ -315,7 +354,7 @@ def run_workload(model, workload: Workload, diagnose: bool = False) -> dict[str,
     With `diagnose`, the allocator records every allocation with its Python stack, and the
     row carries the set of blocks alive at the peak (slower; the figures are unchanged).
     """
-    ids, mask = _inputs(model, workload)
+    inputs = _inputs(model, workload)
     base = _reset()
     reserved_base = torch.cuda.memory_reserved()
     if diagnose:
@@ -324,15 +363,20 @@ def run_workload(model, workload: Workload, diagnose: bool = False) -> dict[str,
         started = time.perf_counter()
         with torch.no_grad():
             if workload.mode == "forward":
-                out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+                if model.config.is_encoder_decoder:
+                    out = model(**inputs, decoder_input_ids=inputs["input_ids"], use_cache=False)
+                else:
+                    out = model(**inputs, use_cache=False)
                 del out
             else:
                 out = model.generate(
-                    input_ids=ids, attention_mask=mask, do_sample=False,
+                    **inputs, do_sample=False,
                     min_new_tokens=workload.new_tokens, max_new_tokens=workload.new_tokens,
                     pad_token_id=0, eos_token_id=None,
                 )
-                produced = int(out.shape[1] - workload.prompt_len)
+                # a decoder-only model returns the prompt too; a seq2seq one the decoder start
+                produced = int(out.shape[1] - (1 if model.config.is_encoder_decoder
+                                               else workload.prompt_len))
                 del out
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
@@ -354,7 +398,7 @@ def run_workload(model, workload: Workload, diagnose: bool = False) -> dict[str,
             torch.cuda.memory._record_memory_history(enabled=None)
     if workload.mode != "forward":
         result["tokens_generated"] = produced
-    del ids, mask
+    del inputs
     return result
 
 
@@ -362,9 +406,9 @@ def prefill_profile(model, workload: Workload) -> dict[str, Any]:
     """One prefill forward (cache on, last-token logits, as generate() does) with hooks on the
     decoder layers: where the peak sits, for diagnosing a drifting term."""
     layers = _decoder_layers(model)
-    if not layers:
+    if not layers or model.config.is_encoder_decoder or workload.images:
         return {}
-    ids, mask = _inputs(model, workload)
+    inputs = _inputs(model, workload)
     marks: dict[str, int] = {}
 
     def pre(_module, _args, _kwargs=None):
@@ -381,13 +425,13 @@ def prefill_profile(model, workload: Workload) -> dict[str, Any]:
     base = _reset()
     try:
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            out = model(**inputs, use_cache=True, logits_to_keep=1)
             del out
     finally:
         for h in handles:
             h.remove()
     torch.cuda.synchronize()
-    del ids, mask
+    del inputs
     return {"base": base, **{k: int(v) for k, v in marks.items()}}
 
 

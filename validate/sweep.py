@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 CASE_KEYS = ("model", "layers", "precision", "attn", "batch", "prompt_len", "new_tokens", "mode",
-             "double_quant")
+             "double_quant", "images")
 
 
 def case_id(case: dict[str, Any]) -> str:
@@ -52,6 +52,8 @@ def expand_matrix(matrix: dict[str, Any]) -> list[dict[str, Any]]:
                 "mode": workload.get("mode", "generate"),
                 "double_quant": bool(dq),
             }
+            if workload.get("images"):
+                case["images"] = int(workload["images"])
             # `diagnose` records the live set at the peak; it is not part of a case's identity
             diagnose = bool(block.get("diagnose", False))
             known = {case_id(c): c for c in cases}

@@ -75,7 +75,8 @@ def main(job_path: str, out_path: str) -> None:
                     row = {"case": case, "status": build_error[0], "error": build_error[1]}
                 else:
                     workload = measure.Workload(case["batch"], case["prompt_len"],
-                                                case["new_tokens"], case["mode"])
+                                                case["new_tokens"], case["mode"],
+                                                case.get("images") or 0)
                     result = measure.measure_case(model, workload, diagnose=case.get("diagnose", False))
                     row = {"case": case, **result, "inventory": inventory,
                            "process_baseline_device_bytes": baseline_device}

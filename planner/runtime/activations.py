@@ -15,7 +15,7 @@ from typing import Literal
 from ..architecture import Architecture
 from ..base import Frozen, block_bytes
 from ..catalog import FamilyLayout
-from . import attention, experts, kv_cache
+from . import attention, experts, kv_cache, recurrent
 
 
 class Term(Frozen):
@@ -64,7 +64,9 @@ def _rope_tables(arch: Architecture, layout: FamilyLayout, spec: RunSpec, tokens
 def _masks(arch: Architecture, layout: FamilyLayout, spec: RunSpec, kernel_masked: bool) -> int:
     """Masks built once per forward and alive through all layers."""
     b, n = spec.batch, spec.prompt_len
-    kinds = set(arch.layer_types)
+    kinds = set(arch.layer_types) - {"none"}
+    if not kinds:
+        return 0
     if spec.attn == "eager":
         return len(kinds) * block_bytes(b * n * n * spec.activation_bytes)
     if spec.attn == "sdpa" and (kernel_masked or layout.sdpa_kernel == "math"):
@@ -98,7 +100,8 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
 
     def common_at(layer_count: int | None) -> tuple[tuple[str, int, str], ...]:
         """Tensors alive through the forward, with the KV cache of the layers run so far."""
-        cache = kv_cache.cache_bytes(arch, b, n, 0, spec.kv, layers=layer_count) if generate else 0
+        cache = kv_cache.cache_bytes(arch, b, n, 0, spec.kv, layers=layer_count,
+                                     activation_bytes=s) if generate else 0
         return (
             ("KV cache", cache, f"keys and values of the {layer_count or arch.num_layers} layers run "
                                 "so far, at the prompt length"),
@@ -120,7 +123,8 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
     phase = "prefill" if generate else "forward"
     points = []
     moe = arch.moe
-    dense_layers = [i for i in range(arch.num_layers) if moe is None or i not in moe.sparse_layers]
+    dense_layers = [] if arch.mlp_free else [
+        i for i in range(arch.num_layers) if moe is None or i not in moe.sparse_layers]
     if dense_layers:
         mlp_terms = [*layer_level, ("MLP intermediates", mlp.intermediate * inter,
                                     f"{mlp.intermediate} B x N x intermediate tensors alive inside the MLP")]
@@ -163,6 +167,10 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
              "bitsandbytes 4-bit dequantizes a layer's weight to the compute dtype for each matmul"),
         )))
 
+    if arch.recurrent is not None:
+        points.append(_scan_point(arch, spec, common_at, phase))
+    if not arch.attention_layers:
+        return points + _logit_points(arch, layout, spec, common, hidden)
     att = layout.attention_point
     repeats = attention.repeats_kv(arch, layout, kernel, masked)
     kv_len = n
@@ -190,7 +198,37 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
     ]
     points.append(Point(phase=f"{phase}, in {kernel} attention",
                         kind=f"attention:{kernel}", terms=_terms(*common, *attn_terms)))
+    return points + _logit_points(arch, layout, spec, common, hidden)
 
+
+def _scan_point(arch: Architecture, spec: RunSpec, common_at, phase: str) -> Point:
+    """Inside the last mixer layer's scan: the states of the mixer layers before it (its own
+    conv window is already cached), the KV of the attention layers before it."""
+    mixer = arch.recurrent
+    assert mixer is not None
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    last = max(mixer.layers)
+    generate = spec.mode == "generate"
+    before = [t for t in common_at(last) if t[0] != "KV cache"]
+    cache = 0
+    if generate:
+        cache = kv_cache.cache_bytes(arch, b, n, 0, spec.kv, layers=last, activation_bytes=s)
+        cache += recurrent.layer_state_bytes(mixer, b, s)[0]
+    copies, wide = recurrent.scan_hidden_copies(arch, generate)
+    hidden = [("hidden states", copies * block_bytes(b * n * arch.hidden_size * s)
+               + wide * block_bytes(b * n * arch.hidden_size * 4),
+               "embeddings, the residual stream and the normed input"
+               + (" (the residual in fp32)" if wide else ""))]
+    return Point(phase=f"{phase}, in the {mixer.kind} scan", kind=f"scan:{mixer.kind}", terms=_terms(
+        ("KV cache and states", cache, "KV of the attention layers and states of the mixer layers run so far"),
+        *before, *hidden, *recurrent.scan_terms(arch, b, n, s)))
+
+
+def _logit_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec, common, hidden: int
+                  ) -> list[Point]:
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    generate = spec.mode == "generate"
+    points: list[Point] = []
     vocab = arch.vocab_size
     if not arch.computes_logits:  # a pipeline stage before the last
         return points
@@ -217,9 +255,11 @@ def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
         return None
     b, n, t = spec.batch, spec.prompt_len, spec.new_tokens
     decoded = t - 1
-    cache = kv_cache.cache_bytes(arch, b, n, decoded, spec.kv)
-    longest = max(kv_cache.stored_length(k, arch.sliding_window, n, decoded - 1) for k in arch.layer_types)
-    copy = kv_cache.decode_update_transient(arch, b, longest, spec.kv)
+    cache = kv_cache.cache_bytes(arch, b, n, decoded, spec.kv, activation_bytes=spec.activation_bytes)
+    longest = max((kv_cache.stored_length(k, arch.sliding_window, n, decoded - 1)
+                   for k in arch.layer_types if k != "none"), default=0)
+    copy = max(kv_cache.decode_update_transient(arch, b, longest, spec.kv) if longest else 0,
+               recurrent.decode_transient(arch, b, spec.activation_bytes))
     vocab = arch.vocab_size if arch.computes_logits else 0
     logits = block_bytes(b * vocab * spec.activation_bytes) + block_bytes(b * vocab * 4)
     gathered = experts.decode_transient(arch, b, spec.activation_bytes)

@@ -15,6 +15,7 @@ from typing import Literal
 
 from ..architecture import Architecture
 from ..base import Frozen, block_bytes
+from . import recurrent
 
 Part = Literal["key", "value"]
 
@@ -74,11 +75,14 @@ def stored_length(kind: str, window: int | None, prompt_len: int, decoded: int) 
 
 
 def cache_bytes(arch: Architecture, batch: int, prompt_len: int, decoded: int, kv: KvFormat,
-                layers: int | None = None) -> int:
+                layers: int | None = None, activation_bytes: int | None = None) -> int:
     """All layers' keys and values (the first `layers` only, when given: the cache a layer
-    sees while it runs) after prefill and `decoded` decode steps."""
-    total = 0
+    sees while it runs) after prefill and `decoded` decode steps, and the fixed-size states of
+    recurrent mixer layers (conv window in the activation dtype, scan state in fp32)."""
+    total = recurrent.state_bytes(arch, batch, activation_bytes or kv.element_bytes, layers)
     for kind in arch.layer_types[:layers]:
+        if kind == "none":
+            continue
         length = stored_length(kind, arch.sliding_window, prompt_len, decoded)
         total += sum(layer_bytes(arch, batch, length, kv, decoded, part) for part in ("key", "value"))
     return total

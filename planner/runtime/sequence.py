@@ -103,6 +103,10 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
     tr.new(b * n * 8)
     tr.new(b * n * 8)  # input_ids, attention_mask
     reserved_before = tr.alloc.reserved
+    if arch.recurrent is not None:
+        # the torch-fallback scans are not replayed op by op: their reserve is not modelled
+        return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
+                            reserved_before_run=reserved_before)
 
     hidden = b * n * arch.hidden_size * s
     inter = b * n * arch.intermediate_size * s

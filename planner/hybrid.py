@@ -1,0 +1,369 @@
+"""Adapters for state-space and hybrid families: Mamba, Mamba-2, Jamba, Falcon-H1,
+Granite-4.0-H (granitemoehybrid) and Qwen3-Next.
+
+Each lists its parameters under transformers 5.17's names (the exactness test compares them
+with transformers' own instantiation) and describes its recurrent mixer as a `RecurrentSpec`:
+a conv1d state and a scan state per mixer layer instead of a growing KV cache. Layers without
+attention are "none" in `layer_types`; Falcon-H1 runs attention and the mixer side by side in
+every layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .architecture import (
+    Architecture,
+    LayerKind,
+    MoeLayout,
+    MoeSpec,
+    RecurrentSpec,
+    _config_dtype,
+    _heads,
+    _Inventory,
+    _layer_types,
+    _moe_mlp,
+    _qwen_sparse_layers,
+    _rope_buffers,
+    _rotary_dim,
+    _tied,
+    BufferSpec,
+    adapter,
+)
+from .config import MAX_LAYERS, RawConfig
+from .errors import ConfigError
+
+
+def _dt_rank(raw: RawConfig, key: str, hidden: int) -> int:
+    value = raw.raw(key, default="auto")
+    return math.ceil(hidden / 16) if value == "auto" else raw.int(key)
+
+
+def _mamba_mixer(inv: _Inventory, prefix: str, hidden: int, inner: int, state: int, rank: int,
+                 kernel: int, conv_bias: bool, proj_bias: bool, layers: tuple[int, ...],
+                 bc_norms: bool = False) -> None:
+    """Mamba-1's mixer (MambaMixer, JambaMambaMixer)."""
+    inv.per_layer(f"{prefix}.A_log", (inner, state), "other", layers=layers)
+    inv.per_layer(f"{prefix}.D", (inner,), "other", layers=layers)
+    inv.per_layer(f"{prefix}.conv1d.weight", (inner, 1, kernel), "other", layers=layers)
+    if conv_bias:
+        inv.per_layer(f"{prefix}.conv1d.bias", (inner,), "bias", layers=layers)
+    inv.linear(f"{prefix}.in_proj", 2 * inner, hidden, proj_bias, layers=layers)
+    inv.linear(f"{prefix}.x_proj", rank + 2 * state, inner, False, layers=layers)
+    inv.linear(f"{prefix}.dt_proj", inner, rank, True, layers=layers)
+    inv.linear(f"{prefix}.out_proj", hidden, inner, proj_bias, layers=layers)
+    if bc_norms:  # Jamba normalizes dt, B and C
+        inv.per_layer(f"{prefix}.dt_layernorm.weight", (rank,), "norm", layers=layers)
+        inv.per_layer(f"{prefix}.b_layernorm.weight", (state,), "norm", layers=layers)
+        inv.per_layer(f"{prefix}.c_layernorm.weight", (state,), "norm", layers=layers)
+
+
+def _mamba2_mixer(inv: _Inventory, prefix: str, hidden: int, spec: RecurrentSpec, conv_bias: bool,
+                  proj_bias: bool, gated_norm: bool) -> None:
+    """Mamba-2's mixer (Mamba2Mixer and its copies in Falcon-H1 and Granite-4.0-H)."""
+    layers, heads = spec.layers, spec.heads
+    inv.per_layer(f"{prefix}.dt_bias", (heads,), "other", layers=layers)
+    inv.per_layer(f"{prefix}.A_log", (heads,), "other", layers=layers)
+    inv.per_layer(f"{prefix}.D", (heads,), "other", layers=layers)
+    inv.per_layer(f"{prefix}.conv1d.weight", (spec.conv_dim, 1, spec.conv_kernel), "other", layers=layers)
+    if conv_bias:
+        inv.per_layer(f"{prefix}.conv1d.bias", (spec.conv_dim,), "bias", layers=layers)
+    inv.linear(f"{prefix}.in_proj", spec.in_proj, hidden, proj_bias, layers=layers)
+    if gated_norm:
+        inv.per_layer(f"{prefix}.norm.weight", (spec.inner,), "norm", layers=layers)
+    inv.linear(f"{prefix}.out_proj", hidden, spec.inner, proj_bias, layers=layers)
+
+
+def _mamba2_spec(layers: tuple[int, ...], inner: int, heads: int, head_dim: int, groups: int,
+                 state: int, kernel: int, chunk: int) -> RecurrentSpec:
+    if heads * head_dim != inner:
+        raise ConfigError(f"Mamba-2 heads x head_dim ({heads} x {head_dim}) must equal its inner width {inner}.")
+    if heads % groups:
+        raise ConfigError(f"Mamba-2: {heads} heads cannot share {groups} groups (not a divisor).")
+    conv_dim = inner + 2 * groups * state
+    return RecurrentSpec(kind="mamba2", layers=layers, inner=inner, state_size=state, heads=heads,
+                         head_dim=head_dim, groups=groups, conv_kernel=kernel, conv_dim=conv_dim,
+                         in_proj=inner + conv_dim + heads, chunk_size=chunk)
+
+
+def _attention(inv: _Inventory, prefix: str, hidden: int, heads: int, kv_heads: int, head_dim: int,
+               bias: bool, layers: tuple[int, ...], gated_query: bool = False) -> None:
+    inv.linear(f"{prefix}.q_proj", (2 if gated_query else 1) * heads * head_dim, hidden, bias, layers=layers)
+    inv.linear(f"{prefix}.k_proj", kv_heads * head_dim, hidden, bias, layers=layers)
+    inv.linear(f"{prefix}.v_proj", kv_heads * head_dim, hidden, bias, layers=layers)
+    inv.linear(f"{prefix}.o_proj", hidden, heads * head_dim, bias, layers=layers)
+
+
+def _gated_mlp(inv: _Inventory, prefix: str, hidden: int, width: int, bias: bool,
+               layers: tuple[int, ...]) -> None:
+    inv.linear(f"{prefix}.gate_proj", width, hidden, bias, layers=layers)
+    inv.linear(f"{prefix}.up_proj", width, hidden, bias, layers=layers)
+    inv.linear(f"{prefix}.down_proj", hidden, width, bias, layers=layers)
+
+
+def _note(kind: str) -> str:
+    return (f"{kind} layers keep a fixed-size state (conv1d window + scan state, the scan state in fp32) "
+            "instead of a KV cache. Runtime terms follow transformers' torch fallback (no mamba-ssm / "
+            "causal-conv1d / flash-linear-attention kernels installed), as measured; with those kernels the "
+            "prefill transient is far smaller.")
+
+
+@adapter("mamba")
+def _mamba(raw: RawConfig) -> Architecture:
+    hidden = raw.int("hidden_size", "d_model")
+    layers = raw.int("num_hidden_layers", "n_layer", maximum=MAX_LAYERS)
+    vocab = raw.int("vocab_size")
+    inner = raw.int("intermediate_size", default=None) or int(raw.float("expand", default=2) * hidden)
+    state = raw.int("state_size", default=16)
+    kernel = raw.int("conv_kernel", default=4)
+    rank = _dt_rank(raw, "time_step_rank", hidden)
+    everywhere = tuple(range(layers))
+    inv = _Inventory(layers)
+    inv.one("backbone.embeddings.weight", (vocab, hidden), "embedding")
+    inv.norm("backbone.layers.{i}.norm", hidden, False)
+    _mamba_mixer(inv, "backbone.layers.{i}.mixer", hidden, inner, state, rank, kernel,
+                 raw.bool("use_conv_bias", default=True), raw.bool("use_bias", default=False), everywhere)
+    inv.norm("backbone.norm_f", hidden, False, per_layer=False)
+    tied = _tied(raw, True)
+    inv.head("lm_head", vocab, hidden, tied)
+    spec = RecurrentSpec(kind="mamba", layers=everywhere, inner=inner, state_size=state,
+                         conv_kernel=kernel, conv_dim=inner, in_proj=2 * inner, dt_rank=rank, gate_copies=4)
+    return _recurrent_only(raw, "mamba", hidden, layers, vocab, inner, tied, inv, spec)
+
+
+@adapter("mamba2")
+def _mamba2(raw: RawConfig) -> Architecture:
+    hidden = raw.int("hidden_size")
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
+    vocab = raw.int("vocab_size")
+    inner = int(raw.float("expand", default=2) * hidden)
+    heads = raw.int("num_heads", default=128)
+    everywhere = tuple(range(layers))
+    spec = _mamba2_spec(everywhere, inner, heads, raw.int("head_dim", default=inner // heads),
+                        raw.int("n_groups", default=8), raw.int("state_size", default=128),
+                        raw.int("conv_kernel", default=4), raw.int("chunk_size", default=256))
+    inv = _Inventory(layers)
+    inv.one("backbone.embeddings.weight", (vocab, hidden), "embedding")
+    inv.norm("backbone.layers.{i}.norm", hidden, False)
+    _mamba2_mixer(inv, "backbone.layers.{i}.mixer", hidden, spec, raw.bool("use_conv_bias", default=True),
+                  raw.bool("use_bias", default=False), gated_norm=True)
+    inv.norm("backbone.norm_f", hidden, False, per_layer=False)
+    tied = _tied(raw, False)
+    inv.head("lm_head", vocab, hidden, tied)
+    return _recurrent_only(raw, "mamba", hidden, layers, vocab, inner, tied, inv, spec)
+
+
+def _recurrent_only(raw: RawConfig, family: str, hidden: int, layers: int, vocab: int, inner: int,
+                    tied: bool, inv: _Inventory, spec: RecurrentSpec) -> Architecture:
+    return Architecture(
+        model_type=raw.str("model_type"), family=family, hidden_size=hidden, num_layers=layers,
+        vocab_size=vocab, num_heads=1, num_kv_heads=1, head_dim=1, intermediate_size=inner,
+        rotary_dim=0, positions="none", max_positions=None, layer_types=("none",) * layers,
+        sliding_window=None, tie_word_embeddings=tied, config_dtype=_config_dtype(raw),
+        attention_implementations=("eager",), tensors=tuple(inv.items), recurrent=spec, mlp_free=True,
+        notes=(_note("Mamba" if spec.kind == "mamba" else "Mamba-2"),),
+    )
+
+
+@adapter("jamba")
+def _jamba(raw: RawConfig) -> Architecture:
+    hidden = raw.int("hidden_size")
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
+    vocab = raw.int("vocab_size")
+    heads, kv_heads, head_dim = _heads(raw, hidden)
+    width = raw.int("intermediate_size")
+    attn_period, attn_offset = raw.int("attn_layer_period", default=8), raw.int("attn_layer_offset", default=4, minimum=0)
+    exp_period, exp_offset = raw.int("expert_layer_period", default=2), raw.int("expert_layer_offset", default=1, minimum=0)
+    experts = raw.int("num_experts", default=16)
+    kinds: tuple[LayerKind, ...] = tuple("full" if i % attn_period == attn_offset else "none" for i in range(layers))
+    attention_layers = tuple(i for i, k in enumerate(kinds) if k == "full")
+    mamba_layers = tuple(i for i, k in enumerate(kinds) if k == "none")
+    sparse = tuple(i for i in range(layers) if experts > 1 and i % exp_period == exp_offset)
+    dense = tuple(i for i in range(layers) if i not in sparse)
+    inner = int(raw.float("mamba_expand", default=2) * hidden)
+    state, kernel = raw.int("mamba_d_state", default=16), raw.int("mamba_d_conv", default=4)
+    rank = _dt_rank(raw, "mamba_dt_rank", hidden)
+    inv = _Inventory(layers)
+    inv.one("model.embed_tokens.weight", (vocab, hidden), "embedding")
+    _mamba_mixer(inv, "model.layers.{i}.mamba", hidden, inner, state, rank, kernel,
+                 raw.bool("mamba_conv_bias", default=True), raw.bool("mamba_proj_bias", default=False),
+                 mamba_layers, bc_norms=True)
+    _attention(inv, "model.layers.{i}.self_attn", hidden, heads, kv_heads, head_dim, False, attention_layers)
+    _gated_mlp(inv, "model.layers.{i}.feed_forward", hidden, width, False, dense)
+    moe = None
+    if sparse:
+        moe = MoeSpec(num_experts=experts, top_k=raw.int("num_experts_per_tok", default=2),
+                      expert_intermediate=width, sparse_layers=sparse)
+        _moe_mlp(inv, "model.layers.{i}.feed_forward", moe, MoeLayout(router="router"), hidden)
+    inv.norm("model.layers.{i}.input_layernorm", hidden, False)
+    inv.norm("model.layers.{i}.pre_ff_layernorm", hidden, False)
+    inv.norm("model.final_layernorm", hidden, False, per_layer=False)
+    tied = _tied(raw, False)
+    inv.head("lm_head", vocab, hidden, tied)
+    spec = RecurrentSpec(kind="mamba", layers=mamba_layers, inner=inner, state_size=state,
+                         conv_kernel=kernel, conv_dim=inner, in_proj=2 * inner, dt_rank=rank, gate_copies=3)
+    return Architecture(
+        model_type="jamba", family="hybrid", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=width,
+        rotary_dim=0, positions="none", max_positions=None, layer_types=kinds, sliding_window=None,
+        tie_word_embeddings=tied, config_dtype=_config_dtype(raw),
+        attention_implementations=("sdpa", "eager", "flash_attention_2"), tensors=tuple(inv.items),
+        moe=moe, recurrent=spec, notes=(_note("Jamba's Mamba"),),
+    )
+
+
+@adapter("falcon_h1")
+def _falcon_h1(raw: RawConfig) -> Architecture:
+    hidden = raw.int("hidden_size")
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
+    vocab = raw.int("vocab_size")
+    heads, kv_heads, head_dim = _heads(raw, hidden)
+    width = raw.int("intermediate_size")
+    everywhere = tuple(range(layers))
+    inner = raw.int("mamba_d_ssm", default=None) or int(raw.float("mamba_expand", default=2) * hidden)
+    mamba_heads = raw.int("mamba_n_heads", default=128)
+    d_head = raw.raw("mamba_d_head", default="auto")
+    mamba_head_dim = inner // mamba_heads if d_head == "auto" else raw.int("mamba_d_head")
+    spec = _mamba2_spec(everywhere, inner, mamba_heads, mamba_head_dim, raw.int("mamba_n_groups", default=1),
+                        raw.int("mamba_d_state", default=256), raw.int("mamba_d_conv", default=4),
+                        raw.int("mamba_chunk_size", default=256))
+    inv = _Inventory(layers)
+    inv.one("model.embed_tokens.weight", (vocab, hidden), "embedding")
+    _gated_mlp(inv, "model.layers.{i}.feed_forward", hidden, width, raw.bool("mlp_bias", default=False), everywhere)
+    _mamba2_mixer(inv, "model.layers.{i}.mamba", hidden, spec, raw.bool("mamba_conv_bias", default=True),
+                  raw.bool("projectors_bias", "mamba_proj_bias", default=False),
+                  gated_norm=raw.bool("mamba_rms_norm", default=False))
+    _attention(inv, "model.layers.{i}.self_attn", hidden, heads, kv_heads, head_dim,
+               raw.bool("attention_bias", default=False), everywhere)
+    inv.norm("model.layers.{i}.input_layernorm", hidden, False)
+    inv.norm("model.layers.{i}.pre_ff_layernorm", hidden, False)
+    inv.norm("model.final_layernorm", hidden, False, per_layer=False)
+    tied = _tied(raw, False)
+    inv.head("lm_head", vocab, hidden, tied)
+    rotary = _rotary_dim(raw, head_dim)
+    mup = BufferSpec(name="model.layers.{i}.mamba.mup_vector", shape=(1, 1, spec.in_proj), dtype="activation",
+                     layers=everywhere, why="Falcon-H1's muP multipliers of the mixer's input projection")
+    return Architecture(
+        model_type="falcon_h1", family="hybrid", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=width,
+        rotary_dim=rotary, positions="rope", max_positions=None, layer_types=("full",) * layers,
+        sliding_window=None, tie_word_embeddings=tied, config_dtype=_config_dtype(raw),
+        attention_implementations=("sdpa", "eager", "flash_attention_2"), tensors=tuple(inv.items),
+        buffers=(mup, *_rope_buffers("model.", rotary)), recurrent=spec,
+        notes=(_note("Falcon-H1's Mamba-2 (beside attention in every layer)"),),
+    )
+
+
+@adapter("granitemoehybrid")
+def _granite_hybrid(raw: RawConfig) -> Architecture:
+    hidden = raw.int("hidden_size")
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
+    vocab = raw.int("vocab_size")
+    heads, kv_heads, head_dim = _heads(raw, hidden)
+    names = raw.list("layer_types", "layers_block_type", default=None) or ["mamba"] * layers
+    kinds = _layer_types(raw.__class__({"layer_types": names}, raw.where), layers, lambda i: "none")
+    attention_layers = tuple(i for i, k in enumerate(kinds) if k != "none")
+    mamba_layers = tuple(i for i, k in enumerate(kinds) if k == "none")
+    everywhere = tuple(range(layers))
+    inner = int(raw.float("mamba_expand", default=2) * hidden)
+    mamba_heads = raw.int("mamba_n_heads", default=128)
+    spec = _mamba2_spec(mamba_layers, inner, mamba_heads, raw.int("mamba_d_head", default=inner // mamba_heads),
+                        raw.int("mamba_n_groups", default=1), raw.int("mamba_d_state", default=256),
+                        raw.int("mamba_d_conv", default=4), raw.int("mamba_chunk_size", default=256))
+    experts = raw.int("num_local_experts", default=8, minimum=0)
+    shared = raw.int("shared_intermediate_size", default=1024, minimum=0)
+    width = raw.int("intermediate_size")
+    inv = _Inventory(layers)
+    inv.one("model.embed_tokens.weight", (vocab, hidden), "embedding")
+    inv.norm("model.layers.{i}.input_layernorm", hidden, False)
+    inv.norm("model.layers.{i}.post_attention_layernorm", hidden, False)
+    moe = None
+    if experts:
+        moe = MoeSpec(num_experts=experts, top_k=raw.int("num_experts_per_tok", default=2),
+                      expert_intermediate=width, shared_intermediate=shared, sparse_layers=everywhere)
+        _moe_mlp(inv, "model.layers.{i}.block_sparse_moe", moe, MoeLayout(router="router"), hidden)
+    inv.linear("model.layers.{i}.shared_mlp.input_linear", 2 * shared, hidden, False)
+    inv.linear("model.layers.{i}.shared_mlp.output_linear", hidden, shared, False)
+    _mamba2_mixer(inv, "model.layers.{i}.mamba", hidden, spec, raw.bool("mamba_conv_bias", default=True),
+                  raw.bool("mamba_proj_bias", default=False), gated_norm=True)
+    _attention(inv, "model.layers.{i}.self_attn", hidden, heads, kv_heads, head_dim,
+               raw.bool("attention_bias", default=False), attention_layers)
+    inv.norm("model.norm", hidden, False, per_layer=False)
+    tied = _tied(raw, False)
+    inv.head("lm_head", vocab, hidden, tied)
+    rope = raw.str("position_embedding_type", default=None) == "rope"
+    return Architecture(
+        model_type="granitemoehybrid", family="hybrid", hidden_size=hidden, num_layers=layers,
+        vocab_size=vocab, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        intermediate_size=shared if not experts else width, rotary_dim=head_dim if rope else 0,
+        positions="rope" if rope else "none", max_positions=None, layer_types=kinds, sliding_window=None,
+        tie_word_embeddings=tied, config_dtype=_config_dtype(raw),
+        attention_implementations=("sdpa", "eager", "flash_attention_2"), tensors=tuple(inv.items),
+        buffers=_rope_buffers("model.", head_dim) if rope else (), moe=moe, recurrent=spec,
+        notes=(_note("Granite-4.0-H's Mamba-2"),),
+    )
+
+
+@adapter("qwen3_next")
+def _qwen3_next(raw: RawConfig) -> Architecture:
+    hidden = raw.int("hidden_size")
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
+    vocab = raw.int("vocab_size")
+    heads, kv_heads, head_dim = _heads(raw, hidden)
+    interval = raw.int("full_attention_interval", default=4)
+    kinds = _layer_types(raw, layers, lambda i: "full" if (i + 1) % interval == 0 else "none")
+    attention_layers = tuple(i for i, k in enumerate(kinds) if k != "none")
+    linear_layers = tuple(i for i, k in enumerate(kinds) if k == "none")
+    key_heads, key_dim = raw.int("linear_num_key_heads", default=16), raw.int("linear_key_head_dim", default=128)
+    value_heads, value_dim = raw.int("linear_num_value_heads", default=32), raw.int("linear_value_head_dim", default=128)
+    if value_heads % key_heads:
+        raise ConfigError(f"{raw.where}: {value_heads} value heads cannot share {key_heads} key heads.")
+    kernel = raw.int("linear_conv_kernel_dim", default=4)
+    conv_dim = 2 * key_heads * key_dim + value_heads * value_dim
+    spec = RecurrentSpec(kind="gated_delta", layers=linear_layers, inner=value_heads * value_dim,
+                         state_size=key_dim, heads=value_heads, head_dim=value_dim, groups=key_heads,
+                         conv_kernel=kernel, conv_dim=conv_dim,
+                         in_proj=2 * key_heads * key_dim + 2 * value_heads * value_dim, chunk_size=64)
+    sparse = _qwen_sparse_layers(raw, layers) if raw.int("num_experts", default=512, minimum=0) else ()
+    dense = tuple(i for i in range(layers) if i not in sparse)
+    inv = _Inventory(layers)
+    inv.one("model.embed_tokens.weight", (vocab, hidden), "embedding")
+    la = "model.layers.{i}.linear_attn"
+    inv.per_layer(f"{la}.dt_bias", (value_heads,), "other", layers=linear_layers)
+    inv.per_layer(f"{la}.A_log", (value_heads,), "other", layers=linear_layers)
+    inv.per_layer(f"{la}.conv1d.weight", (conv_dim, 1, kernel), "other", layers=linear_layers)
+    inv.linear(f"{la}.in_proj_qkvz", spec.in_proj, hidden, False, layers=linear_layers)
+    inv.linear(f"{la}.in_proj_ba", 2 * value_heads, hidden, False, layers=linear_layers)
+    inv.per_layer(f"{la}.norm.weight", (value_dim,), "norm", layers=linear_layers)
+    inv.linear(f"{la}.out_proj", hidden, value_heads * value_dim, False, layers=linear_layers)
+    moe = None
+    if sparse:
+        moe = MoeSpec(num_experts=raw.int("num_experts"), top_k=raw.int("num_experts_per_tok", default=10),
+                      expert_intermediate=raw.int("moe_intermediate_size", default=512),
+                      shared_intermediate=raw.int("shared_expert_intermediate_size", default=512, minimum=0),
+                      sparse_layers=sparse, shared_first=True)
+        _moe_mlp(inv, "model.layers.{i}.mlp", moe, MoeLayout(shared="shared_expert", shared_gate=True), hidden)
+    _gated_mlp(inv, "model.layers.{i}.mlp", hidden, raw.int("intermediate_size"), False, dense)
+    inv.norm("model.layers.{i}.input_layernorm", hidden, False)
+    inv.norm("model.layers.{i}.post_attention_layernorm", hidden, False)
+    bias = raw.bool("attention_bias", default=False)
+    _attention(inv, "model.layers.{i}.self_attn", hidden, heads, kv_heads, head_dim, bias, attention_layers,
+               gated_query=True)
+    inv.per_layer("model.layers.{i}.self_attn.q_norm.weight", (head_dim,), "norm", layers=attention_layers)
+    inv.per_layer("model.layers.{i}.self_attn.k_norm.weight", (head_dim,), "norm", layers=attention_layers)
+    inv.norm("model.norm", hidden, False, per_layer=False)
+    tied = _tied(raw, False)
+    inv.head("lm_head", vocab, hidden, tied)
+    rotary = _rotary_dim(raw, head_dim)
+    notes = [_note("Qwen3-Next's gated DeltaNet")]
+    if raw.int("num_nextn_predict_layers", "mtp_num_hidden_layers", default=0, minimum=0):
+        notes.append("the checkpoint's multi-token-prediction layers are not loaded by transformers "
+                     "and are not counted.")
+    return Architecture(
+        model_type="qwen3_next", family="hybrid", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=raw.int("intermediate_size"),
+        rotary_dim=rotary, positions="rope", max_positions=None, layer_types=kinds, sliding_window=None,
+        tie_word_embeddings=tied, config_dtype=_config_dtype(raw),
+        attention_implementations=("sdpa", "eager", "flash_attention_2"), tensors=tuple(inv.items),
+        buffers=_rope_buffers("model.", rotary), moe=moe, recurrent=spec, notes=tuple(notes),
+    )
