@@ -14,6 +14,7 @@ import math
 
 from .architecture import (
     Architecture,
+    BufferSpec,
     LayerKind,
     MoeLayout,
     MoeSpec,
@@ -27,7 +28,6 @@ from .architecture import (
     _rope_buffers,
     _rotary_dim,
     _tied,
-    BufferSpec,
     adapter,
 )
 from .config import MAX_LAYERS, RawConfig
@@ -172,8 +172,10 @@ def _jamba(raw: RawConfig) -> Architecture:
     vocab = raw.int("vocab_size")
     heads, kv_heads, head_dim = _heads(raw, hidden)
     width = raw.int("intermediate_size")
-    attn_period, attn_offset = raw.int("attn_layer_period", default=8), raw.int("attn_layer_offset", default=4, minimum=0)
-    exp_period, exp_offset = raw.int("expert_layer_period", default=2), raw.int("expert_layer_offset", default=1, minimum=0)
+    attn_period = raw.int("attn_layer_period", default=8)
+    attn_offset = raw.int("attn_layer_offset", default=4, minimum=0)
+    exp_period = raw.int("expert_layer_period", default=2)
+    exp_offset = raw.int("expert_layer_offset", default=1, minimum=0)
     experts = raw.int("num_experts", default=16)
     kinds: tuple[LayerKind, ...] = tuple("full" if i % attn_period == attn_offset else "none" for i in range(layers))
     attention_layers = tuple(i for i, k in enumerate(kinds) if k == "full")
@@ -315,7 +317,8 @@ def _qwen3_next(raw: RawConfig) -> Architecture:
     attention_layers = tuple(i for i, k in enumerate(kinds) if k != "none")
     linear_layers = tuple(i for i, k in enumerate(kinds) if k == "none")
     key_heads, key_dim = raw.int("linear_num_key_heads", default=16), raw.int("linear_key_head_dim", default=128)
-    value_heads, value_dim = raw.int("linear_num_value_heads", default=32), raw.int("linear_value_head_dim", default=128)
+    value_heads = raw.int("linear_num_value_heads", default=32)
+    value_dim = raw.int("linear_value_head_dim", default=128)
     if value_heads % key_heads:
         raise ConfigError(f"{raw.where}: {value_heads} value heads cannot share {key_heads} key heads.")
     kernel = raw.int("linear_conv_kernel_dim", default=4)

@@ -41,7 +41,12 @@ dump("olmoe-1b-7b.json", OlmoeConfig(num_hidden_layers=4, torch_dtype="bfloat16"
 # the model named in the file name (config-class defaults where the class documents that
 # model), so every key is one transformers reads.
 from transformers import (  # noqa: E402
-    BartConfig, FalconH1Config, GraniteMoeHybridConfig, JambaConfig, Mamba2Config, MambaConfig,
+    BartConfig,
+    FalconH1Config,
+    GraniteMoeHybridConfig,
+    JambaConfig,
+    Mamba2Config,
+    MambaConfig,
     T5Config,
 )
 
