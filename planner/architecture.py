@@ -186,6 +186,7 @@ class Architecture(Frozen):
     attention_sinks: bool = False  # gpt-oss: a learned sink logit per head joins the softmax
     recurrent: RecurrentSpec | None = None  # state-space / linear-attention layers
     mlp_free: bool = False  # no MLP at all (Mamba, Mamba-2: the mixer is the whole layer)
+    use_cache: bool = True  # the config's use_cache, which generate() follows
 
     @field_validator("layer_types")
     @classmethod
@@ -235,7 +236,12 @@ _ADAPTERS: dict[str, Adapter] = {}
 # Families transformers 5.17 has no code for, or whose configs need trust_remote_code.
 REMOTE_CODE_FAMILIES = {"chatglm", "internlm2", "phi-msft", "minicpm", "phi3_v", "kimi_k2"}
 # Modelled in a later release of vramplan; refused clearly until then.
-NOT_YET_MODELLED: dict[str, str] = {}
+NOT_YET_MODELLED = {
+    "t5": "encoder-decoder layers (an encoder stack and cross-attention caches)",
+    "mt5": "encoder-decoder layers (an encoder stack and cross-attention caches)",
+    "bart": "encoder-decoder layers (an encoder stack and cross-attention caches)",
+    "mbart": "encoder-decoder layers (an encoder stack and cross-attention caches)",
+}
 # Multimodal wrappers whose language model is a family we model: the text config is used.
 MULTIMODAL_TEXT_CONFIG = {"llava", "mistral3", "gemma3", "llava_next", "paligemma", "qwen2_vl", "llama4"}
 
@@ -284,8 +290,11 @@ def architecture_from_config(config: dict, where: str = "config") -> Architectur
         raise UnsupportedModelError(
             f"Unknown model_type {model_type!r}; supported: {', '.join(supported_model_types())}.")
     arch = fn(raw)
+    update: dict = {"use_cache": raw.bool("use_cache", default=True)}
     scheme = scheme_from_config(raw)
-    return arch if scheme is None else arch.model_copy(update={"quantization": scheme})
+    if scheme is not None:
+        update["quantization"] = scheme
+    return arch.model_copy(update=update)
 
 
 def _with_clip_vision(arch: Architecture, raw: RawConfig, vision: RawConfig) -> Architecture:

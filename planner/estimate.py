@@ -197,10 +197,14 @@ def run_spec(arch: Architecture, workload: Workload, weights: WeightBreakdown, c
              compute: str) -> RunSpec:
     element = DTYPE_BYTES[compute]
     quant = {"bnb_int8": "int8", "bnb_4bit": "4bit"}.get(chosen.kind, "none")
-    return RunSpec(batch=workload.batch, prompt_len=workload.prompt_len,
-                   new_tokens=workload.new_tokens, mode=workload.mode, attn=workload.attn,
-                   activation_bytes=element, kv=kv_format(workload, compute), quantization=quant,
-                   largest_linear_elements=weights.largest_linear_elements)
+    prompt, new_tokens, keeps_cache = workload.prompt_len, workload.new_tokens, True
+    if workload.mode == "generate" and not arch.use_cache:
+        # every step re-runs the whole sequence: the last one, prompt + new_tokens - 1 long, is the largest
+        prompt, new_tokens, keeps_cache = prompt + max(new_tokens - 1, 0), 1, False
+    return RunSpec(batch=workload.batch, prompt_len=prompt, new_tokens=new_tokens, mode=workload.mode,
+                   attn=workload.attn, activation_bytes=element, kv=kv_format(workload, compute),
+                   quantization=quant, largest_linear_elements=weights.largest_linear_elements,
+                   keeps_cache=keeps_cache)
 
 
 def kv_format(workload: Workload, compute: str) -> KvFormat:
@@ -282,12 +286,18 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     cache = max(kv_cache.cache_bytes(arch, workload.batch, workload.prompt_len, 0, spec.kv),
                 kv_cache.cache_bytes(arch, workload.batch, workload.prompt_len,
                                      max(workload.new_tokens - 1, 0), spec.kv)
-                ) if workload.mode == "generate" else 0
+                ) if workload.mode == "generate" and spec.keeps_cache else 0
     loaded = sum(t.bytes for t in fixed if t.name != "inputs")
     transient = 0
     if chosen.kind in ("bnb_int8", "bnb_4bit"):
         ratio = fitted.bnb_load_transient.get("int8" if chosen.kind == "bnb_int8" else "4bit", 0.0)
         transient = int(ratio * weights.largest_linear_elements * DTYPE_BYTES[compute])
+    if arch.moe is not None and chosen.kind != "prequantized":
+        # loading merges the checkpoint's per-expert weights into the fused 3-D parameters: the
+        # merged copy of the largest one is transient (measured on qwen3-30b-a3b int8/nf4 reloads:
+        # +786 MB and +793 MB over the loaded model, one fused gate_up being 805 MB)
+        largest_expert = max(t.elements_each for t in arch.tensors if t.kind == "expert")
+        transient = max(transient, largest_expert * DTYPE_BYTES[compute])
     load_peak = loaded + transient
     needed = max(device, load_peak + outside)
     verdict = None
@@ -304,6 +314,9 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
         notes.append(f"{workload.kv_cache_dtype} KV cache: transformers' QuantizedCache ("
                      + ("HQQ" if workload.kv_cache_dtype == "int8" else "optimum-quanto")
                      + "), residual_length 128 and groups of 64; modelled from cache_utils, not measured.")
+    if not spec.keeps_cache and workload.mode == "generate":
+        notes.append("the config sets use_cache: false, so generate() keeps no KV cache and re-runs the whole "
+                     "sequence at every step (pass use_cache=True to generate() to change that).")
     if workload.attn == "flash_attention_2":
         notes.append("flash_attention_2 is modelled like SDPA's flash kernel; it has no measured rows.")
     return Estimate(

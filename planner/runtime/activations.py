@@ -48,6 +48,9 @@ class RunSpec(Frozen):
     kv: kv_cache.KvFormat
     quantization: Literal["none", "int8", "4bit"] = "none"
     largest_linear_elements: int = 0
+    # False when the config says use_cache: false (mpt-7b-instruct): generate() then re-runs
+    # the whole sequence every step, with no KV cache (prompt_len is then the longest step)
+    keeps_cache: bool = True
 
 
 def _terms(*items: tuple[str, int, str]) -> tuple[Term, ...]:
@@ -101,7 +104,7 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
     def common_at(layer_count: int | None) -> tuple[tuple[str, int, str], ...]:
         """Tensors alive through the forward, with the KV cache of the layers run so far."""
         cache = kv_cache.cache_bytes(arch, b, n, 0, spec.kv, layers=layer_count,
-                                     activation_bytes=s) if generate else 0
+                                     activation_bytes=s) if generate and spec.keeps_cache else 0
         return (
             ("KV cache", cache, f"keys and values of the {layer_count or arch.num_layers} layers run "
                                 "so far, at the prompt length"),
@@ -189,7 +192,7 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
          "rotated and pass-through halves of q and k"),
         ("fp32 query/key", 2 * block_bytes(b * arch.num_heads * n * arch.head_dim * 4)
          if att.fp32_query_key else 0, "q and k upcast to fp32 for the scores"),
-        ("current keys/values", 0 if generate else 2 * block_bytes(
+        ("current keys/values", 0 if generate and spec.keeps_cache else 2 * block_bytes(
             b * arch.num_kv_heads * n * arch.head_dim * s), "this layer's K and V (no cache)"),
         ("attention weights", held_in_attention, "the previous layer's eager weights, still referenced"),
         ("attention workspace", attention.kernel_workspace(arch, layout, kernel, b, n, kv_len, s, masked),
@@ -251,7 +254,7 @@ def _logit_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec, commo
 
 def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
     """The last decode step: the cache at its longest plus one layer's old tensor being copied."""
-    if spec.mode != "generate" or spec.new_tokens < 2:
+    if spec.mode != "generate" or spec.new_tokens < 2 or not spec.keeps_cache:
         return None
     b, n, t = spec.batch, spec.prompt_len, spec.new_tokens
     decoded = t - 1

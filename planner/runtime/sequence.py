@@ -99,7 +99,7 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
     tr = _Tracer()
     _load(tr, arch, weight_allocations, workspace)
     b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
-    generate = spec.mode == "generate"
+    generate = spec.mode == "generate" and spec.keeps_cache
     tr.new(b * n * 8)
     tr.new(b * n * 8)  # input_ids, attention_mask
     reserved_before = tr.alloc.reserved
