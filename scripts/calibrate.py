@@ -62,6 +62,8 @@ def fit() -> dict:
                 row["case"]["precision"] in BNB and "load_peak_allocated_bytes" in inventory):
             continue
         largest = _largest_linear(row["case"])
+        if largest is None:
+            continue  # a mixture of experts: its load transient is the expert merge (estimate.py)
         excess = inventory["load_peak_allocated_bytes"] - inventory["allocated_after_load_bytes"]
         key = "int8" if row["case"]["precision"] == "int8" else "4bit"
         load_ratio[key] = max(load_ratio.get(key, 0.0), excess / (2 * largest))
@@ -82,12 +84,16 @@ def fit() -> dict:
     }
 
 
-def _largest_linear(case: dict) -> int:
+def _largest_linear(case: dict) -> int | None:
+    """The largest Linear's elements; None for a mixture of experts, whose load peak is set by
+    merging the per-expert checkpoint tensors, not by quantizing a Linear."""
     from vramplan.architecture import architecture_from_config
     from vramplan.config import shrink_config
     from vramplan.source import resolve
 
     arch = architecture_from_config(shrink_config(resolve(case["model"]).config, case.get("layers")))
+    if arch.moe is not None:
+        return None
     return max(t.elements_each for t in arch.tensors if t.kind == "linear")
 
 
