@@ -76,11 +76,13 @@ dump("granite-4.0-h-small.json", GraniteMoeHybridConfig(
     vocab_size=100352, position_embedding_type="nope", max_position_embeddings=131072,
     layer_types=["full_attention" if i % 10 == 5 else "linear_attention" for i in range(40)],
     torch_dtype="bfloat16"))
-# google/flan-t5-base: gated-GELU feed-forward, untied lm_head
+# google/flan-t5-base: gated-GELU feed-forward, untied lm_head (T5's Hub configs name
+# decoder_start_token_id 0, the pad token; the config class has no default for it)
 dump("flan-t5-base.json", T5Config(
     d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12,
-    feed_forward_proj="gated-gelu", tie_word_embeddings=False, torch_dtype="float32"))
+    feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+    torch_dtype="float32"))
 # T5Config's defaults are google-t5/t5-small (ReLU feed-forward, tied embeddings)
-dump("t5-small.json", T5Config(torch_dtype="float32"))
+dump("t5-small.json", T5Config(decoder_start_token_id=0, torch_dtype="float32"))
 # BartConfig's defaults are facebook/bart-large
 dump("bart-large.json", BartConfig(torch_dtype="float32"))
