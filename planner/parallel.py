@@ -103,6 +103,9 @@ def shard(arch: Architecture, tp: int = 1, pp: int = 1, stage: int = 0,
         raise WorkloadError("tensor and pipeline parallel sizes must be at least 1.")
     if tp == 1 and pp == 1:
         return arch
+    if arch.recurrent is not None and tp > 1:
+        raise WorkloadError(f"{arch.model_type}: tensor parallelism of its {arch.recurrent.kind} mixer layers is "
+                            "not modelled yet; plan it with pipeline parallelism (--tp 1).")
     kv_rank = kv_heads_per_rank(arch, tp, replicate_kv)
     if arch.dense_mlp_layers and arch.intermediate_size % tp:
         raise WorkloadError(f"tensor parallel size {tp} does not divide the MLP width {arch.intermediate_size}.")
@@ -138,8 +141,12 @@ def shard(arch: Architecture, tp: int = 1, pp: int = 1, stage: int = 0,
             "shared_intermediate": moe.shared_intermediate // tp,
             "sparse_layers": tuple(pos for pos, i in enumerate(layers) if i in moe.sparse_layers),
         })
+    recurrent = arch.recurrent
+    if recurrent is not None:
+        mixers = tuple(pos for pos, i in enumerate(layers) if i in recurrent.layers)
+        recurrent = recurrent.model_copy(update={"layers": mixers}) if mixers else None
     return arch.model_copy(update={
-        "moe": moe,
+        "moe": moe, "recurrent": recurrent,
         "num_heads": arch.num_heads // tp, "num_kv_heads": kv_rank, "cache_heads": cache_heads,
         "intermediate_size": arch.intermediate_size // tp, "num_layers": len(layers),
         "layer_types": tuple(arch.layer_types[i] for i in layers), "tensors": tuple(tensors),

@@ -217,6 +217,9 @@ def vllm_budget(rank: Architecture, gpu: Gpu, request: PlanRequest, precision: s
     # and without a KV cache; only the sampled positions get logits (the sampler's dummy run)
     # only the weights and the activation points are needed: not estimate_architecture's
     # allocator replay, which is the expensive part of an estimate
+    if rank.recurrent is not None:
+        raise WorkloadError(f"{rank.model_type}: vLLM keeps {rank.recurrent.kind} states in its own cache layout and "
+                            "runs its own scan kernels; vramplan does not model that yet (use --runtime transformers).")
     workload = resolve_attention(rank, Workload(batch=1, prompt_len=tokens, new_tokens=0, mode="forward"))
     check_workload(rank, workload)
     chosen, compute, choice = resolve_precision(rank, PrecisionChoice(name=precision))

@@ -1,0 +1,97 @@
+"""State-space and hybrid families: the cached states and the scan's largest tensor against the
+measured live sets (h100-hybrid.jsonl), pipeline stages, and what is refused on purpose."""
+
+from __future__ import annotations
+
+import pytest
+from vramplan.architecture import architecture_from_config
+from vramplan.config import shrink_config
+from vramplan.errors import WorkloadError
+from vramplan.estimate import Workload, estimate_architecture
+from vramplan.parallel import shard
+from vramplan.runtime import recurrent
+from vramplan.source import resolve
+
+from .conftest import committed_rows
+
+DIAGNOSED = [r for r in committed_rows()
+             if r.get("status") == "ok" and r.get("peak_live_set") and r["case"]["precision"] == "bf16"
+             and any(f in r["case"]["model"] for f in ("mamba", "jamba", "falcon-h1", "granite", "Qwen3-Next"))]
+
+
+def _arch(case):
+    return architecture_from_config(shrink_config(resolve(case["model"]).config, case.get("layers")))
+
+
+def _groups(row, where: str) -> set[int]:
+    return {g["bytes"] for g in row["peak_live_set"]["live"] if where in g["where"].split(" < ")[1]}
+
+
+@pytest.mark.parametrize("row", DIAGNOSED, ids=lambda r: f"{r['case']['model']}-b{r['case']['batch']}")
+def test_cached_states_match_the_measured_blocks(row):
+    """transformers allocates the conv window in update_conv_state and the fp32 scan state in
+    update_recurrent_state (or both at a hybrid layer's lazy_initialization)."""
+    arch = _arch(row["case"])
+    if row["case"]["mode"] != "generate" or arch.recurrent is None:
+        pytest.skip("no cache in forward()")
+    conv, scan = recurrent.layer_state_bytes(arch.recurrent, row["case"]["batch"], 2)
+    states = _groups(row, "update_conv_state") | _groups(row, "update_recurrent_state") \
+        | _groups(row, "cache_utils.py:1123:lazy_initialization")
+    if not states:
+        pytest.skip("the peak came before the first mixer layer cached anything")
+    assert states <= {conv, scan}, (states, conv, scan)
+
+
+@pytest.mark.parametrize("row", [r for r in DIAGNOSED if "scan" in r["peak_live_set"]["trigger"]],
+                         ids=lambda r: f"{r['case']['model']}-b{r['case']['batch']}-n{r['case']['prompt_len']}")
+def test_largest_scan_tensor_is_predicted_to_the_byte(row):
+    """Mamba-2's C x B product, Mamba's discretized inputs, DeltaNet's chunked copies: the
+    largest block alive at the measured peak is one of the predicted scan tensors."""
+    case = row["case"]
+    arch = _arch(case)
+    largest = max(g["bytes"] for g in row["peak_live_set"]["live"])
+    terms = dict((name, nbytes) for name, nbytes, _ in
+                 recurrent.scan_terms(arch, case["batch"], case["prompt_len"], 2))
+    spec = arch.recurrent
+    if spec.kind == "mamba":
+        assert 3 * largest == terms["discretized scan inputs"]
+    elif spec.kind == "mamba2":
+        assert largest == terms["C x B product"]
+    else:
+        assert largest in (terms["mixer input projection"],)
+
+
+def test_pipeline_stages_split_the_mixer_layers():
+    arch = architecture_from_config(resolve("tests/configs/jamba-v0.1.json").config)
+    whole = recurrent.state_bytes(arch, 4, 2)
+    stages = [shard(arch, pp=4, stage=s) for s in range(4)]
+    assert sum(recurrent.state_bytes(s, 4, 2) for s in stages) == whole
+    for s in stages:
+        assert s.recurrent is not None and max(s.recurrent.layers) < s.num_layers
+        assert sum(1 for k in s.layer_types if k != "none") == 1  # one attention layer in every 8
+
+
+def test_tensor_parallel_mixers_are_refused_not_guessed():
+    arch = architecture_from_config(resolve("Qwen/Qwen3-Next-80B-A3B-Instruct").config)
+    with pytest.raises(WorkloadError, match="pipeline parallelism"):
+        shard(arch, tp=2)
+
+
+def test_use_cache_false_keeps_no_cache_and_says_so():
+    arch = architecture_from_config(resolve("mosaicml/mpt-7b-instruct").config)
+    assert not arch.use_cache
+    est = estimate_architecture(arch, "mpt", Workload(batch=2, prompt_len=500, new_tokens=20, attn="eager"))
+    assert est.kv_cache_bytes == 0
+    assert any("use_cache: false" in n for n in est.notes)
+    longer = estimate_architecture(arch, "mpt", Workload(batch=2, prompt_len=519, new_tokens=1, attn="eager"))
+    def runtime(e):  # the inputs stay the 500-token prompt
+        return e.peak_allocated_bytes - next(t.bytes for t in e.breakdown if t.name == "inputs")
+
+    assert runtime(est) == runtime(longer)  # the last step is a 519-token forward
+
+
+def test_encoder_decoder_is_refused_clearly():
+    from vramplan.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
+        architecture_from_config(resolve("tests/configs/bart-large.json").config)
