@@ -153,6 +153,18 @@ class RecurrentSpec(Frozen):
         return batch * self.heads * self.head_dim * self.state_size
 
 
+class EncoderSpec(Frozen):
+    """The encoder stack of an encoder-decoder model (seq2seq.py): the prompt runs through it
+    once; every decoder layer then caches the encoder output's keys and values
+    (cross-attention) beside its own growing self-attention cache."""
+
+    layers: int
+    ffn: int  # the encoder's feed-forward width
+    gated_ffn: bool = False  # T5's gated-GELU (wi_0, wi_1)
+    relative_bias: bool = False  # T5: a B-independent heads x N x N position bias, SDPA's math kernel
+    forced_eos: bool = False  # forced_eos_token_id: a logits processor adds fp32 copies of the scores
+
+
 class Architecture(Frozen):
     """What the memory of a decoder depends on, read from its config."""
 
@@ -187,6 +199,7 @@ class Architecture(Frozen):
     recurrent: RecurrentSpec | None = None  # state-space / linear-attention layers
     mlp_free: bool = False  # no MLP at all (Mamba, Mamba-2: the mixer is the whole layer)
     use_cache: bool = True  # the config's use_cache, which generate() follows
+    encoder: EncoderSpec | None = None  # encoder-decoder models (T5, BART)
 
     @field_validator("layer_types")
     @classmethod
@@ -237,10 +250,7 @@ _ADAPTERS: dict[str, Adapter] = {}
 REMOTE_CODE_FAMILIES = {"chatglm", "internlm2", "phi-msft", "minicpm", "phi3_v", "kimi_k2"}
 # Modelled in a later release of vramplan; refused clearly until then.
 NOT_YET_MODELLED = {
-    "t5": "encoder-decoder layers (an encoder stack and cross-attention caches)",
-    "mt5": "encoder-decoder layers (an encoder stack and cross-attention caches)",
-    "bart": "encoder-decoder layers (an encoder stack and cross-attention caches)",
-    "mbart": "encoder-decoder layers (an encoder stack and cross-attention caches)",
+    "mbart": "encoder-decoder layers in mBART's pre-norm layout",
 }
 # Multimodal wrappers whose language model is a family we model: the text config is used.
 MULTIMODAL_TEXT_CONFIG = {"llava", "mistral3", "gemma3", "llava_next", "paligemma", "qwen2_vl", "llama4"}
@@ -1176,4 +1186,4 @@ def _llama4_text(raw: RawConfig) -> Architecture:
                        layer_rule=lambda i: "chunked" if no_rope[i] else "full")
 
 
-from . import hybrid  # noqa: E402,F401  (registers the state-space and hybrid adapters)
+from . import hybrid, seq2seq  # noqa: E402,F401  (register the state-space, hybrid, seq2seq adapters)

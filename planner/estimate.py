@@ -186,6 +186,15 @@ def check_workload(arch: Architecture, workload: Workload) -> None:
         raise WorkloadError(
             f"{arch.model_type} has no {workload.attn} attention in transformers 5.17; "
             f"use --attn {' or '.join(arch.attention_implementations)}.")
+    if arch.encoder is not None:
+        if workload.mode == "forward":
+            raise WorkloadError(f"{arch.model_type}: a single forward() of an encoder-decoder model (decoder over "
+                                "the whole prompt) is not modelled yet; estimate generate() instead.")
+        if arch.max_positions is not None and max(workload.prompt_len, workload.new_tokens) > arch.max_positions:
+            raise WorkloadError(
+                f"{arch.model_type} can address {arch.max_positions} positions in its encoder (the prompt) and "
+                f"in its decoder (the new tokens); lower --prompt-len or --new-tokens.")
+        return
     total = workload.prompt_len + workload.new_tokens
     if arch.max_positions is not None and total > arch.max_positions:
         raise WorkloadError(

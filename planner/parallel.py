@@ -103,6 +103,8 @@ def shard(arch: Architecture, tp: int = 1, pp: int = 1, stage: int = 0,
         raise WorkloadError("tensor and pipeline parallel sizes must be at least 1.")
     if tp == 1 and pp == 1:
         return arch
+    if arch.encoder is not None:
+        raise WorkloadError(f"{arch.model_type}: splitting an encoder-decoder model across GPUs is not modelled yet.")
     if arch.recurrent is not None and tp > 1:
         raise WorkloadError(f"{arch.model_type}: tensor parallelism of its {arch.recurrent.kind} mixer layers is "
                             "not modelled yet; plan it with pipeline parallelism (--tp 1).")

@@ -217,6 +217,8 @@ def vllm_budget(rank: Architecture, gpu: Gpu, request: PlanRequest, precision: s
     # and without a KV cache; only the sampled positions get logits (the sampler's dummy run)
     # only the weights and the activation points are needed: not estimate_architecture's
     # allocator replay, which is the expensive part of an estimate
+    if rank.encoder is not None:
+        raise WorkloadError(f"{rank.model_type}: vLLM serving of encoder-decoder models is not modelled.")
     if rank.recurrent is not None:
         raise WorkloadError(f"{rank.model_type}: vLLM keeps {rank.recurrent.kind} states in its own cache layout and "
                             "runs its own scan kernels; vramplan does not model that yet (use --runtime transformers).")

@@ -28,8 +28,9 @@ def transformers_model_on_meta(config: dict):
     hf_config = AutoConfig.for_model(model_type, **config)
     if model_type in ("llava", "mistral3", "gemma3", "llama4"):
         hf_config = hf_config.text_config
+    auto = transformers.AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config)
+        return auto.from_config(hf_config)
 
 
 @lru_cache(maxsize=1)

@@ -90,8 +90,43 @@ def test_use_cache_false_keeps_no_cache_and_says_so():
     assert runtime(est) == runtime(longer)  # the last step is a 519-token forward
 
 
-def test_encoder_decoder_is_refused_clearly():
+def test_mbart_is_refused_clearly():
     from vramplan.errors import UnsupportedModelError
 
-    with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
-        architecture_from_config(resolve("tests/configs/bart-large.json").config)
+    with pytest.raises(UnsupportedModelError, match="mBART"):
+        architecture_from_config({"model_type": "mbart", "d_model": 1024})
+
+
+SEQ2SEQ = [r for r in committed_rows() if r.get("status") == "ok" and r.get("peak_live_set")
+           and any(f in r["case"]["model"] for f in ("t5", "bart"))]
+
+
+@pytest.mark.parametrize("row", SEQ2SEQ, ids=lambda r: f"{r['case']['model']}-b{r['case']['batch']}")
+def test_seq2seq_caches_match_the_measured_blocks(row):
+    """Every decoder layer caches its self-attention keys/values (start token + steps) and the
+    cross-attention keys/values of the whole prompt: the DynamicLayer blocks alive at a decode
+    peak are exactly those two sizes."""
+    case = row["case"]
+    arch = _arch(case)
+    blocks = [g for g in row["peak_live_set"]["live"] if "cache_utils.py:14" in g["where"].split(" < ")[0]]
+    if not blocks:
+        pytest.skip("the peak is in the encoder, before any cache exists")
+    width = arch.num_kv_heads * arch.head_dim * 2
+    expected = {case["batch"] * case["new_tokens"] * width, case["batch"] * case["prompt_len"] * width}
+    assert {g["bytes"] for g in blocks} == expected
+    assert sum(g["count"] for g in blocks) == 4 * arch.num_layers
+
+
+def test_t5_always_ties_its_head_in_transformers_5_17():
+    """Flan-T5's Hub config unties lm_head; T5Config forces the tie: one tensor in memory."""
+    config = dict(resolve("tests/configs/flan-t5-base.json").config, tie_word_embeddings=False)
+    arch = architecture_from_config(config)
+    assert arch.tie_word_embeddings and not any(t.kind == "lm_head" for t in arch.tensors)
+    assert any("always ties" in n for n in arch.notes)
+
+
+def test_bart_positions_bound_prompt_and_new_tokens_separately():
+    arch = architecture_from_config(resolve("tests/configs/bart-large.json").config)
+    estimate_architecture(arch, "bart", Workload(prompt_len=1000, new_tokens=1000))
+    with pytest.raises(WorkloadError, match="1024 positions"):
+        estimate_architecture(arch, "bart", Workload(prompt_len=1025, new_tokens=8))

@@ -89,6 +89,8 @@ def _latent_expansion(arch: Architecture, b: int, n: int, s: int) -> int:
 
 def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> list[Point]:
     """MLP, attention and logits points of the prefill forward (or of a plain forward)."""
+    if arch.encoder is not None:
+        return _encoder_points(arch, spec)
     b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
     generate = spec.mode == "generate"
     hidden = block_bytes(b * n * arch.hidden_size * s)
@@ -252,8 +254,75 @@ def _logit_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec, commo
     return points
 
 
+def _encoder_points(arch: Architecture, spec: RunSpec) -> list[Point]:
+    """The encoder's pass over the prompt (its attention, its feed-forward). T5's relative
+    position bias (heads x N x N, computed once and shared by the layers) is a float mask, so
+    SDPA runs the math kernel in fp32: fp32 q, k, v and scaled q, fp32 scores and their masked
+    copy, a byte per score (measured on Flan-T5-base at batch 8, prompt 512: the encoder's
+    attention is the run's peak). BART's encoder attention needs no mask (efficient kernel)."""
+    enc = arch.encoder
+    assert enc is not None
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    h, heads, d = arch.hidden_size, arch.num_heads, arch.head_dim
+    hidden = 3 * block_bytes(b * n * h * s)
+    query = block_bytes(b * n * heads * d * s)
+    bias = block_bytes(heads * n * n * s) if enc.relative_bias else 0
+    common = (("encoder hidden states", hidden, "embeddings, the residual stream and the normed input"),
+              ("relative position bias", bias, "heads x N x N, computed by the first layer, used by all"))
+    scores = b * heads * n * n
+    if spec.attn == "eager":  # as llama's eager layout (not measured for encoders yet)
+        workspace = 2 * block_bytes(scores * s) + 2 * block_bytes(scores * 4) + query
+        kernel = "eager attention: scores (with the bias added), their fp32 upcast and softmax, the output"
+    elif enc.relative_bias:
+        workspace = (4 * block_bytes(b * heads * n * d * 4) + 2 * block_bytes(scores * 4)
+                     + block_bytes(scores) + block_bytes(b * heads * n))
+        kernel = "math attention: fp32 q, k, v and scaled q, fp32 scores and masked scores, a byte per score"
+    else:
+        workspace = query + block_bytes(b * heads * (-(-n // 32) * 32) * 4)
+        kernel = "efficient attention: output and softmax statistics"
+    width = enc.ffn
+    ffn = (3 if enc.gated_ffn else 2) * block_bytes(b * n * width * s)
+    phase = "encoder" if spec.mode == "generate" else "forward, encoder"
+    return [
+        Point(phase=f"{phase}, in attention", kind="attention:encoder", terms=_terms(
+            *common, ("query, key, value", 3 * query, "the projections"),
+            ("attention workspace", workspace, kernel))),
+        Point(phase=f"{phase}, in the feed-forward", kind="mlp", terms=_terms(
+            *common, ("feed-forward intermediates", ffn,
+                      "act(wi_0), wi_1 and their product" if enc.gated_ffn else "fc1 and its activation"))),
+    ]
+
+
+def _seq2seq_decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
+    """The last decode step: encoder output, both caches at their longest, the step's logits
+    (a forced-EOS processor adds two fp32 copies: measured on BART-large)."""
+    enc = arch.encoder
+    assert enc is not None
+    if spec.mode != "generate" or spec.new_tokens < 1:
+        return None
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    decoded = max(spec.new_tokens - 1, 0)
+    cache = kv_cache.cache_bytes(arch, b, n, decoded, spec.kv, activation_bytes=s)
+    vocab = arch.vocab_size
+    logits = block_bytes(b * vocab * s) + (3 if enc.forced_eos else 1) * block_bytes(b * vocab * 4)
+    copy = kv_cache.decode_update_transient(arch, b, decoded, spec.kv)
+    if enc.relative_bias:  # T5's float-bias math kernel upcasts the cross-attention keys and values
+        copy = max(copy, 2 * block_bytes(b * arch.num_heads * max(n, decoded + 1) * arch.head_dim * 4))
+    return Point(phase=f"decode step {decoded}", kind="decode", terms=_terms(
+        ("KV cache", cache, f"decoder self-attention keys and values ({decoded + 1} tokens) and "
+                            f"cross-attention keys and values of the {n}-token prompt, every decoder layer"),
+        ("encoder output", block_bytes(b * n * arch.hidden_size * s), "kept by generate() for every step"),
+        ("step transient", max(logits, copy), "the larger of the step's logits with their fp32 copies"
+         + (" (forced EOS processor)" if enc.forced_eos else "") + " and a layer's attention temporaries"
+         + (" (T5: cross-attention keys and values upcast to fp32)" if enc.relative_bias else "")),
+        ("generated ids", 2 * block_bytes(b * (decoded + 1) * 8), "the decoder ids and their mask"),
+    ))
+
+
 def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
     """The last decode step: the cache at its longest plus one layer's old tensor being copied."""
+    if arch.encoder is not None:
+        return _seq2seq_decode_point(arch, spec)
     if spec.mode != "generate" or spec.new_tokens < 2 or not spec.keeps_cache:
         return None
     b, n, t = spec.batch, spec.prompt_len, spec.new_tokens

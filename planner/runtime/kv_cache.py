@@ -80,6 +80,12 @@ def cache_bytes(arch: Architecture, batch: int, prompt_len: int, decoded: int, k
     sees while it runs) after prefill and `decoded` decode steps, and the fixed-size states of
     recurrent mixer layers (conv window in the activation dtype, scan state in fp32)."""
     total = recurrent.state_bytes(arch, batch, activation_bytes or kv.element_bytes, layers)
+    if arch.encoder is not None:
+        # decoder self-attention: the start token and one per step; cross-attention: the prompt
+        count = len(arch.layer_types[:layers])
+        self_length = decoded + 1
+        return total + count * sum(layer_bytes(arch, batch, length, kv, decoded, part)
+                                   for length in (self_length, prompt_len) for part in ("key", "value"))
     for kind in arch.layer_types[:layers]:
         if kind == "none":
             continue

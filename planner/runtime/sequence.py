@@ -103,8 +103,8 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
     tr.new(b * n * 8)
     tr.new(b * n * 8)  # input_ids, attention_mask
     reserved_before = tr.alloc.reserved
-    if arch.recurrent is not None:
-        # the torch-fallback scans are not replayed op by op: their reserve is not modelled
+    if arch.recurrent is not None or arch.encoder is not None:
+        # neither the torch-fallback scans nor encoder-decoder runs are replayed op by op
         return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
                             reserved_before_run=reserved_before)
 
