@@ -250,6 +250,11 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     workload = resolve_attention(arch, workload)
     check_workload(arch, workload)
     chosen, compute, choice = resolve_precision(arch, choice)
+    if arch.model_type == "mamba" and chosen.kind in ("bnb_int8", "bnb_4bit"):
+        # measured (h100-next2.jsonl): int8 fails in baddbmm on int8 weights, nf4 with a shape
+        # error, both in MambaMixer's dt_proj, which reads the weight directly
+        raise UnsupportedModelError("transformers 5.17's Mamba mixer cannot run under bitsandbytes (it multiplies "
+                                    "dt_proj's weight directly; measured to fail for int8 and nf4).")
     weights = weight_breakdown(arch, chosen, compute, choice.double_quant, stored)
     layout = _family_layout(arch, profile)
     spec = run_spec(arch, workload, weights, chosen, compute)  # pre-quantized: activations like a dtype
