@@ -281,9 +281,9 @@ def architecture_from_config(config: dict, where: str = "config") -> Architectur
         if "quantization_config" in config and "quantization_config" not in text:
             text["quantization_config"] = config["quantization_config"]
         arch = architecture_from_config(text, f"{where}.text_config")
-        vision = config.get("vision_config") or {}
-        if model_type == "llava" and vision.get("model_type", "clip_vision_model") == "clip_vision_model":
-            return _with_clip_vision(arch, raw, RawConfig(vision, f"{where}.vision_config"))
+        towered = vision.with_vision_tower(arch, model_type, raw, config.get("vision_config"), where)
+        if towered is not None:
+            return towered
         note = (f"{model_type} is multimodal: only its language model ({arch.model_type}) is "
                 "estimated; the vision tower and projector are not included.")
         return arch.model_copy(update={"notes": (*arch.notes, note)})
@@ -305,52 +305,6 @@ def architecture_from_config(config: dict, where: str = "config") -> Architectur
     if scheme is not None:
         update["quantization"] = scheme
     return arch.model_copy(update=update)
-
-
-def _with_clip_vision(arch: Architecture, raw: RawConfig, vision: RawConfig) -> Architecture:
-    """LLaVA: a CLIP vision tower and a two-layer projector beside the language model, named
-    as LlavaForConditionalGeneration holds them (its text model under model.language_model is
-    listed under the causal LM's names). Defaults are LlavaConfig's (CLIP ViT-L/14 at 336 px)."""
-    hidden = vision.int("hidden_size", default=1024)
-    inter = vision.int("intermediate_size", default=4096)
-    layers = vision.int("num_hidden_layers", default=24, maximum=MAX_LAYERS)
-    patch, image = vision.int("patch_size", default=14), vision.int("image_size", default=336)
-    positions = (image // patch) ** 2 + 1  # the patches and the class token
-    inv = _Inventory(0)
-    tower = "model.vision_tower"
-    inv.one(f"{tower}.embeddings.class_embedding", (hidden,), "other")
-    inv.one(f"{tower}.embeddings.patch_embedding.weight", (hidden, 3, patch, patch), "other")
-    inv.one(f"{tower}.embeddings.position_embedding.weight", (positions, hidden), "position_embedding")
-    for name in ("pre_layrnorm", "post_layernorm"):
-        inv.norm(f"{tower}.{name}", hidden, True, per_layer=False)
-    for i in range(layers):
-        layer = f"{tower}.encoder.layers.{i}"
-        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
-            inv.one(f"{layer}.self_attn.{proj}.weight", (hidden, hidden), "linear")
-            inv.one(f"{layer}.self_attn.{proj}.bias", (hidden,), "bias")
-        for norm in ("layer_norm1", "layer_norm2"):
-            inv.norm(f"{layer}.{norm}", hidden, True, per_layer=False)
-        inv.one(f"{layer}.mlp.fc1.weight", (inter, hidden), "linear")
-        inv.one(f"{layer}.mlp.fc1.bias", (inter,), "bias")
-        inv.one(f"{layer}.mlp.fc2.weight", (hidden, inter), "linear")
-        inv.one(f"{layer}.mlp.fc2.bias", (hidden,), "bias")
-    feature_layers = raw.raw("vision_feature_layer", default=-2)
-    width = hidden * (len(feature_layers) if isinstance(feature_layers, list) else 1)
-    bias = raw.bool("multimodal_projector_bias", default=True)
-    projector = "model.multi_modal_projector"
-    inv.one(f"{projector}.linear_1.weight", (arch.hidden_size, width), "linear")
-    inv.one(f"{projector}.linear_2.weight", (arch.hidden_size, arch.hidden_size), "linear")
-    if bias:
-        inv.one(f"{projector}.linear_1.bias", (arch.hidden_size,), "bias")
-        inv.one(f"{projector}.linear_2.bias", (arch.hidden_size,), "bias")
-    ids = BufferSpec(name=f"{tower}.embeddings.position_ids", shape=(1, positions), dtype="int64",
-                     why="the vision tower's position ids (int64)")
-    vision_params = sum(t.elements for t in inv.items)
-    note = (f"llava: the CLIP vision tower ({layers} layers) and projector add {vision_params:,} parameters; "
-            "runtime terms cover the language model (prompt_len counts each image's "
-            f"{positions - 1} placeholder tokens), the vision tower's own activations are not modelled.")
-    return arch.model_copy(update={"tensors": (*arch.tensors, *inv.items), "buffers": (*arch.buffers, ids),
-                                   "notes": (*arch.notes, note)})
 
 
 def _default_text_model_type(wrapper: str) -> str:
@@ -1186,4 +1140,4 @@ def _llama4_text(raw: RawConfig) -> Architecture:
                        layer_rule=lambda i: "chunked" if no_rope[i] else "full")
 
 
-from . import hybrid, seq2seq  # noqa: E402,F401  (register the state-space, hybrid, seq2seq adapters)
+from . import hybrid, seq2seq, vision  # noqa: E402,F401  (register the state-space, hybrid, seq2seq adapters)

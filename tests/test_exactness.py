@@ -16,7 +16,7 @@ from .conftest import TEST_CONFIGS, load_json, transformers_model_on_meta
 
 pytest.importorskip("transformers")
 
-# LLaVA's vision tower and projector: checked against the whole model below
+# vision towers and projectors (LLaVA, Mistral-3): those models are checked whole below
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
 CASES = [(hub_id, lambda h=hub_id: load_bundled(h).config) for hub_id, _ in bundled_names()]
 CASES += [(path.name, lambda p=path: load_json(p)) for path in TEST_CONFIGS]
@@ -29,15 +29,16 @@ def test_inventory_matches_transformers(name, config_of):
         arch = architecture_from_config(config, name)
     except UnsupportedModelError as exc:
         pytest.skip(f"refused on purpose: {exc}")
+    if any(t.name.startswith(VISION_PREFIXES) for t in arch.tensors):
+        pytest.skip("a vision-language model: checked whole in test_vision_tower_and_projector_match_transformers")
     model = transformers_model_on_meta(config)  # a multimodal config's language model only
     theirs = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    text = [t for t in arch.tensors if not t.name.startswith(VISION_PREFIXES)]
-    ours = {n: t.shape for t in text for n in t.names()}
+    ours = {n: t.shape for t in arch.tensors for n in t.names()}
     assert ours == theirs, _diff("parameter", ours, theirs)
-    assert sum(t.elements for t in text) == sum(p.numel() for p in model.parameters())
+    assert arch.parameters == sum(p.numel() for p in model.parameters())
     buffers = {n: tuple(b.shape) for n, b in model.named_buffers()}
     our_buffers = {}
-    for b in (b for b in arch.buffers if not b.name.startswith(VISION_PREFIXES)):
+    for b in arch.buffers:
         names = [b.name] if b.layers is None else [b.name.replace("{i}", str(i)) for i in b.layers]
         our_buffers.update({n: b.shape for n in names})
     assert our_buffers == buffers, _diff("buffer", our_buffers, buffers)
@@ -85,17 +86,18 @@ def test_cache_layers_match_transformers(name, config_of):
         assert arch.sliding_window == kwargs["sliding_window"]
 
 
-def test_llava_vision_tower_and_projector_match_transformers():
-    """LLaVA's whole model (vision tower, projector, language model) against transformers'
-    LlavaForConditionalGeneration on the meta device, name by name."""
+@pytest.mark.parametrize("hub_id", ["llava-hf/llava-1.5-7b-hf", "mistralai/Magistral-Small-2509"])
+def test_vision_tower_and_projector_match_transformers(hub_id):
+    """A vision-language model's whole model (vision tower, projector, language model) against
+    transformers' image-text-to-text class on the meta device, name by name."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    config = load_bundled("llava-hf/llava-1.5-7b-hf").config
+    config = load_bundled(hub_id).config
     arch = architecture_from_config(config)
-    hf = {k: v for k, v in config.items() if k != "model_type"}
+    hf = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config")}
     with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model("llava", **hf))
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(config["model_type"], **hf))
     theirs = {n.replace("model.language_model.", "model."): tuple(p.shape) for n, p in model.named_parameters()}
     ours = {n: t.shape for t in arch.tensors for n in t.names()}
     assert ours == theirs, _diff("parameter", ours, theirs)
