@@ -223,7 +223,13 @@ def vllm_budget(rank: Architecture, gpu: Gpu, request: PlanRequest, precision: s
         raise WorkloadError(f"{rank.model_type}: vLLM keeps {rank.recurrent.kind} states in its own cache layout and "
                             "runs its own scan kernels; vramplan does not model that yet (use --runtime transformers).")
     workload = resolve_attention(rank, Workload(batch=1, prompt_len=tokens, new_tokens=0, mode="forward"))
-    check_workload(rank, workload)
+    # vLLM's dummy run spreads the tokens over min(tokens, max_num_seqs) requests, so position
+    # limits apply to one request's share (gpt2's 1024 learned positions against 8192 tokens)
+    share = -(-tokens // min(tokens, seqs))
+    check_workload(rank, workload.model_copy(update={"prompt_len": share}))
+    if rank.max_positions is not None and request.context > rank.max_positions:
+        raise WorkloadError(f"{rank.model_type} can address {rank.max_positions} positions; vLLM refuses a "
+                            f"max_model_len of {request.context}.")
     chosen, compute, choice = resolve_precision(rank, PrecisionChoice(name=precision))
     loaded = weight_breakdown(rank, chosen, compute, choice.double_quant)
     weights = loaded.allocated_bytes

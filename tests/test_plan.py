@@ -146,3 +146,11 @@ def test_plot_writes_a_readable_png(tmp_path):
 def test_plot_rejects_unknown_suffix(tmp_path):
     result = CliRunner().invoke(main, ["plot", "gpt2", "-o", str(tmp_path / "x.bmp")])
     assert result.exit_code == 2 and ".png" in result.output
+
+
+def test_vllm_plan_bounds_positions_per_request_not_per_profile_run():
+    """vLLM's profile run spreads max_num_batched_tokens (8192) over up to max_num_seqs requests,
+    so gpt2's 1024 learned positions allow a 1024-token max_model_len, not a 2048-token one."""
+    assert plan("gpt2", ["h100"], context=1024, runtime="vllm").plans
+    refused = plan("gpt2", ["h100"], context=2048, runtime="vllm")
+    assert not refused.plans and any("1024 positions" in reason for reason in refused.rejected)
