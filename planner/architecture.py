@@ -106,6 +106,9 @@ class MoeSpec(Frozen):
     all_experts: bool = False  # Llama-4: every expert runs on every token (routing by masking)
     expert_bias: bool = False  # gpt-oss
     shared_first: bool = False  # the shared expert runs before the routed ones (Qwen2-MoE)
+    # the checkpoint stores one tensor per expert, merged into the fused 3-D parameters while
+    # loading (a transient copy of the largest); gpt-oss, Llama-4 and Granite store them fused
+    stored_per_expert: bool = True
 
 
 class MlaSpec(Frozen):
@@ -1104,7 +1107,7 @@ def _gpt_oss(raw: RawConfig) -> Architecture:
     window = _window(raw)
     moe = MoeSpec(num_experts=raw.int("num_local_experts", "num_experts"), top_k=raw.int("num_experts_per_tok"),
                   expert_intermediate=raw.int("intermediate_size"), sparse_layers=tuple(range(layers)),
-                  expert_bias=True)
+                  expert_bias=True, stored_per_expert=False)
     arch = _llama_like(raw, family="gpt_oss", tied_default=False, qkv_bias=True, o_bias=True, moe=moe,
                        moe_layout=MoeLayout(router="router", router_bias=True, transposed=True), window=window,
                        layer_rule=lambda i: "sliding" if i % 2 == 0 else "full",
@@ -1126,7 +1129,7 @@ def _llama4_text(raw: RawConfig) -> Architecture:
     width = raw.int("intermediate_size")
     moe = MoeSpec(num_experts=raw.int("num_local_experts", "num_experts"), top_k=raw.int("num_experts_per_tok"),
                   expert_intermediate=width, shared_intermediate=width, sparse_layers=sparse,
-                  all_experts=True)
+                  all_experts=True, stored_per_expert=False)
     # Llama4TextConfig: a layer without rope (every no_rope_layer_interval-th) attends to all
     # tokens; the others attend within chunks of attention_chunk_size
     interval = raw.int("no_rope_layer_interval", default=4)

@@ -306,10 +306,11 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     if chosen.kind in ("bnb_int8", "bnb_4bit"):
         ratio = fitted.bnb_load_transient.get("int8" if chosen.kind == "bnb_int8" else "4bit", 0.0)
         transient = int(ratio * weights.largest_linear_elements * DTYPE_BYTES[compute])
-    if arch.moe is not None and chosen.kind != "prequantized":
+    if arch.moe is not None and arch.moe.stored_per_expert and chosen.kind != "prequantized":
         # loading merges the checkpoint's per-expert weights into the fused 3-D parameters: the
-        # merged copy of the largest one is transient (measured on qwen3-30b-a3b int8/nf4 reloads:
-        # +786 MB and +793 MB over the loaded model, one fused gate_up being 805 MB)
+        # merged copy of the largest one is transient (measured on bitsandbytes reloads: qwen3-30b-a3b
+        # +786/+793 MB with an 805 MB fused gate_up, jamba +3.70 GB with a 3.76 GB one; granite,
+        # whose checkpoint stores the experts fused, +21.6 MB)
         largest_expert = max(t.elements_each for t in arch.tensors if t.kind == "expert")
         transient = max(transient, largest_expert * DTYPE_BYTES[compute])
     load_peak = loaded + transient

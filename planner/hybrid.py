@@ -282,7 +282,8 @@ def _granite_hybrid(raw: RawConfig) -> Architecture:
     moe = None
     if experts:
         moe = MoeSpec(num_experts=experts, top_k=raw.int("num_experts_per_tok", default=2),
-                      expert_intermediate=width, shared_intermediate=shared, sparse_layers=everywhere)
+                      expert_intermediate=width, shared_intermediate=shared, sparse_layers=everywhere,
+                      stored_per_expert=False)  # GraniteMoeParallelExperts: one 3-D tensor in the checkpoint
         _moe_mlp(inv, "model.layers.{i}.block_sparse_moe", moe, MoeLayout(router="router"), hidden)
     inv.linear("model.layers.{i}.shared_mlp.input_linear", 2 * shared, hidden, False)
     inv.linear("model.layers.{i}.shared_mlp.output_linear", hidden, shared, False)

@@ -105,15 +105,18 @@ SEQ2SEQ = [r for r in committed_rows() if r.get("status") == "ok" and r.get("pea
 def test_seq2seq_caches_match_the_measured_blocks(row):
     """Every decoder layer caches its self-attention keys/values (start token + steps) and the
     cross-attention keys/values of the whole prompt: the DynamicLayer blocks alive at a decode
-    peak are exactly those two sizes."""
+    peak are of those sizes, one key and one value of each per decoder layer."""
     case = row["case"]
     arch = _arch(case)
     blocks = [g for g in row["peak_live_set"]["live"] if "cache_utils.py:14" in g["where"].split(" < ")[0]]
     if not blocks:
         pytest.skip("the peak is in the encoder, before any cache exists")
-    width = arch.num_kv_heads * arch.head_dim * 2
-    expected = {case["batch"] * case["new_tokens"] * width, case["batch"] * case["prompt_len"] * width}
-    assert {g["bytes"] for g in blocks} == expected
+    width = case["batch"] * arch.num_kv_heads * arch.head_dim * (4 if case["precision"] == "fp32" else 2)
+    cross = case["prompt_len"] * width
+    sizes = {g["bytes"] for g in blocks}
+    assert cross in sizes
+    # self-attention: the start token plus the steps run so far (the peak can come at any step)
+    assert all(size % width == 0 and 1 <= size // width <= case["new_tokens"] for size in sizes - {cross})
     assert sum(g["count"] for g in blocks) == 4 * arch.num_layers
 
 

@@ -274,7 +274,8 @@ def _encoder_points(arch: Architecture, spec: RunSpec) -> list[Point]:
         workspace = 2 * block_bytes(scores * s)
         kernel = "eager attention: the scores (bias added in place) and their softmax, both in the model dtype"
     elif enc.relative_bias:
-        workspace = (4 * block_bytes(b * heads * n * d * 4) + 2 * block_bytes(scores * 4)
+        copies = 4 if s < 4 else 1  # q, k, v upcast and the scaled q; in fp32 only the scaled q
+        workspace = (copies * block_bytes(b * heads * n * d * 4) + 2 * block_bytes(scores * 4)
                      + block_bytes(scores) + block_bytes(b * heads * n))
         kernel = "math attention: fp32 q, k, v and scaled q, fp32 scores and masked scores, a byte per score"
     else:
