@@ -403,7 +403,8 @@ def _layer_types(raw: RawConfig, num_layers: int, default: Callable[[int], Layer
     if names is None:
         return tuple(default(i) for i in range(num_layers))
     kinds = {"full_attention": "full", "sliding_attention": "sliding",
-             "chunked_attention": "chunked", "linear_attention": "none", "mamba": "none"}
+             "chunked_attention": "chunked", "linear_attention": "none",
+             "mamba": "none", "attention": "full"}  # the last two: Granite-4.0-H's legacy names
     if len(names) != num_layers or any(n not in kinds for n in names):
         raise ConfigError(f"{raw.where}: layer_types must list one of {sorted(kinds)} per layer "
                           f"({num_layers} layers).")

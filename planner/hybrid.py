@@ -263,7 +263,7 @@ def _granite_hybrid(raw: RawConfig) -> Architecture:
     vocab = raw.int("vocab_size")
     heads, kv_heads, head_dim = _heads(raw, hidden)
     names = raw.list("layer_types", "layers_block_type", default=None) or ["mamba"] * layers
-    kinds = _layer_types(raw.__class__({"layer_types": names}, raw.where), layers, lambda i: "none")
+    kinds = _layer_types(RawConfig({"layer_types": names}, raw.where), layers, lambda i: "none")
     attention_layers = tuple(i for i, k in enumerate(kinds) if k != "none")
     mamba_layers = tuple(i for i, k in enumerate(kinds) if k == "none")
     everywhere = tuple(range(layers))

@@ -133,3 +133,12 @@ def test_bart_positions_bound_prompt_and_new_tokens_separately():
     estimate_architecture(arch, "bart", Workload(prompt_len=1000, new_tokens=1000))
     with pytest.raises(WorkloadError, match="1024 positions"):
         estimate_architecture(arch, "bart", Workload(prompt_len=1025, new_tokens=8))
+
+
+def test_granite_legacy_layer_names_read_like_the_new_ones():
+    """Granite-4.0-H configs written before transformers 5 say "mamba"/"attention"."""
+    config = dict(resolve("tests/configs/granite-4.0-h-small.json").config)
+    new = architecture_from_config(config)
+    config["layer_types"] = ["attention" if t == "full_attention" else "mamba" for t in config["layer_types"]]
+    legacy = architecture_from_config(config)
+    assert legacy.layer_types == new.layer_types and legacy.parameters == new.parameters

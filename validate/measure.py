@@ -192,7 +192,7 @@ def bnb_config(precision: str, compute_dtype: str = "bf16", double_quant: bool =
 def load_checkpoint(path_or_id: str, precision: str, attn: str, revision: str | None = None,
                     compute_dtype: str = "bf16", double_quant: bool = False):
     """A real checkpoint through from_pretrained (local directory, or the Hub when reachable)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     kwargs: dict[str, Any] = {"attn_implementation": attn, "device_map": "cuda:0", "revision": revision}
     if precision in BNB_PRECISIONS:
@@ -201,7 +201,8 @@ def load_checkpoint(path_or_id: str, precision: str, attn: str, revision: str | 
     else:
         kwargs["dtype"] = TORCH_DTYPES[precision]
     torch.cuda.reset_peak_memory_stats()
-    return AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs).eval()
+    config = AutoConfig.from_pretrained(path_or_id, revision=revision).to_dict()
+    return auto_model_class(config).from_pretrained(path_or_id, **kwargs).eval()
 
 
 def tensor_inventory(model) -> dict[str, int]:
