@@ -40,6 +40,8 @@ TensorKind = Literal[
 BufferDtype = Literal["fp32", "bool", "int64", "activation"]
 LayerKind = Literal["full", "sliding", "chunked", "none"]  # none: no attention (a recurrent mixer)
 DType = Literal["fp32", "fp16", "bf16"]
+# the attention implementations transformers 5.17 offers most families
+ALL_ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 _TORCH_DTYPE_NAMES: dict[str, DType] = {
     "float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16",
@@ -431,7 +433,7 @@ def _llama_like(raw: RawConfig, *, family: str, tied_default: bool, qkv_bias: bo
                 fused_qkv: bool = False, o_name: str = "o_proj", head_bias: bool = False,
                 rotary_dim: int | None = None, layer_rule: Callable[[int], LayerKind] | None = None,
                 window: int | None = None, extra_buffers: tuple[BufferSpec, ...] = (),
-                attention: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2"),
+                attention: tuple[str, ...] = ALL_ATTENTION,
                 intermediate_keys: tuple[str, ...] = ("intermediate_size",),
                 moe: MoeSpec | None = None, moe_layout: MoeLayout | None = None,
                 mla: MlaSpec | None = None, mlp_module: str = "mlp") -> Architecture:
@@ -714,11 +716,12 @@ def _phi(raw: RawConfig) -> Architecture:
 
 
 def _whole_model_arch(raw: RawConfig, inv: _Inventory, **fields) -> Architecture:
-    """The Architecture of a family written out in full below: every layer attends to all
-    tokens, the config's model_type and dtype, the inventory's tensors."""
-    return Architecture(model_type=raw.str("model_type"), layer_types=("full",) * fields["num_layers"],
-                        sliding_window=None, config_dtype=_config_dtype(raw), tensors=tuple(inv.items),
-                        **fields)
+    """The Architecture of a family written out in full (here, hybrid.py, seq2seq.py): the
+    config's model_type and dtype, the inventory's tensors, no sliding window, and every layer
+    attending to all tokens unless `layer_types` says otherwise."""
+    fields.setdefault("layer_types", ("full",) * fields["num_layers"])
+    return Architecture(model_type=raw.str("model_type"), sliding_window=None, config_dtype=_config_dtype(raw),
+                        tensors=tuple(inv.items), **fields)
 
 
 @adapter("gpt2")
@@ -747,7 +750,7 @@ def _gpt2(raw: RawConfig) -> Architecture:
         raw, inv, family="gpt2", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
         num_heads=heads, num_kv_heads=heads, head_dim=head_dim, intermediate_size=inner,
         rotary_dim=0, positions="learned", max_positions=positions, tie_word_embeddings=tied,
-        attention_implementations=("sdpa", "eager", "flash_attention_2"))
+        attention_implementations=ALL_ATTENTION)
 
 
 @adapter("gpt_bigcode")
@@ -779,7 +782,7 @@ def _gpt_bigcode(raw: RawConfig) -> Architecture:
         raw, inv, family="gpt_bigcode", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=inner,
         rotary_dim=0, positions="learned", max_positions=positions, tie_word_embeddings=tied,
-        attention_implementations=("sdpa", "eager", "flash_attention_2"), buffers=(mask,))
+        attention_implementations=ALL_ATTENTION, buffers=(mask,))
 
 
 @adapter("opt")
@@ -821,7 +824,7 @@ def _opt(raw: RawConfig) -> Architecture:
         raw, inv, family="opt", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
         num_heads=heads, num_kv_heads=heads, head_dim=head_dim, intermediate_size=ffn,
         rotary_dim=0, positions="learned", max_positions=positions, tie_word_embeddings=tied,
-        attention_implementations=("sdpa", "eager", "flash_attention_2"))
+        attention_implementations=ALL_ATTENTION)
 
 
 @adapter("falcon")
@@ -870,7 +873,7 @@ def _falcon(raw: RawConfig) -> Architecture:
         # (FalconAttention: num_kv_heads = num_heads if new_decoder_architecture)
         cache_heads=heads if new_arch else None,
         intermediate_size=ffn, rotary_dim=head_dim, positions="rope", max_positions=None,
-        tie_word_embeddings=tied, attention_implementations=("sdpa", "eager", "flash_attention_2"),
+        tie_word_embeddings=tied, attention_implementations=ALL_ATTENTION,
         buffers=tuple(_rope_buffers("transformer.", head_dim)),
     )
 
@@ -933,7 +936,7 @@ def _gpt_neox(raw: RawConfig) -> Architecture:
         raw, inv, family=family, hidden_size=hidden, num_layers=layers,
         vocab_size=vocab, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
         intermediate_size=inner, rotary_dim=rotary, positions="rope", max_positions=None,
-        tie_word_embeddings=tied, attention_implementations=("sdpa", "eager", "flash_attention_2"),
+        tie_word_embeddings=tied, attention_implementations=ALL_ATTENTION,
         buffers=tuple(_rope_buffers("gpt_neox.", rotary)),
     )
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import math
 
 from .architecture import (
+    ALL_ATTENTION,
     Architecture,
     BufferSpec,
     LayerKind,
     MoeLayout,
     MoeSpec,
     RecurrentSpec,
-    _config_dtype,
     _heads,
     _Inventory,
     _layer_types,
@@ -28,10 +28,17 @@ from .architecture import (
     _rope_buffers,
     _rotary_dim,
     _tied,
+    _whole_model_arch,
     adapter,
 )
 from .config import MAX_LAYERS, RawConfig
 from .errors import ConfigError
+
+
+def _attention_and_mixer_layers(kinds: tuple[LayerKind, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A hybrid's attention layers and its mixer layers (kind "none"), by position."""
+    return (tuple(i for i, k in enumerate(kinds) if k != "none"),
+            tuple(i for i, k in enumerate(kinds) if k == "none"))
 
 
 def _dt_rank(raw: RawConfig, key: str, hidden: int) -> int:
@@ -128,7 +135,7 @@ def _mamba(raw: RawConfig) -> Architecture:
     inv.head("lm_head", vocab, hidden, tied)
     spec = RecurrentSpec(kind="mamba", layers=everywhere, inner=inner, state_size=state,
                          conv_kernel=kernel, conv_dim=inner, in_proj=2 * inner, dt_rank=rank, gate_copies=4)
-    return _recurrent_only(raw, "mamba", hidden, layers, vocab, inner, tied, inv, spec)
+    return _recurrent_only(raw, hidden, layers, vocab, inner, tied, inv, spec)
 
 
 @adapter("mamba2")
@@ -150,17 +157,16 @@ def _mamba2(raw: RawConfig) -> Architecture:
     inv.norm("backbone.norm_f", hidden, False, per_layer=False)
     tied = _tied(raw, False)
     inv.head("lm_head", vocab, hidden, tied)
-    return _recurrent_only(raw, "mamba", hidden, layers, vocab, inner, tied, inv, spec)
+    return _recurrent_only(raw, hidden, layers, vocab, inner, tied, inv, spec)
 
 
-def _recurrent_only(raw: RawConfig, family: str, hidden: int, layers: int, vocab: int, inner: int,
+def _recurrent_only(raw: RawConfig, hidden: int, layers: int, vocab: int, inner: int,
                     tied: bool, inv: _Inventory, spec: RecurrentSpec) -> Architecture:
-    return Architecture(
-        model_type=raw.str("model_type"), family=family, hidden_size=hidden, num_layers=layers,
+    return _whole_model_arch(
+        raw, inv, family="mamba", hidden_size=hidden, num_layers=layers,
         vocab_size=vocab, num_heads=1, num_kv_heads=1, head_dim=1, intermediate_size=inner,
         rotary_dim=0, positions="none", max_positions=None, layer_types=("none",) * layers,
-        sliding_window=None, tie_word_embeddings=tied, config_dtype=_config_dtype(raw),
-        attention_implementations=("eager",), tensors=tuple(inv.items), recurrent=spec, mlp_free=True,
+        tie_word_embeddings=tied, attention_implementations=("eager",), recurrent=spec, mlp_free=True,
         notes=(_note("Mamba" if spec.kind == "mamba" else "Mamba-2"),),
     )
 
@@ -178,8 +184,7 @@ def _jamba(raw: RawConfig) -> Architecture:
     exp_offset = raw.int("expert_layer_offset", default=1, minimum=0)
     experts = raw.int("num_experts", default=16)
     kinds: tuple[LayerKind, ...] = tuple("full" if i % attn_period == attn_offset else "none" for i in range(layers))
-    attention_layers = tuple(i for i, k in enumerate(kinds) if k == "full")
-    mamba_layers = tuple(i for i, k in enumerate(kinds) if k == "none")
+    attention_layers, mamba_layers = _attention_and_mixer_layers(kinds)
     sparse = tuple(i for i in range(layers) if experts > 1 and i % exp_period == exp_offset)
     dense = tuple(i for i in range(layers) if i not in sparse)
     inner = int(raw.float("mamba_expand", default=2) * hidden)
@@ -204,13 +209,11 @@ def _jamba(raw: RawConfig) -> Architecture:
     inv.head("lm_head", vocab, hidden, tied)
     spec = RecurrentSpec(kind="mamba", layers=mamba_layers, inner=inner, state_size=state,
                          conv_kernel=kernel, conv_dim=inner, in_proj=2 * inner, dt_rank=rank, gate_copies=3)
-    return Architecture(
-        model_type="jamba", family="hybrid", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
+    return _whole_model_arch(
+        raw, inv, family="hybrid", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=width,
-        rotary_dim=0, positions="none", max_positions=None, layer_types=kinds, sliding_window=None,
-        tie_word_embeddings=tied, config_dtype=_config_dtype(raw),
-        attention_implementations=("sdpa", "eager", "flash_attention_2"), tensors=tuple(inv.items),
-        moe=moe, recurrent=spec, notes=(_note("Jamba's Mamba"),),
+        rotary_dim=0, positions="none", max_positions=None, layer_types=kinds, tie_word_embeddings=tied,
+        attention_implementations=ALL_ATTENTION, moe=moe, recurrent=spec, notes=(_note("Jamba's Mamba"),),
     )
 
 
@@ -245,14 +248,12 @@ def _falcon_h1(raw: RawConfig) -> Architecture:
     rotary = _rotary_dim(raw, head_dim)
     mup = BufferSpec(name="model.layers.{i}.mamba.mup_vector", shape=(1, 1, spec.in_proj), dtype="activation",
                      layers=everywhere, why="Falcon-H1's muP multipliers of the mixer's input projection")
-    return Architecture(
-        model_type="falcon_h1", family="hybrid", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
+    return _whole_model_arch(
+        raw, inv, family="hybrid", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=width,
-        rotary_dim=rotary, positions="rope", max_positions=None, layer_types=("full",) * layers,
-        sliding_window=None, tie_word_embeddings=tied, config_dtype=_config_dtype(raw),
-        attention_implementations=("sdpa", "eager", "flash_attention_2"), tensors=tuple(inv.items),
-        buffers=(mup, *_rope_buffers("model.", rotary)), recurrent=spec,
-        notes=(_note("Falcon-H1's Mamba-2 (beside attention in every layer)"),),
+        rotary_dim=rotary, positions="rope", max_positions=None, tie_word_embeddings=tied,
+        attention_implementations=ALL_ATTENTION, buffers=(mup, *_rope_buffers("model.", rotary)),
+        recurrent=spec, notes=(_note("Falcon-H1's Mamba-2 (beside attention in every layer)"),),
     )
 
 
@@ -264,8 +265,7 @@ def _granite_hybrid(raw: RawConfig) -> Architecture:
     heads, kv_heads, head_dim = _heads(raw, hidden)
     names = raw.list("layer_types", "layers_block_type", default=None) or ["mamba"] * layers
     kinds = _layer_types(RawConfig({"layer_types": names}, raw.where), layers, lambda i: "none")
-    attention_layers = tuple(i for i, k in enumerate(kinds) if k != "none")
-    mamba_layers = tuple(i for i, k in enumerate(kinds) if k == "none")
+    attention_layers, mamba_layers = _attention_and_mixer_layers(kinds)
     everywhere = tuple(range(layers))
     inner = int(raw.float("mamba_expand", default=2) * hidden)
     mamba_heads = raw.int("mamba_n_heads", default=128)
@@ -295,15 +295,13 @@ def _granite_hybrid(raw: RawConfig) -> Architecture:
     tied = _tied(raw, False)
     inv.head("lm_head", vocab, hidden, tied)
     rope = raw.str("position_embedding_type", default=None) == "rope"
-    return Architecture(
-        model_type="granitemoehybrid", family="hybrid", hidden_size=hidden, num_layers=layers,
+    return _whole_model_arch(
+        raw, inv, family="hybrid", hidden_size=hidden, num_layers=layers,
         vocab_size=vocab, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         intermediate_size=shared if not experts else width, rotary_dim=head_dim if rope else 0,
-        positions="rope" if rope else "none", max_positions=None, layer_types=kinds, sliding_window=None,
-        tie_word_embeddings=tied, config_dtype=_config_dtype(raw),
-        attention_implementations=("sdpa", "eager", "flash_attention_2"), tensors=tuple(inv.items),
-        buffers=_rope_buffers("model.", head_dim) if rope else (), moe=moe, recurrent=spec,
-        notes=(_note("Granite-4.0-H's Mamba-2"),),
+        positions="rope" if rope else "none", max_positions=None, layer_types=kinds, tie_word_embeddings=tied,
+        attention_implementations=ALL_ATTENTION, buffers=_rope_buffers("model.", head_dim) if rope else (),
+        moe=moe, recurrent=spec, notes=(_note("Granite-4.0-H's Mamba-2"),),
     )
 
 
@@ -315,8 +313,7 @@ def _qwen3_next(raw: RawConfig) -> Architecture:
     heads, kv_heads, head_dim = _heads(raw, hidden)
     interval = raw.int("full_attention_interval", default=4)
     kinds = _layer_types(raw, layers, lambda i: "full" if (i + 1) % interval == 0 else "none")
-    attention_layers = tuple(i for i, k in enumerate(kinds) if k != "none")
-    linear_layers = tuple(i for i, k in enumerate(kinds) if k == "none")
+    attention_layers, linear_layers = _attention_and_mixer_layers(kinds)
     key_heads, key_dim = raw.int("linear_num_key_heads", default=16), raw.int("linear_key_head_dim", default=128)
     value_heads = raw.int("linear_num_value_heads", default=32)
     value_dim = raw.int("linear_value_head_dim", default=128)
@@ -363,11 +360,10 @@ def _qwen3_next(raw: RawConfig) -> Architecture:
     if raw.int("num_nextn_predict_layers", "mtp_num_hidden_layers", default=0, minimum=0):
         notes.append("the checkpoint's multi-token-prediction layers are not loaded by transformers "
                      "and are not counted.")
-    return Architecture(
-        model_type="qwen3_next", family="hybrid", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
+    return _whole_model_arch(
+        raw, inv, family="hybrid", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=raw.int("intermediate_size"),
-        rotary_dim=rotary, positions="rope", max_positions=None, layer_types=kinds, sliding_window=None,
-        tie_word_embeddings=tied, config_dtype=_config_dtype(raw),
-        attention_implementations=("sdpa", "eager", "flash_attention_2"), tensors=tuple(inv.items),
-        buffers=_rope_buffers("model.", rotary), moe=moe, recurrent=spec, notes=tuple(notes),
+        rotary_dim=rotary, positions="rope", max_positions=None, layer_types=kinds, tie_word_embeddings=tied,
+        attention_implementations=ALL_ATTENTION, buffers=_rope_buffers("model.", rotary), moe=moe,
+        recurrent=spec, notes=tuple(notes),
     )

@@ -10,12 +10,13 @@ keeps a final_logits_bias buffer of vocab size. The decoder is what `num_layers`
 from __future__ import annotations
 
 from .architecture import (
+    ALL_ATTENTION,
     Architecture,
     BufferSpec,
     EncoderSpec,
-    _config_dtype,
     _Inventory,
     _tied,
+    _whole_model_arch,
     adapter,
 )
 from .config import MAX_LAYERS, RawConfig
@@ -72,12 +73,11 @@ def _t5(raw: RawConfig) -> Architecture:
     if raw.bool("tie_word_embeddings", default=True) is False:
         notes = ("the config unties lm_head, but transformers 5.17's T5Config always ties it to the shared "
                  "embedding: the checkpoint's separate lm_head is not a separate tensor in memory.",)
-    return Architecture(
-        model_type=raw.str("model_type"), family="t5", hidden_size=d_model, num_layers=decoder_layers,
+    return _whole_model_arch(
+        raw, inv, family="t5", hidden_size=d_model, num_layers=decoder_layers,
         vocab_size=vocab, num_heads=heads, num_kv_heads=heads, head_dim=d_kv, intermediate_size=ffn,
-        rotary_dim=0, positions="none", max_positions=None, layer_types=("full",) * decoder_layers,
-        sliding_window=None, tie_word_embeddings=True, config_dtype=_config_dtype(raw),
-        attention_implementations=("sdpa", "eager"), tensors=tuple(inv.items), encoder=encoder, notes=notes,
+        rotary_dim=0, positions="none", max_positions=None, tie_word_embeddings=True,
+        attention_implementations=("sdpa", "eager"), encoder=encoder, notes=notes,
     )
 
 
@@ -123,11 +123,9 @@ def _bart(raw: RawConfig) -> Architecture:
                       why="BART's final_logits_bias (a persistent buffer, cast with the model)")
     encoder = EncoderSpec(layers=encoder_layers, ffn=ffn,
                           forced_eos=raw.raw("forced_eos_token_id", default=None) is not None)
-    return Architecture(
-        model_type="bart", family="bart", hidden_size=d_model, num_layers=decoder_layers, vocab_size=vocab,
+    return _whole_model_arch(
+        raw, inv, family="bart", hidden_size=d_model, num_layers=decoder_layers, vocab_size=vocab,
         num_heads=heads, num_kv_heads=heads, head_dim=d_model // heads, intermediate_size=ffn,
-        rotary_dim=0, positions="learned", max_positions=positions, layer_types=("full",) * decoder_layers,
-        sliding_window=None, tie_word_embeddings=tied, config_dtype=_config_dtype(raw),
-        attention_implementations=("sdpa", "eager", "flash_attention_2"), tensors=tuple(inv.items),
-        buffers=(bias,), encoder=encoder,
+        rotary_dim=0, positions="learned", max_positions=positions, tie_word_embeddings=tied,
+        attention_implementations=ALL_ATTENTION, buffers=(bias,), encoder=encoder,
     )
