@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .architecture import Architecture, architecture_from_config
 from .catalog import gpu_catalog
-from .estimate import Estimate, PrecisionChoice, Workload, estimate_architecture
+from .model import Architecture, architecture_from_config
+from .request import PlanRequest, PrecisionChoice, Workload
+from .result import Estimate, PlanResult
+from .runtimes.transformers.estimate import estimate_architecture
 from .source import ModelSource, resolve, stored_sizes
 
-__all__ = ["Architecture", "Estimate", "ModelSource", "PrecisionChoice", "Workload", "estimate",
-           "estimate_precisions", "load_model", "plan", "plan_maximum"]
+__all__ = ["Architecture", "Estimate", "ModelSource", "PlanRequest", "PlanResult", "PrecisionChoice", "Workload",
+           "estimate", "estimate_precisions", "load_model", "plan", "plan_maximum"]
 
 # `--precision all`: the comparison of the seed post, for any model
 ALL_PRECISIONS = (("fp32", False), ("fp16", False), ("bf16", False), ("int8", False), ("nf4", False),
@@ -62,7 +64,6 @@ def _plan_request(arch: Architecture, *, context: int, new_tokens: int, concurre
                   runtime: str, tp: int | None, pp: int | None, gpu_memory_utilization: float,
                   max_num_batched_tokens: int | None, kv_cache_dtype: str, max_gpus: int, multi_node: bool):
     from .catalog import precisions
-    from .sizing import PlanRequest
 
     if precision == "any":
         chosen = tuple(precisions().precisions)
@@ -83,7 +84,7 @@ def plan(model: str, gpus: list[str] | None = None, *, top: int = 10, revision: 
          pp: int | None = None, gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int | None = None,
          kv_cache_dtype: str = "auto", max_gpus: int = 64, multi_node: bool = False):
     """Ranked plans (GPU kind, count, tp x pp layout, replicas) that serve the workload."""
-    from .sizing import make_plans
+    from .planning import make_plans
 
     source, arch = load_model(model, revision)
     catalog = gpu_catalog(gpu_catalog_file)
@@ -99,7 +100,7 @@ def plan(model: str, gpus: list[str] | None = None, *, top: int = 10, revision: 
 def plan_maximum(model: str, gpu: str, what: str, *, revision: str | None = None,
                  gpu_catalog_file: Path | None = None, **options) -> list[dict]:
     """For each tp x pp layout of `gpu`: the largest context or concurrency one replica fits."""
-    from .sizing import candidate_layouts, largest_fitting
+    from .planning import candidate_layouts, largest_fitting
 
     source, arch = load_model(model, revision)
     kind = gpu_catalog(gpu_catalog_file).find(gpu)

@@ -73,7 +73,7 @@ def workload_options(fn):
 
 
 def _workload(batch, prompt_len, new_tokens, mode, attn, kv_cache_dtype):
-    from .estimate import Workload
+    from .request import Workload
 
     return Workload(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, mode=mode, attn=attn,
                     kv_cache_dtype=kv_cache_dtype)
@@ -118,7 +118,7 @@ def estimate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cac
 @friendly_errors
 def models(as_json):
     """List the bundled model configs (usable offline by Hub id or alias)."""
-    from .architecture import architecture_from_config
+    from .model import architecture_from_config
     from .source import bundled_names, load_bundled
 
     entries = []
@@ -206,8 +206,8 @@ def plot(model, output, axis, upto, precisions, gpus, batch, prompt_len, new_tok
     """Chart MODEL's memory against context (or batch) per precision, with GPU capacity lines."""
     from . import load_model
     from .catalog import gpu_catalog
-    from .estimate import Workload
     from .plot import write_plot
+    from .request import Workload
 
     source, arch = load_model(model)
     chosen = list(precisions) or [arch.config_dtype or "bf16", "int8", "nf4"]

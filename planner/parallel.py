@@ -17,8 +17,8 @@ points, allocator replay) estimates one rank.
 
 from __future__ import annotations
 
-from .architecture import Architecture, TensorSpec
 from .errors import WorkloadError
+from .model.spec import Architecture, TensorSpec
 
 # transformers' parameter names (last component before .weight/.bias) by parallel style
 COLUMN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv", "gate_proj",

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .architecture import Architecture
 from .base import gib
 from .catalog import Gpu
 from .errors import WorkloadError
-from .estimate import PrecisionChoice, Workload, estimate_architecture, resolve_attention
+from .model.spec import Architecture
+from .request import PrecisionChoice, Workload
+from .runtimes.transformers.estimate import estimate_architecture, resolve_attention
 
 
 def series(arch: Architecture, model: str, axis: str, values: list[int], precisions: list[str],

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 
 from .base import gib
-from .estimate import Estimate
+from .result import Estimate
 
 
 def to_json(model) -> str:

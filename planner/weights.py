@@ -8,10 +8,12 @@ one is listed in `_bnb_allocations` as bitsandbytes 0.50.2 allocates it.
 
 from __future__ import annotations
 
-from .architecture import Architecture, TensorSpec
 from .base import Frozen, block_bytes
-from .catalog import DTYPE_BYTES, Precision, precisions
+from .catalog import DTYPE_BYTES, Precision, precision, precisions
+from .errors import UnsupportedModelError
+from .model.spec import Architecture, TensorSpec
 from .quantized import QuantScheme
+from .request import PrecisionChoice
 
 BUFFER_BYTES = {"fp32": 4, "bool": 1, "int64": 8}
 
@@ -182,3 +184,27 @@ def weight_breakdown(arch: Architecture, precision: Precision, compute: str, dou
         rounding_bytes=allocated + buffer_alloc - data - state - buffers,
         largest_linear_elements=largest, by_kind=by_kind,
     )
+
+
+def resolve_precision(arch: Architecture, choice: PrecisionChoice) -> tuple[Precision, str, PrecisionChoice]:
+    """The precision a run uses: an explicit one, or `auto`: the checkpoint's own quantization
+    when its config has one, else its torch_dtype (bf16 when it has none)."""
+    scheme = arch.quantization
+    if choice.name == "auto" and scheme is not None:
+        if scheme.method == "bitsandbytes":  # serialized bitsandbytes loads like the on-the-fly scheme
+            chosen = precision(scheme.label)
+            dq = choice.model_copy(update={"double_quant": scheme.double_quant})
+            return chosen, compute_dtype(chosen, arch.config_dtype or choice.compute_dtype), dq
+        if scheme.method == "mxfp4":
+            return precision("bf16"), "bf16", choice
+        if arch.moe is not None and scheme.method != "fp8":
+            raise UnsupportedModelError(
+                f"a {scheme.method} checkpoint of a mixture-of-experts model is not modelled: transformers 5.17 "
+                "fuses the experts into 3-D parameters, which only its fp8 integration quantizes. Estimate "
+                "the model at --precision bf16 for an upper bound.")
+        pre = Precision(name=scheme.label, kind="prequantized", scheme=scheme,
+                        description=f"pre-quantized checkpoint ({scheme.method})")
+        return pre, arch.config_dtype or ("fp16" if scheme.method in ("gptq", "awq") else "bf16"), choice
+    name = arch.config_dtype or "bf16" if choice.name == "auto" else choice.name
+    chosen = precision(name)
+    return chosen, compute_dtype(chosen, choice.compute_dtype), choice

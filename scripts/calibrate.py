@@ -87,8 +87,8 @@ def fit() -> dict:
 def _largest_linear(case: dict) -> int | None:
     """The largest Linear's elements; None for a mixture of experts, whose load peak is set by
     merging the per-expert checkpoint tensors, not by quantizing a Linear."""
-    from vramplan.architecture import architecture_from_config
     from vramplan.config import shrink_config
+    from vramplan.model import architecture_from_config
     from vramplan.source import resolve
 
     arch = architecture_from_config(shrink_config(resolve(case["model"]).config, case.get("layers")))

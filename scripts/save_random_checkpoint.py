@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vramplan.architecture import architecture_from_config
+from vramplan.model import architecture_from_config
 from vramplan.source import resolve
 from vramplan.validate import measure
 

@@ -62,9 +62,9 @@ KNOWN_DEVICE_GAPS = {
 
 
 def _modelled_rows():
-    from vramplan.architecture import architecture_from_config
     from vramplan.config import shrink_config
     from vramplan.errors import UnsupportedModelError
+    from vramplan.model import architecture_from_config
     from vramplan.source import resolve
 
     for row in committed_rows():

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from vramplan import Workload, estimate
 from vramplan.cli import main
-from vramplan.estimate import Estimate
+from vramplan.result import Estimate
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import copy
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vramplan.architecture import architecture_from_config, supported_model_types
 from vramplan.errors import VramplanError
+from vramplan.model import architecture_from_config, supported_model_types
 from vramplan.source import load_bundled
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),

@@ -8,8 +8,8 @@ on the meta device, and the counts must agree to the parameter.
 from __future__ import annotations
 
 import pytest
-from vramplan.architecture import architecture_from_config
 from vramplan.errors import UnsupportedModelError
+from vramplan.model import architecture_from_config
 from vramplan.source import bundled_names, load_bundled
 
 from .conftest import TEST_CONFIGS, load_json, transformers_model_on_meta

@@ -4,12 +4,13 @@ measured live sets (h100-hybrid.jsonl), pipeline stages, and what is refused on 
 from __future__ import annotations
 
 import pytest
-from vramplan.architecture import architecture_from_config
 from vramplan.config import shrink_config
 from vramplan.errors import WorkloadError
-from vramplan.estimate import Workload, estimate_architecture
+from vramplan.model import architecture_from_config
 from vramplan.parallel import shard
-from vramplan.runtime import recurrent
+from vramplan.request import Workload
+from vramplan.runtimes.transformers import recurrent
+from vramplan.runtimes.transformers.estimate import estimate_architecture
 from vramplan.source import resolve
 
 from .conftest import committed_rows

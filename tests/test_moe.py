@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import pytest
 from vramplan import Workload
-from vramplan.architecture import architecture_from_config
 from vramplan.base import block_bytes
 from vramplan.catalog import runtime_profile
 from vramplan.config import shrink_config
 from vramplan.errors import UnsupportedModelError, WorkloadError
-from vramplan.estimate import PrecisionChoice, estimate_architecture
+from vramplan.model import architecture_from_config
 from vramplan.parallel import shard
-from vramplan.runtime import experts, kv_cache
-from vramplan.runtime.kv_cache import KvFormat
+from vramplan.request import PrecisionChoice
+from vramplan.runtimes.transformers import experts, kv_cache
+from vramplan.runtimes.transformers.estimate import estimate_architecture
+from vramplan.runtimes.transformers.kv_cache import KvFormat
 from vramplan.source import bundled_names, load_bundled, resolve
 
 from .conftest import committed_rows, transformers_model_on_meta

@@ -11,7 +11,8 @@ from vramplan.catalog import gpu_catalog
 from vramplan.cli import main
 from vramplan.errors import WorkloadError
 from vramplan.parallel import shard
-from vramplan.sizing import PlanRequest, transformers_layout
+from vramplan.request import PlanRequest
+from vramplan.runtimes.transformers.serve import transformers_layout
 
 MODEL = "meta-llama/Llama-3.1-70B-Instruct"
 

@@ -8,9 +8,10 @@ import struct
 
 import pytest
 from vramplan import Workload, estimate
-from vramplan.architecture import architecture_from_config
 from vramplan.errors import UnsupportedModelError
-from vramplan.estimate import PrecisionChoice, estimate_architecture
+from vramplan.model import architecture_from_config
+from vramplan.request import PrecisionChoice
+from vramplan.runtimes.transformers.estimate import estimate_architecture
 from vramplan.source import load_bundled
 
 # quantization_config blocks as real checkpoints ship them

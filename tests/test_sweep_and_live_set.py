@@ -25,9 +25,10 @@ def test_matrices_not_yet_run_hold_only_estimable_cases():
     """A matrix waiting for GPU time (next-*.yaml) holds no case the planner would refuse (a
     family, an attention implementation, a precision): device time is scarce. Run matrices may
     record refusals on purpose (gpt-oss with SDPA)."""
-    from vramplan.architecture import architecture_from_config
     from vramplan.config import shrink_config
-    from vramplan.estimate import PrecisionChoice, Workload, estimate_architecture
+    from vramplan.model import architecture_from_config
+    from vramplan.request import PrecisionChoice, Workload
+    from vramplan.runtimes.transformers.estimate import estimate_architecture
     from vramplan.source import resolve
 
     folder = resources.files("vramplan.profiles") / "matrices"

@@ -12,12 +12,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..architecture import architecture_from_config
 from ..base import Frozen
 from ..catalog import gpu_catalog
 from ..config import shrink_config
 from ..errors import VramplanError
-from ..estimate import Estimate, PrecisionChoice, Workload, estimate_architecture
+from ..model import architecture_from_config
+from ..request import PrecisionChoice, Workload
+from ..result import Estimate
+from ..runtimes.transformers.estimate import estimate_architecture
 from ..source import resolve
 
 

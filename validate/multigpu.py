@@ -16,11 +16,12 @@ import re
 import sys
 from typing import Any
 
-from ..architecture import Architecture
 from ..errors import WorkloadError
-from ..estimate import Estimate, Workload
+from ..model import Architecture
 from ..parallel import stage_layers
-from ..sizing import PlanRequest, transformers_layout
+from ..request import PlanRequest, Workload
+from ..result import Estimate
+from ..runtimes.transformers.serve import transformers_layout
 
 _LAYER = re.compile(r"^(?P<stack>.+?)\.\{i\}\.")
 

@@ -19,11 +19,13 @@ from typing import Any
 
 from pydantic import Field
 
-from ..architecture import architecture_from_config
 from ..base import Frozen, gib
 from ..config import shrink_config
 from ..errors import WorkloadError
-from ..estimate import Estimate, Workload, resolve_attention
+from ..model import architecture_from_config
+from ..request import Workload
+from ..result import Estimate
+from ..runtimes.transformers.estimate import resolve_attention
 from ..source import resolve
 from . import compare, sweep
 

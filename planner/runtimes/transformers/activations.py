@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..architecture import Architecture
-from ..base import Frozen, block_bytes
-from ..catalog import FamilyLayout
+from ...base import Frozen, block_bytes
+from ...catalog import FamilyLayout
+from ...model.spec import Architecture
 from . import attention, experts, kv_cache, recurrent
 
 

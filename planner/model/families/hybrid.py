@@ -12,27 +12,22 @@ from __future__ import annotations
 
 import math
 
-from .architecture import (
-    ALL_ATTENTION,
-    Architecture,
-    BufferSpec,
-    LayerKind,
+from ...config import MAX_LAYERS, RawConfig
+from ...errors import ConfigError
+from ..blocks import (
+    Inventory,
     MoeLayout,
-    MoeSpec,
-    RecurrentSpec,
-    _heads,
-    _Inventory,
-    _layer_types,
-    _moe_mlp,
-    _qwen_sparse_layers,
-    _rope_buffers,
-    _rotary_dim,
-    _tied,
-    _whole_model_arch,
-    adapter,
+    moe_mlp,
+    qwen_sparse_layers,
+    read_heads,
+    read_layer_types,
+    read_rotary_dim,
+    read_tied,
+    rope_buffers,
+    whole_model_arch,
 )
-from .config import MAX_LAYERS, RawConfig
-from .errors import ConfigError
+from ..registry import adapter
+from ..spec import ALL_ATTENTION, Architecture, BufferSpec, LayerKind, MoeSpec, RecurrentSpec
 
 
 def _attention_and_mixer_layers(kinds: tuple[LayerKind, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -46,7 +41,7 @@ def _dt_rank(raw: RawConfig, key: str, hidden: int) -> int:
     return math.ceil(hidden / 16) if value == "auto" else raw.int(key)
 
 
-def _mamba_mixer(inv: _Inventory, prefix: str, hidden: int, inner: int, state: int, rank: int,
+def _mamba_mixer(inv: Inventory, prefix: str, hidden: int, inner: int, state: int, rank: int,
                  kernel: int, conv_bias: bool, proj_bias: bool, layers: tuple[int, ...],
                  bc_norms: bool = False) -> None:
     """Mamba-1's mixer (MambaMixer, JambaMambaMixer)."""
@@ -65,7 +60,7 @@ def _mamba_mixer(inv: _Inventory, prefix: str, hidden: int, inner: int, state: i
         inv.per_layer(f"{prefix}.c_layernorm.weight", (state,), "norm", layers=layers)
 
 
-def _mamba2_mixer(inv: _Inventory, prefix: str, hidden: int, spec: RecurrentSpec, conv_bias: bool,
+def _mamba2_mixer(inv: Inventory, prefix: str, hidden: int, spec: RecurrentSpec, conv_bias: bool,
                   proj_bias: bool, gated_norm: bool) -> None:
     """Mamba-2's mixer (Mamba2Mixer and its copies in Falcon-H1 and Granite-4.0-H)."""
     layers, heads = spec.layers, spec.heads
@@ -93,7 +88,7 @@ def _mamba2_spec(layers: tuple[int, ...], inner: int, heads: int, head_dim: int,
                          in_proj=inner + conv_dim + heads, chunk_size=chunk)
 
 
-def _attention(inv: _Inventory, prefix: str, hidden: int, heads: int, kv_heads: int, head_dim: int,
+def _attention(inv: Inventory, prefix: str, hidden: int, heads: int, kv_heads: int, head_dim: int,
                bias: bool, layers: tuple[int, ...], gated_query: bool = False) -> None:
     inv.linear(f"{prefix}.q_proj", (2 if gated_query else 1) * heads * head_dim, hidden, bias, layers=layers)
     inv.linear(f"{prefix}.k_proj", kv_heads * head_dim, hidden, bias, layers=layers)
@@ -101,7 +96,7 @@ def _attention(inv: _Inventory, prefix: str, hidden: int, heads: int, kv_heads: 
     inv.linear(f"{prefix}.o_proj", hidden, heads * head_dim, bias, layers=layers)
 
 
-def _gated_mlp(inv: _Inventory, prefix: str, hidden: int, width: int, bias: bool,
+def _gated_mlp(inv: Inventory, prefix: str, hidden: int, width: int, bias: bool,
                layers: tuple[int, ...]) -> None:
     inv.linear(f"{prefix}.gate_proj", width, hidden, bias, layers=layers)
     inv.linear(f"{prefix}.up_proj", width, hidden, bias, layers=layers)
@@ -125,13 +120,13 @@ def _mamba(raw: RawConfig) -> Architecture:
     kernel = raw.int("conv_kernel", default=4)
     rank = _dt_rank(raw, "time_step_rank", hidden)
     everywhere = tuple(range(layers))
-    inv = _Inventory(layers)
+    inv = Inventory(layers)
     inv.one("backbone.embeddings.weight", (vocab, hidden), "embedding")
     inv.norm("backbone.layers.{i}.norm", hidden, False)
     _mamba_mixer(inv, "backbone.layers.{i}.mixer", hidden, inner, state, rank, kernel,
                  raw.bool("use_conv_bias", default=True), raw.bool("use_bias", default=False), everywhere)
     inv.norm("backbone.norm_f", hidden, False, per_layer=False)
-    tied = _tied(raw, True)
+    tied = read_tied(raw, True)
     inv.head("lm_head", vocab, hidden, tied)
     spec = RecurrentSpec(kind="mamba", layers=everywhere, inner=inner, state_size=state,
                          conv_kernel=kernel, conv_dim=inner, in_proj=2 * inner, dt_rank=rank, gate_copies=4)
@@ -149,20 +144,20 @@ def _mamba2(raw: RawConfig) -> Architecture:
     spec = _mamba2_spec(everywhere, inner, heads, raw.int("head_dim", default=inner // heads),
                         raw.int("n_groups", default=8), raw.int("state_size", default=128),
                         raw.int("conv_kernel", default=4), raw.int("chunk_size", default=256))
-    inv = _Inventory(layers)
+    inv = Inventory(layers)
     inv.one("backbone.embeddings.weight", (vocab, hidden), "embedding")
     inv.norm("backbone.layers.{i}.norm", hidden, False)
     _mamba2_mixer(inv, "backbone.layers.{i}.mixer", hidden, spec, raw.bool("use_conv_bias", default=True),
                   raw.bool("use_bias", default=False), gated_norm=True)
     inv.norm("backbone.norm_f", hidden, False, per_layer=False)
-    tied = _tied(raw, False)
+    tied = read_tied(raw, False)
     inv.head("lm_head", vocab, hidden, tied)
     return _recurrent_only(raw, hidden, layers, vocab, inner, tied, inv, spec)
 
 
 def _recurrent_only(raw: RawConfig, hidden: int, layers: int, vocab: int, inner: int,
-                    tied: bool, inv: _Inventory, spec: RecurrentSpec) -> Architecture:
-    return _whole_model_arch(
+                    tied: bool, inv: Inventory, spec: RecurrentSpec) -> Architecture:
+    return whole_model_arch(
         raw, inv, family="mamba", hidden_size=hidden, num_layers=layers,
         vocab_size=vocab, num_heads=1, num_kv_heads=1, head_dim=1, intermediate_size=inner,
         rotary_dim=0, positions="none", max_positions=None, layer_types=("none",) * layers,
@@ -176,7 +171,7 @@ def _jamba(raw: RawConfig) -> Architecture:
     hidden = raw.int("hidden_size")
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     vocab = raw.int("vocab_size")
-    heads, kv_heads, head_dim = _heads(raw, hidden)
+    heads, kv_heads, head_dim = read_heads(raw, hidden)
     width = raw.int("intermediate_size")
     attn_period = raw.int("attn_layer_period", default=8)
     attn_offset = raw.int("attn_layer_offset", default=4, minimum=0)
@@ -190,7 +185,7 @@ def _jamba(raw: RawConfig) -> Architecture:
     inner = int(raw.float("mamba_expand", default=2) * hidden)
     state, kernel = raw.int("mamba_d_state", default=16), raw.int("mamba_d_conv", default=4)
     rank = _dt_rank(raw, "mamba_dt_rank", hidden)
-    inv = _Inventory(layers)
+    inv = Inventory(layers)
     inv.one("model.embed_tokens.weight", (vocab, hidden), "embedding")
     _mamba_mixer(inv, "model.layers.{i}.mamba", hidden, inner, state, rank, kernel,
                  raw.bool("mamba_conv_bias", default=True), raw.bool("mamba_proj_bias", default=False),
@@ -201,15 +196,15 @@ def _jamba(raw: RawConfig) -> Architecture:
     if sparse:
         moe = MoeSpec(num_experts=experts, top_k=raw.int("num_experts_per_tok", default=2),
                       expert_intermediate=width, sparse_layers=sparse)
-        _moe_mlp(inv, "model.layers.{i}.feed_forward", moe, MoeLayout(router="router"), hidden)
+        moe_mlp(inv, "model.layers.{i}.feed_forward", moe, MoeLayout(router="router"), hidden)
     inv.norm("model.layers.{i}.input_layernorm", hidden, False)
     inv.norm("model.layers.{i}.pre_ff_layernorm", hidden, False)
     inv.norm("model.final_layernorm", hidden, False, per_layer=False)
-    tied = _tied(raw, False)
+    tied = read_tied(raw, False)
     inv.head("lm_head", vocab, hidden, tied)
     spec = RecurrentSpec(kind="mamba", layers=mamba_layers, inner=inner, state_size=state,
                          conv_kernel=kernel, conv_dim=inner, in_proj=2 * inner, dt_rank=rank, gate_copies=3)
-    return _whole_model_arch(
+    return whole_model_arch(
         raw, inv, family="hybrid", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=width,
         rotary_dim=0, positions="none", max_positions=None, layer_types=kinds, tie_word_embeddings=tied,
@@ -222,7 +217,7 @@ def _falcon_h1(raw: RawConfig) -> Architecture:
     hidden = raw.int("hidden_size")
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     vocab = raw.int("vocab_size")
-    heads, kv_heads, head_dim = _heads(raw, hidden)
+    heads, kv_heads, head_dim = read_heads(raw, hidden)
     width = raw.int("intermediate_size")
     everywhere = tuple(range(layers))
     inner = raw.int("mamba_d_ssm", default=None) or int(raw.float("mamba_expand", default=2) * hidden)
@@ -232,7 +227,7 @@ def _falcon_h1(raw: RawConfig) -> Architecture:
     spec = _mamba2_spec(everywhere, inner, mamba_heads, mamba_head_dim, raw.int("mamba_n_groups", default=1),
                         raw.int("mamba_d_state", default=256), raw.int("mamba_d_conv", default=4),
                         raw.int("mamba_chunk_size", default=256))
-    inv = _Inventory(layers)
+    inv = Inventory(layers)
     inv.one("model.embed_tokens.weight", (vocab, hidden), "embedding")
     _gated_mlp(inv, "model.layers.{i}.feed_forward", hidden, width, raw.bool("mlp_bias", default=False), everywhere)
     _mamba2_mixer(inv, "model.layers.{i}.mamba", hidden, spec, raw.bool("mamba_conv_bias", default=True),
@@ -243,16 +238,16 @@ def _falcon_h1(raw: RawConfig) -> Architecture:
     inv.norm("model.layers.{i}.input_layernorm", hidden, False)
     inv.norm("model.layers.{i}.pre_ff_layernorm", hidden, False)
     inv.norm("model.final_layernorm", hidden, False, per_layer=False)
-    tied = _tied(raw, False)
+    tied = read_tied(raw, False)
     inv.head("lm_head", vocab, hidden, tied)
-    rotary = _rotary_dim(raw, head_dim)
+    rotary = read_rotary_dim(raw, head_dim)
     mup = BufferSpec(name="model.layers.{i}.mamba.mup_vector", shape=(1, 1, spec.in_proj), dtype="activation",
                      layers=everywhere, why="Falcon-H1's muP multipliers of the mixer's input projection")
-    return _whole_model_arch(
+    return whole_model_arch(
         raw, inv, family="hybrid", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=width,
         rotary_dim=rotary, positions="rope", max_positions=None, tie_word_embeddings=tied,
-        attention_implementations=ALL_ATTENTION, buffers=(mup, *_rope_buffers("model.", rotary)),
+        attention_implementations=ALL_ATTENTION, buffers=(mup, *rope_buffers("model.", rotary)),
         recurrent=spec, notes=(_note("Falcon-H1's Mamba-2 (beside attention in every layer)"),),
     )
 
@@ -262,9 +257,9 @@ def _granite_hybrid(raw: RawConfig) -> Architecture:
     hidden = raw.int("hidden_size")
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     vocab = raw.int("vocab_size")
-    heads, kv_heads, head_dim = _heads(raw, hidden)
+    heads, kv_heads, head_dim = read_heads(raw, hidden)
     names = raw.list("layer_types", "layers_block_type", default=None) or ["mamba"] * layers
-    kinds = _layer_types(RawConfig({"layer_types": names}, raw.where), layers, lambda i: "none")
+    kinds = read_layer_types(RawConfig({"layer_types": names}, raw.where), layers, lambda i: "none")
     attention_layers, mamba_layers = _attention_and_mixer_layers(kinds)
     everywhere = tuple(range(layers))
     inner = int(raw.float("mamba_expand", default=2) * hidden)
@@ -275,7 +270,7 @@ def _granite_hybrid(raw: RawConfig) -> Architecture:
     experts = raw.int("num_local_experts", default=8, minimum=0)
     shared = raw.int("shared_intermediate_size", default=1024, minimum=0)
     width = raw.int("intermediate_size")
-    inv = _Inventory(layers)
+    inv = Inventory(layers)
     inv.one("model.embed_tokens.weight", (vocab, hidden), "embedding")
     inv.norm("model.layers.{i}.input_layernorm", hidden, False)
     inv.norm("model.layers.{i}.post_attention_layernorm", hidden, False)
@@ -284,7 +279,7 @@ def _granite_hybrid(raw: RawConfig) -> Architecture:
         moe = MoeSpec(num_experts=experts, top_k=raw.int("num_experts_per_tok", default=2),
                       expert_intermediate=width, shared_intermediate=shared, sparse_layers=everywhere,
                       stored_per_expert=False)  # GraniteMoeParallelExperts: one 3-D tensor in the checkpoint
-        _moe_mlp(inv, "model.layers.{i}.block_sparse_moe", moe, MoeLayout(router="router"), hidden)
+        moe_mlp(inv, "model.layers.{i}.block_sparse_moe", moe, MoeLayout(router="router"), hidden)
     inv.linear("model.layers.{i}.shared_mlp.input_linear", 2 * shared, hidden, False)
     inv.linear("model.layers.{i}.shared_mlp.output_linear", hidden, shared, False)
     _mamba2_mixer(inv, "model.layers.{i}.mamba", hidden, spec, raw.bool("mamba_conv_bias", default=True),
@@ -292,15 +287,15 @@ def _granite_hybrid(raw: RawConfig) -> Architecture:
     _attention(inv, "model.layers.{i}.self_attn", hidden, heads, kv_heads, head_dim,
                raw.bool("attention_bias", default=False), attention_layers)
     inv.norm("model.norm", hidden, False, per_layer=False)
-    tied = _tied(raw, False)
+    tied = read_tied(raw, False)
     inv.head("lm_head", vocab, hidden, tied)
     rope = raw.str("position_embedding_type", default=None) == "rope"
-    return _whole_model_arch(
+    return whole_model_arch(
         raw, inv, family="hybrid", hidden_size=hidden, num_layers=layers,
         vocab_size=vocab, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         intermediate_size=shared if not experts else width, rotary_dim=head_dim if rope else 0,
         positions="rope" if rope else "none", max_positions=None, layer_types=kinds, tie_word_embeddings=tied,
-        attention_implementations=ALL_ATTENTION, buffers=_rope_buffers("model.", head_dim) if rope else (),
+        attention_implementations=ALL_ATTENTION, buffers=rope_buffers("model.", head_dim) if rope else (),
         moe=moe, recurrent=spec, notes=(_note("Granite-4.0-H's Mamba-2"),),
     )
 
@@ -310,9 +305,9 @@ def _qwen3_next(raw: RawConfig) -> Architecture:
     hidden = raw.int("hidden_size")
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     vocab = raw.int("vocab_size")
-    heads, kv_heads, head_dim = _heads(raw, hidden)
+    heads, kv_heads, head_dim = read_heads(raw, hidden)
     interval = raw.int("full_attention_interval", default=4)
-    kinds = _layer_types(raw, layers, lambda i: "full" if (i + 1) % interval == 0 else "none")
+    kinds = read_layer_types(raw, layers, lambda i: "full" if (i + 1) % interval == 0 else "none")
     attention_layers, linear_layers = _attention_and_mixer_layers(kinds)
     key_heads, key_dim = raw.int("linear_num_key_heads", default=16), raw.int("linear_key_head_dim", default=128)
     value_heads = raw.int("linear_num_value_heads", default=32)
@@ -325,9 +320,9 @@ def _qwen3_next(raw: RawConfig) -> Architecture:
                          state_size=key_dim, heads=value_heads, head_dim=value_dim, groups=key_heads,
                          conv_kernel=kernel, conv_dim=conv_dim,
                          in_proj=2 * key_heads * key_dim + 2 * value_heads * value_dim, chunk_size=64)
-    sparse = _qwen_sparse_layers(raw, layers) if raw.int("num_experts", default=512, minimum=0) else ()
+    sparse = qwen_sparse_layers(raw, layers) if raw.int("num_experts", default=512, minimum=0) else ()
     dense = tuple(i for i in range(layers) if i not in sparse)
-    inv = _Inventory(layers)
+    inv = Inventory(layers)
     inv.one("model.embed_tokens.weight", (vocab, hidden), "embedding")
     la = "model.layers.{i}.linear_attn"
     inv.per_layer(f"{la}.dt_bias", (value_heads,), "other", layers=linear_layers)
@@ -343,7 +338,7 @@ def _qwen3_next(raw: RawConfig) -> Architecture:
                       expert_intermediate=raw.int("moe_intermediate_size", default=512),
                       shared_intermediate=raw.int("shared_expert_intermediate_size", default=512, minimum=0),
                       sparse_layers=sparse, shared_first=True)
-        _moe_mlp(inv, "model.layers.{i}.mlp", moe, MoeLayout(shared="shared_expert", shared_gate=True), hidden)
+        moe_mlp(inv, "model.layers.{i}.mlp", moe, MoeLayout(shared="shared_expert", shared_gate=True), hidden)
     _gated_mlp(inv, "model.layers.{i}.mlp", hidden, raw.int("intermediate_size"), False, dense)
     inv.norm("model.layers.{i}.input_layernorm", hidden, False)
     inv.norm("model.layers.{i}.post_attention_layernorm", hidden, False)
@@ -353,17 +348,17 @@ def _qwen3_next(raw: RawConfig) -> Architecture:
     inv.per_layer("model.layers.{i}.self_attn.q_norm.weight", (head_dim,), "norm", layers=attention_layers)
     inv.per_layer("model.layers.{i}.self_attn.k_norm.weight", (head_dim,), "norm", layers=attention_layers)
     inv.norm("model.norm", hidden, False, per_layer=False)
-    tied = _tied(raw, False)
+    tied = read_tied(raw, False)
     inv.head("lm_head", vocab, hidden, tied)
-    rotary = _rotary_dim(raw, head_dim)
+    rotary = read_rotary_dim(raw, head_dim)
     notes = [_note("Qwen3-Next's gated DeltaNet")]
     if raw.int("num_nextn_predict_layers", "mtp_num_hidden_layers", default=0, minimum=0):
         notes.append("the checkpoint's multi-token-prediction layers are not loaded by transformers "
                      "and are not counted.")
-    return _whole_model_arch(
+    return whole_model_arch(
         raw, inv, family="hybrid", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=raw.int("intermediate_size"),
         rotary_dim=rotary, positions="rope", max_positions=None, layer_types=kinds, tie_word_embeddings=tied,
-        attention_implementations=ALL_ATTENTION, buffers=_rope_buffers("model.", rotary), moe=moe,
+        attention_implementations=ALL_ATTENTION, buffers=rope_buffers("model.", rotary), moe=moe,
         recurrent=spec, notes=tuple(notes),
     )

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..architecture import Architecture
-from ..base import Frozen, block_bytes
+from ...base import Frozen, block_bytes
+from ...model.spec import Architecture
 from . import recurrent
 
 Part = Literal["key", "value"]

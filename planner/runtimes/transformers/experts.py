@@ -16,9 +16,9 @@ Mixtral, Qwen1.5-MoE, Qwen3-30B-A3B, DeepSeek-V2-Lite, Llama-4-Scout and gpt-oss
 
 from __future__ import annotations
 
-from ..architecture import Architecture, MoeSpec
-from ..base import block_bytes
-from ..catalog import ExpertsLayout
+from ...base import block_bytes
+from ...catalog import ExpertsLayout
+from ...model.spec import Architecture, MoeSpec
 
 Terms = list[tuple[str, int, str]]
 

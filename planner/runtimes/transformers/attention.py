@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..architecture import Architecture
-from ..base import block_bytes
-from ..catalog import FamilyLayout
+from ...base import block_bytes
+from ...catalog import FamilyLayout
+from ...model.spec import Architecture
 
 Kernel = Literal["flash", "efficient", "math", "eager"]
 

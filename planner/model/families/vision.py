@@ -9,8 +9,9 @@ their language model alone, said likewise.
 
 from __future__ import annotations
 
-from .architecture import Architecture, BufferSpec, _Inventory
-from .config import MAX_LAYERS, RawConfig
+from ...config import MAX_LAYERS, RawConfig
+from ..blocks import Inventory
+from ..spec import Architecture, BufferSpec
 
 
 def with_vision_tower(arch: Architecture, wrapper: str, raw: RawConfig, vision: dict | None,
@@ -50,7 +51,7 @@ def _composite_tie(arch: Architecture, wrapper: str, raw: RawConfig) -> Architec
                                    "tensors": tuple(t for t in arch.tensors if t.kind != "lm_head")})
 
 
-def _projector_pair(inv: _Inventory, text_hidden: int, width: int, bias: bool) -> None:
+def _projector_pair(inv: Inventory, text_hidden: int, width: int, bias: bool) -> None:
     projector = "model.multi_modal_projector"
     inv.one(f"{projector}.linear_1.weight", (text_hidden, width), "linear")
     inv.one(f"{projector}.linear_2.weight", (text_hidden, text_hidden), "linear")
@@ -59,7 +60,7 @@ def _projector_pair(inv: _Inventory, text_hidden: int, width: int, bias: bool) -
         inv.one(f"{projector}.linear_2.bias", (text_hidden,), "bias")
 
 
-def _added(arch: Architecture, inv: _Inventory, buffers: tuple[BufferSpec, ...], note: str) -> Architecture:
+def _added(arch: Architecture, inv: Inventory, buffers: tuple[BufferSpec, ...], note: str) -> Architecture:
     params = sum(t.elements for t in inv.items)
     return arch.model_copy(update={
         "tensors": (*arch.tensors, *inv.items), "buffers": (*arch.buffers, *buffers),
@@ -76,7 +77,7 @@ def _pixtral(arch: Architecture, raw: RawConfig, vision: RawConfig) -> Architect
     channels = vision.int("num_channels", default=3)
     head_dim = vision.int("head_dim", default=None) or hidden // vision.int("num_attention_heads", default=16)
     merge = raw.int("spatial_merge_size", default=2)
-    inv = _Inventory(0)
+    inv = Inventory(0)
     tower = "model.vision_tower"
     inv.one(f"{tower}.patch_conv.weight", (hidden, channels, patch, patch), "other")
     inv.one(f"{tower}.ln_pre.weight", (hidden,), "norm")
@@ -109,7 +110,7 @@ def _clip(arch: Architecture, raw: RawConfig, vision: RawConfig) -> Architecture
     layers = vision.int("num_hidden_layers", default=24, maximum=MAX_LAYERS)
     patch, image = vision.int("patch_size", default=14), vision.int("image_size", default=336)
     positions = (image // patch) ** 2 + 1  # the patches and the class token
-    inv = _Inventory(0)
+    inv = Inventory(0)
     tower = "model.vision_tower"
     inv.one(f"{tower}.embeddings.class_embedding", (hidden,), "other")
     inv.one(f"{tower}.embeddings.patch_embedding.weight", (hidden, 3, patch, patch), "other")

@@ -9,21 +9,14 @@ keeps a final_logits_bias buffer of vocab size. The decoder is what `num_layers`
 
 from __future__ import annotations
 
-from .architecture import (
-    ALL_ATTENTION,
-    Architecture,
-    BufferSpec,
-    EncoderSpec,
-    _Inventory,
-    _tied,
-    _whole_model_arch,
-    adapter,
-)
-from .config import MAX_LAYERS, RawConfig
-from .errors import ConfigError
+from ...config import MAX_LAYERS, RawConfig
+from ...errors import ConfigError
+from ..blocks import Inventory, read_tied, whole_model_arch
+from ..registry import adapter
+from ..spec import ALL_ATTENTION, Architecture, BufferSpec, EncoderSpec
 
 
-def _t5_stack(inv: _Inventory, stack: str, layers: int, d_model: int, inner: int, ffn: int,
+def _t5_stack(inv: Inventory, stack: str, layers: int, d_model: int, inner: int, ffn: int,
               heads: int, buckets: int, gated: bool, decoder: bool) -> None:
     for i in range(layers):
         block = f"{stack}.block.{i}.layer"
@@ -62,7 +55,7 @@ def _t5(raw: RawConfig) -> Architecture:
     if projection.removeprefix("gated-") not in ("relu", "gelu", "gelu_new", "silu"):
         raise ConfigError(f"{raw.where}: unknown feed_forward_proj {projection!r}.")
     inner = heads * d_kv
-    inv = _Inventory(0)
+    inv = Inventory(0)
     inv.one("shared.weight", (vocab, d_model), "embedding")
     _t5_stack(inv, "encoder", encoder_layers, d_model, inner, ffn, heads, buckets, gated, decoder=False)
     _t5_stack(inv, "decoder", decoder_layers, d_model, inner, ffn, heads, buckets, gated, decoder=True)
@@ -73,7 +66,7 @@ def _t5(raw: RawConfig) -> Architecture:
     if raw.bool("tie_word_embeddings", default=True) is False:
         notes = ("the config unties lm_head, but transformers 5.17's T5Config always ties it to the shared "
                  "embedding: the checkpoint's separate lm_head is not a separate tensor in memory.",)
-    return _whole_model_arch(
+    return whole_model_arch(
         raw, inv, family="t5", hidden_size=d_model, num_layers=decoder_layers,
         vocab_size=vocab, num_heads=heads, num_kv_heads=heads, head_dim=d_kv, intermediate_size=ffn,
         rotary_dim=0, positions="none", max_positions=None, tie_word_embeddings=True,
@@ -81,7 +74,7 @@ def _t5(raw: RawConfig) -> Architecture:
     )
 
 
-def _bart_stack(inv: _Inventory, stack: str, layers: int, d_model: int, ffn: int, positions: int,
+def _bart_stack(inv: Inventory, stack: str, layers: int, d_model: int, ffn: int, positions: int,
                 decoder: bool) -> None:
     inv.one(f"model.{stack}.embed_positions.weight", (positions + 2, d_model), "position_embedding")
     for i in range(layers):
@@ -113,17 +106,17 @@ def _bart(raw: RawConfig) -> Architecture:
     if d_model % heads:
         raise ConfigError(f"{raw.where}: d_model {d_model} is not a multiple of {heads} heads.")
     ffn = raw.int("decoder_ffn_dim")
-    inv = _Inventory(0)
+    inv = Inventory(0)
     inv.one("model.shared.weight", (vocab, d_model), "embedding")
     _bart_stack(inv, "encoder", encoder_layers, d_model, ffn, positions, decoder=False)
     _bart_stack(inv, "decoder", decoder_layers, d_model, ffn, positions, decoder=True)
-    tied = _tied(raw, True)
+    tied = read_tied(raw, True)
     inv.head("lm_head", vocab, d_model, tied)
     bias = BufferSpec(name="final_logits_bias", shape=(1, vocab), dtype="activation",
                       why="BART's final_logits_bias (a persistent buffer, cast with the model)")
     encoder = EncoderSpec(layers=encoder_layers, ffn=ffn,
                           forced_eos=raw.raw("forced_eos_token_id", default=None) is not None)
-    return _whole_model_arch(
+    return whole_model_arch(
         raw, inv, family="bart", hidden_size=d_model, num_layers=decoder_layers, vocab_size=vocab,
         num_heads=heads, num_kv_heads=heads, head_dim=d_model // heads, intermediate_size=ffn,
         rotary_dim=0, positions="learned", max_positions=positions, tie_word_embeddings=tied,

@@ -24,8 +24,8 @@ the last mixer layer's scan. The tensors alive there, counted from the measured 
 
 from __future__ import annotations
 
-from ..architecture import Architecture, RecurrentSpec
-from ..base import block_bytes
+from ...base import block_bytes
+from ...model.spec import Architecture, RecurrentSpec
 
 Terms = list[tuple[str, int, str]]
 STATE_BYTES = 4  # scan states are fp32 (measured on every family above)

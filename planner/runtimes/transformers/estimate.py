@@ -1,4 +1,4 @@
-"""Architecture + workload -> `Estimate`: every byte of one run, term by term.
+"""transformers' generate() and forward() on one GPU: Architecture + workload -> `Estimate`.
 
 peak_allocated_bytes is what torch.cuda.max_memory_allocated() reports for the run: the
 weights (as the allocator holds them), the cuBLAS workspace, the inputs, and the runtime
@@ -9,13 +9,8 @@ that: the caching allocator's reserve and the memory outside torch (CUDA context
 from __future__ import annotations
 
 import math
-from typing import Literal
 
-from pydantic import Field
-
-from .architecture import Architecture
-from .base import Frozen
-from .catalog import (
+from ...catalog import (
     DTYPE_BYTES,
     Calibration,
     FamilyLayout,
@@ -23,97 +18,16 @@ from .catalog import (
     Precision,
     RuntimeProfile,
     calibration,
-    precision,
     runtime_profile,
 )
-from .errors import UnsupportedModelError, WorkloadError
-from .runtime import kv_cache, overhead, sequence
-from .runtime.activations import Point, RunSpec, decode_point, prefill_points
-from .runtime.kv_cache import KvFormat
-from .weights import WeightBreakdown, allocation_sizes, compute_dtype, weight_breakdown
-
-MAX_BATCH = 1 << 16
-MAX_TOKENS = 1 << 24
-
-
-class Workload(Frozen):
-    """One run: `generate` (prefill, then new_tokens - 1 decode steps) or one `forward`."""
-
-    batch: int = Field(1, ge=1, le=MAX_BATCH)
-    prompt_len: int = Field(512, ge=1, le=MAX_TOKENS)
-    new_tokens: int = Field(128, ge=0, le=MAX_TOKENS)
-    mode: Literal["generate", "forward"] = "generate"
-    # "auto": what transformers picks itself, SDPA where the family has it, else eager
-    attn: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    # auto: DynamicCache in the activation dtype; int8/int4/int2: transformers' QuantizedCache
-    # (HQQ for 8 bits, quanto for 4 and 2); fp8: the layout serving engines use (1 byte each)
-    kv_cache_dtype: Literal["auto", "fp16", "bf16", "fp32", "fp8", "int8", "int4", "int2"] = "auto"
-
-
-class PrecisionChoice(Frozen):
-    name: str = "auto"  # "auto": the config's torch_dtype, bf16 when it has none
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # bitsandbytes' compute dtype
-    double_quant: bool = False
-
-
-class BreakdownTerm(Frozen):
-    name: str
-    bytes: int
-    why: str
-    scope: Literal["allocated", "outside"]  # inside max_memory_allocated, or only on the device
-
-
-class Verdict(Frozen):
-    gpu: str
-    memory_bytes: int
-    fits: bool
-    headroom_bytes: int
-
-
-class Estimate(Frozen):
-    model: str
-    model_type: str
-    precision: str
-    double_quant: bool = False
-    compute_dtype: str
-    workload: Workload
-    parameters: int
-    weights_bytes: int
-    kv_cache_bytes: int
-    peak_phase: str
-    peak_kind: str  # mlp, attention:<kernel>, logits, decode, int8, dequantize
-    peak_allocated_bytes: int
-    peak_device_bytes: int
-    load_peak_allocated_bytes: int  # while from_pretrained loads (and bitsandbytes quantizes) the weights
-    breakdown: list[BreakdownTerm]
-    notes: list[str]
-    verdict: Verdict | None = None
-    checkpoint_bytes: int | None = None  # what the checkpoint's safetensors store, when known
-    calibrated_with: dict[str, str]
-
-
-def resolve_precision(arch: Architecture, choice: PrecisionChoice) -> tuple[Precision, str, PrecisionChoice]:
-    """The precision a run uses: an explicit one, or `auto`: the checkpoint's own quantization
-    when its config has one, else its torch_dtype (bf16 when it has none)."""
-    scheme = arch.quantization
-    if choice.name == "auto" and scheme is not None:
-        if scheme.method == "bitsandbytes":  # serialized bitsandbytes loads like the on-the-fly scheme
-            chosen = precision(scheme.label)
-            dq = choice.model_copy(update={"double_quant": scheme.double_quant})
-            return chosen, compute_dtype(chosen, arch.config_dtype or choice.compute_dtype), dq
-        if scheme.method == "mxfp4":
-            return precision("bf16"), "bf16", choice
-        if arch.moe is not None and scheme.method != "fp8":
-            raise UnsupportedModelError(
-                f"a {scheme.method} checkpoint of a mixture-of-experts model is not modelled: transformers 5.17 "
-                "fuses the experts into 3-D parameters, which only its fp8 integration quantizes. Estimate "
-                "the model at --precision bf16 for an upper bound.")
-        pre = Precision(name=scheme.label, kind="prequantized", scheme=scheme,
-                        description=f"pre-quantized checkpoint ({scheme.method})")
-        return pre, arch.config_dtype or ("fp16" if scheme.method in ("gptq", "awq") else "bf16"), choice
-    name = arch.config_dtype or "bf16" if choice.name == "auto" else choice.name
-    chosen = precision(name)
-    return chosen, compute_dtype(chosen, choice.compute_dtype), choice
+from ...errors import UnsupportedModelError, WorkloadError
+from ...model.spec import Architecture
+from ...request import PrecisionChoice, Workload
+from ...result import BreakdownTerm, Estimate, Verdict
+from ...weights import WeightBreakdown, allocation_sizes, resolve_precision, weight_breakdown
+from . import kv_cache, overhead, sequence
+from .activations import Point, RunSpec, decode_point, prefill_points
+from .kv_cache import KvFormat
 
 
 def _checkpoint_notes(arch: Architecture, stored: dict[str, tuple[int, tuple[int, ...]]] | None,

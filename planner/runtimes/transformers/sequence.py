@@ -15,12 +15,12 @@ from.
 
 from __future__ import annotations
 
-from ..architecture import Architecture
-from ..base import Frozen
-from ..catalog import FamilyLayout
+from ...base import Frozen
+from ...catalog import FamilyLayout
+from ...model.spec import Architecture
+from ..allocator import CachingAllocator
 from . import attention, kv_cache
 from .activations import RunSpec
-from .allocator import CachingAllocator
 
 # Decode steps replayed one by one; later steps repeat the same pattern on slightly longer
 # blocks, so their reserve is carried over from the last replayed step (keeps the CLI fast).

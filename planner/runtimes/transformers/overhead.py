@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..architecture import Architecture
-from ..base import block_bytes
-from ..catalog import Calibration, RuntimeProfile
+from ...base import block_bytes
+from ...catalog import Calibration, RuntimeProfile
+from ...model.spec import Architecture
 
 
 def cublas_workspace(arch: Architecture, profile: RuntimeProfile) -> int:

@@ -1,0 +1,58 @@
+"""The typed inputs every layer shares: a run's workload, a precision choice, a plan request.
+
+At the bottom of the package (they import only `base`): the model, the runtimes, planning and
+the CLI all speak these types.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import Frozen
+
+MAX_BATCH = 1 << 16
+MAX_TOKENS = 1 << 24
+
+Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+
+
+class Workload(Frozen):
+    """One run: `generate` (prefill, then new_tokens - 1 decode steps) or one `forward`."""
+
+    batch: int = Field(1, ge=1, le=MAX_BATCH)
+    prompt_len: int = Field(512, ge=1, le=MAX_TOKENS)
+    new_tokens: int = Field(128, ge=0, le=MAX_TOKENS)
+    mode: Literal["generate", "forward"] = "generate"
+    # "auto": what transformers picks itself, SDPA where the family has it, else eager
+    attn: Attention = "auto"
+    # auto: DynamicCache in the activation dtype; int8/int4/int2: transformers' QuantizedCache
+    # (HQQ for 8 bits, quanto for 4 and 2); fp8: the layout serving engines use (1 byte each)
+    kv_cache_dtype: Literal["auto", "fp16", "bf16", "fp32", "fp8", "int8", "int4", "int2"] = "auto"
+
+
+class PrecisionChoice(Frozen):
+    name: str = "auto"  # "auto": the config's torch_dtype, bf16 when it has none
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # bitsandbytes' compute dtype
+    double_quant: bool = False
+
+
+RuntimeName = Literal["transformers", "vllm"]
+
+
+class PlanRequest(Frozen):
+    context: int = Field(4096, ge=2, le=1 << 24)  # tokens per sequence: prompt + generated
+    new_tokens: int = Field(256, ge=1, le=1 << 24)
+    concurrency: int = Field(1, ge=1, le=1 << 20)
+    precisions: tuple[str, ...] = ("bf16",)
+    runtime: RuntimeName = "transformers"
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm
+    max_num_batched_tokens: int | None = None  # vllm; None: its default
+    max_num_seqs: int | None = None  # vllm; None: its default
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"  # vllm stores fp8 when asked
+    tensor_parallel_size: int | None = None  # fixed tp, or None to search
+    pipeline_parallel_size: int | None = None
+    max_gpus: int = Field(64, ge=1)
+    allow_multi_node: bool = False  # tp across nodes
+    attn: Attention = "auto"

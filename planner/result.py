@@ -1,0 +1,83 @@
+"""The typed results every layer shares: breakdown terms, estimates, verdicts and plans.
+
+A breakdown is a list of named terms, each with its bytes and a one-line `why`; the CLI, the
+JSON output, validate and the tests all read these same objects.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from .base import Frozen
+from .request import PlanRequest, RuntimeName, Workload
+
+
+class BreakdownTerm(Frozen):
+    name: str
+    bytes: int
+    why: str
+    scope: Literal["allocated", "outside"]  # inside max_memory_allocated, or only on the device
+
+
+class Verdict(Frozen):
+    gpu: str
+    memory_bytes: int
+    fits: bool
+    headroom_bytes: int
+
+
+class Estimate(Frozen):
+    model: str
+    model_type: str
+    precision: str
+    double_quant: bool = False
+    compute_dtype: str
+    workload: Workload
+    parameters: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    peak_phase: str
+    peak_kind: str  # mlp, attention:<kernel>, logits, decode, int8, dequantize
+    peak_allocated_bytes: int
+    peak_device_bytes: int
+    load_peak_allocated_bytes: int  # while from_pretrained loads (and bitsandbytes quantizes) the weights
+    breakdown: list[BreakdownTerm]
+    notes: list[str]
+    verdict: Verdict | None = None
+    checkpoint_bytes: int | None = None  # what the checkpoint's safetensors store, when known
+    calibrated_with: dict[str, str]
+
+
+class GpuShare(Frozen):
+    """What one GPU of a pipeline stage holds (all tensor-parallel ranks of a stage are alike)."""
+
+    stage: int
+    layers: int
+    peak_bytes: int
+    breakdown: list[BreakdownTerm]
+
+
+class Plan(Frozen):
+    gpu: str
+    gpus: int
+    tp: int
+    pp: int
+    replicas: int
+    precision: str
+    runtime: RuntimeName
+    per_gpu_peak_bytes: int
+    gpu_memory_bytes: int
+    headroom_bytes: int
+    cost_per_hour: float | None = None
+    batch_per_replica: int | None = None  # transformers
+    kv_cache_bytes: int | None = None  # vllm: the KV pool per GPU
+    max_concurrent_sequences: int | None = None  # vllm: per replica, at `context` tokens each
+    per_gpu: list[GpuShare]
+
+
+class PlanResult(Frozen):
+    model: str
+    request: PlanRequest
+    plans: list[Plan]
+    considered: int
+    rejected: dict[str, int]  # reason -> how many layouts

@@ -1,0 +1,100 @@
+"""Serving with transformers: one `generate()` per replica, split across GPUs.
+
+Tensor parallel runs through torchrun and the model's tp_plan (one process per GPU, NCCL
+buffers on each), pipeline parallel through a device_map split (one process, its layers on
+each GPU). A replica serves `concurrency` sequences as one batch, or the batch is split across
+replicas. Each GPU is estimated with the single-GPU engine on the rank's own architecture
+(parallel.shard), so every per-GPU number is the same breakdown `estimate` prints.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from ...catalog import Gpu, gpu_catalog, runtime_profile
+from ...errors import WorkloadError
+from ...model.spec import Architecture
+from ...parallel import shard, stage_layers
+from ...request import PlanRequest, PrecisionChoice, RuntimeName, Workload
+from ...result import BreakdownTerm, Estimate, GpuShare, Plan
+from .estimate import estimate_architecture
+
+
+def _stage_estimate(arch: Architecture, model: str, workload: Workload, choice: PrecisionChoice, gpu: Gpu,
+                    tp: int, pp: int, stage: int, replicate_kv: bool) -> Estimate:
+    """A rank's estimate; it depends on the GPU only through its memory-outside-torch figure,
+    so one estimate serves every GPU kind that shares it."""
+    return _cached_stage_estimate(arch, model, workload, choice, gpu.outside_torch_key, tp, pp, stage,
+                                  replicate_kv)
+
+
+@lru_cache(maxsize=4096)
+def _cached_stage_estimate(arch: Architecture, model: str, workload: Workload, choice: PrecisionChoice,
+                           outside_key: str, tp: int, pp: int, stage: int, replicate_kv: bool) -> Estimate:
+    representative = next(g for g in gpu_catalog().gpus if g.outside_torch_key == outside_key)
+    rank = shard(arch, tp, pp, stage, replicate_kv=replicate_kv)
+    est = estimate_architecture(rank, model, workload, choice, representative).model_copy(
+        update={"verdict": None})
+    if tp == 1:
+        return est
+    comm = runtime_profile().serving["nccl_buffers_bytes"]
+    term = BreakdownTerm(name="communication buffers", bytes=comm.value, why=comm.why, scope="outside")
+    return est.model_copy(update={"breakdown": [*est.breakdown, term],
+                                  "peak_device_bytes": est.peak_device_bytes + comm.value})
+
+
+def transformers_layout(arch: Architecture, model: str, request: PlanRequest, precision: str, gpu: Gpu,
+                        tp: int, pp: int, batch: int) -> list[Estimate]:
+    """One estimate per pipeline stage for a replica running `batch` sequences."""
+    prompt = request.context - request.new_tokens
+    if prompt < 1:
+        raise WorkloadError("--context must exceed --new-tokens.")
+    workload = Workload(batch=batch, prompt_len=prompt, new_tokens=request.new_tokens, attn=request.attn)
+    choice = PrecisionChoice(name=precision)
+    return [_stage_estimate(arch, model, workload, choice, gpu, tp, pp, s, replicate_kv=False)
+            for s in range(pp)]
+
+
+def _plan_from_stages(stages: list[Estimate], gpu: Gpu, tp: int, pp: int, replicas: int, precision: str,
+                      runtime: RuntimeName, arch: Architecture, **extra) -> Plan:
+    peak = max(e.peak_device_bytes for e in stages)
+    gpus = tp * pp * replicas
+    return Plan(
+        gpu=gpu.name, gpus=gpus, tp=tp, pp=pp, replicas=replicas, precision=stages[0].precision, runtime=runtime,
+        per_gpu_peak_bytes=peak, gpu_memory_bytes=gpu.memory_bytes, headroom_bytes=gpu.memory_bytes - peak,
+        cost_per_hour=gpu.price_per_hour_usd * gpus if gpu.price_per_hour_usd else None,
+        per_gpu=[GpuShare(stage=i, layers=len(stage_layers(arch.num_layers, pp, i)), peak_bytes=e.peak_device_bytes,
+                          breakdown=e.breakdown) for i, e in enumerate(stages)],
+        **extra,
+    )
+
+
+def plan_transformers(arch: Architecture, model: str, request: PlanRequest, precision: str, gpu: Gpu,
+                      tp: int, pp: int) -> Plan | str:
+    """The fewest replicas whose batches fit (more replicas, smaller batches), or why none does."""
+    k = request.concurrency
+
+    def attempt(replicas: int) -> Plan | None:
+        batch = -(-k // replicas)
+        stages = transformers_layout(arch, model, request, precision, gpu, tp, pp, batch)
+        if all(e.peak_device_bytes <= gpu.memory_bytes for e in stages):
+            return _plan_from_stages(stages, gpu, tp, pp, replicas, precision, "transformers", arch,
+                                     batch_per_replica=batch)
+        return None
+
+    most = min(k, request.max_gpus // (tp * pp))
+    if most < 1:
+        return "needs more GPUs than --max-gpus"
+    best = attempt(most)
+    if best is None:
+        return "one sequence does not fit" if -(-k // most) == 1 else "needs more GPUs than --max-gpus"
+    low, high = 0, most  # attempt(high) fits; find the fewest replicas that do
+    while high - low > 1:
+        middle = (low + high) // 2
+        found = attempt(middle)
+        if found is None:
+            low = middle
+        else:
+            high, best = middle, found
+    return best
+
