@@ -16,6 +16,8 @@ MAX_BATCH = 1 << 16
 MAX_TOKENS = 1 << 24
 
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+# PyTorch's caching allocator: its default segments, or PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+AllocatorMode = Literal["default", "expandable"]
 
 
 class Workload(Frozen):
@@ -30,6 +32,25 @@ class Workload(Frozen):
     # auto: DynamicCache in the activation dtype; int8/int4/int2: transformers' QuantizedCache
     # (HQQ for 8 bits, quanto for 4 and 2); fp8: the layout serving engines use (1 byte each)
     kv_cache_dtype: Literal["auto", "fp16", "bf16", "fp32", "fp8", "int8", "int4", "int2"] = "auto"
+    allocator: AllocatorMode = "default"
+
+
+class Training(Frozen):
+    """One fine-tuning step as it runs by default: model.train(), use_cache=False, loss from
+    labels, backward, optimizer.step(), zero_grad(set_to_none=True); two steps (the first one
+    creates the optimizer states)."""
+
+    method: Literal["full", "lora", "qlora"] = "full"
+    batch: int = Field(1, ge=1, le=MAX_BATCH)
+    seq_len: int = Field(512, ge=2, le=MAX_TOKENS)
+    lora_rank: int = Field(16, ge=1, le=1 << 16)
+    lora_targets: tuple[str, ...] = ("all-linear",)  # peft's "all-linear", or module names
+    gradient_checkpointing: bool = False
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "sgd", "adafactor"] = "adamw"
+    autocast: Literal["none", "bf16", "fp16"] = "none"  # mixed precision over fp32 weights
+    double_quant: bool = False  # qlora: bitsandbytes double quantization
+    attn: Attention = "auto"
+    allocator: AllocatorMode = "default"
 
 
 class PrecisionChoice(Frozen):
@@ -47,12 +68,16 @@ class PlanRequest(Frozen):
     concurrency: int = Field(1, ge=1, le=1 << 20)
     precisions: tuple[str, ...] = ("bf16",)
     runtime: RuntimeName = "transformers"
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # vllm; None: the version's default
     max_num_batched_tokens: int | None = None  # vllm; None: its default
     max_num_seqs: int | None = None  # vllm; None: its default
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"  # vllm stores fp8 when asked
+    vllm_version: str | None = None  # vllm; None: the release the rules default to
+    entrypoint: Literal["serve", "offline"] = "serve"  # vllm: `vllm serve` or the offline LLM class
+    sampler: Literal["auto", "torch", "flashinfer", "triton"] = "auto"  # vllm's top-k/top-p path
     tensor_parallel_size: int | None = None  # fixed tp, or None to search
     pipeline_parallel_size: int | None = None
     max_gpus: int = Field(64, ge=1)
     allow_multi_node: bool = False  # tp across nodes
     attn: Attention = "auto"
+    allocator: AllocatorMode = "default"

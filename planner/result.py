@@ -11,12 +11,17 @@ from typing import Literal
 from .base import Frozen
 from .request import PlanRequest, RuntimeName, Workload
 
+# what a term belongs to: the loaded model (after load and warm-up), the run's inputs, the
+# runtime's own tensors at the peak, or device memory beyond torch's allocated bytes
+TermGroup = Literal["model", "inputs", "runtime", "device"]
+
 
 class BreakdownTerm(Frozen):
     name: str
     bytes: int
     why: str
     scope: Literal["allocated", "outside"]  # inside max_memory_allocated, or only on the device
+    group: TermGroup
 
 
 class Verdict(Frozen):

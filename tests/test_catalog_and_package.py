@@ -69,7 +69,7 @@ def test_the_wheel_installs_only_vramplan(tmp_path):
     assert tops == {"vramplan"}
     for data in ("vramplan/profiles/gpus.yaml", "vramplan/profiles/runtimes.yaml",
                  "vramplan/profiles/calibration.yaml", "vramplan/profiles/models/openai-community--gpt2.json",
-                 "vramplan/validate/worker.py", "vramplan/runtime/kv_cache.py"):
+                 "vramplan/validate/worker.py", "vramplan/runtimes/transformers/kv_cache.py"):
         assert data in names
     assert any(n.startswith("vramplan/profiles/measurements/") and n.endswith(".jsonl") for n in names)
     assert any(n.startswith("vramplan/profiles/matrices/") for n in names)

@@ -114,16 +114,14 @@ def compare_rows(rows: Iterable[dict[str, Any]]) -> tuple[list[Comparison], list
     return done, refused
 
 
-FIXED_TERMS = ("weights", "quantization state", "buffers", "allocator block rounding",
-               "cuBLAS workspace", "inputs", "bitsandbytes runtime")
 
 
 def drift(comparison: Comparison, row: dict[str, Any]) -> str:
     """Which part of a prediction drifted: the memory before the run, or the runtime terms at
     the peak (listed, next to the measured live set when the row recorded one)."""
     est = comparison.estimate
-    base_pred = sum(t.bytes for t in est.breakdown if t.name in FIXED_TERMS)
-    runtime_terms = [t for t in est.breakdown if t.scope == "allocated" and t.name not in FIXED_TERMS]
+    base_pred = sum(t.bytes for t in est.breakdown if t.group in ("model", "inputs"))
+    runtime_terms = [t for t in est.breakdown if t.group == "runtime"]
     runtime_pred = sum(t.bytes for t in runtime_terms)
     base_meas = row["base_allocated_bytes"]
     runtime_meas = row["peak_allocated_bytes"] - base_meas

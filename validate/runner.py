@@ -118,9 +118,7 @@ def validate_one(model: str, workload: Workload, *, precision: str, double_quant
     comparison = compare.compare_row(row, source.config)
     est = comparison.estimate
     inventory = row.get("inventory", {})
-    fixed = {"weights", "quantization state", "buffers", "allocator block rounding", "cuBLAS workspace",
-             "bitsandbytes runtime"}
-    after_load = sum(t.bytes for t in est.breakdown if t.name in fixed)
+    after_load = sum(t.bytes for t in est.breakdown if t.group == "model")
     reserve = next((t.bytes for t in est.breakdown if t.name == "allocator reserve"), 0)
     lines = [
         ReportLine(name="after load and warm-up", predicted_bytes=after_load,

@@ -62,7 +62,7 @@ def vllm_budget(rank: Architecture, gpu: Gpu, request: PlanRequest, precision: s
     activation = max(p.total for p in prefill_points(inner, layout, spec))
     if rank.computes_logits:
         activation += block_bytes(seqs * rank.vocab_size * 4) * 2  # sampler dummy run: fp32 logits, probs
-    requested = int(gpu.memory_bytes * request.gpu_memory_utilization)
+    requested = int(gpu.memory_bytes * (request.gpu_memory_utilization or 0.9))
     non_torch = calibration().outside_torch_growth_bytes
     graphs = serving["vllm_cudagraph_bytes"].value
     kv_element = 1 if request.kv_cache_dtype == "fp8" else DTYPE_BYTES[compute]
@@ -95,18 +95,19 @@ def plan_vllm(arch: Architecture, model: str, request: PlanRequest, precision: s
     for stage, b in enumerate(budgets):
         base_context = outside.bytes - calibration().outside_torch_growth_bytes
         terms = [
-            BreakdownTerm(name="weights", bytes=b.weights_bytes, scope="allocated", why="this rank's share"),
-            BreakdownTerm(name="profile-run activations", bytes=b.activation_bytes, scope="allocated",
+            BreakdownTerm(name="weights", group="model", bytes=b.weights_bytes, scope="allocated",
+                          why="this rank's share"),
+            BreakdownTerm(name="profile-run activations", group="runtime", bytes=b.activation_bytes, scope="allocated",
                           why="peak of vLLM's start-up forward at max_num_batched_tokens"),
-            BreakdownTerm(name="KV cache pool", bytes=b.kv_pool_bytes, scope="allocated",
+            BreakdownTerm(name="KV cache pool", group="runtime", bytes=b.kv_pool_bytes, scope="allocated",
                           why=f"{b.blocks} blocks of {block} tokens: what vLLM allocates for the KV cache"),
-            BreakdownTerm(name="outside torch since start", bytes=b.non_torch_bytes, scope="outside",
+            BreakdownTerm(name="outside torch since start", group="device", bytes=b.non_torch_bytes, scope="outside",
                           why="cuBLAS and kernels loaded by the profile run"),
-            BreakdownTerm(name="CUDA graphs", bytes=b.cudagraph_bytes, scope="outside",
+            BreakdownTerm(name="CUDA graphs", group="device", bytes=b.cudagraph_bytes, scope="outside",
                           why=runtime_profile().serving["vllm_cudagraph_bytes"].why),
-            BreakdownTerm(name="CUDA context", bytes=base_context, scope="outside",
+            BreakdownTerm(name="CUDA context", group="device", bytes=base_context, scope="outside",
                           why="before vLLM's first snapshot; not part of gpu_memory_utilization"),
-            BreakdownTerm(name="communication buffers", bytes=comm, scope="outside",
+            BreakdownTerm(name="communication buffers", group="device", bytes=comm, scope="outside",
                           why=runtime_profile().serving["nccl_buffers_bytes"].why),
         ]
         peak = b.requested_bytes + base_context + comm

@@ -175,26 +175,26 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     peak = max(candidate_points(arch, layout, spec), key=lambda p: p.total)
 
     fixed = [
-        BreakdownTerm(name="weights", bytes=weights.weight_bytes, scope="allocated",
+        BreakdownTerm(name="weights", group="model", bytes=weights.weight_bytes, scope="allocated",
                       why=f"{weights.parameters:,} parameters at {chosen.name}"
                           + ("" if chosen.kind == "dtype" else f", unconverted tensors in {compute}")),
-        BreakdownTerm(name="quantization state", bytes=weights.quant_state_bytes, scope="allocated",
+        BreakdownTerm(name="quantization state", group="model", bytes=weights.quant_state_bytes, scope="allocated",
                       why="bitsandbytes scales, absmax and lookup tables" if chosen.kind.startswith("bnb")
                       else "the checkpoint's scales and zero points"),
-        BreakdownTerm(name="buffers", bytes=weights.buffer_bytes, scope="allocated",
+        BreakdownTerm(name="buffers", group="model", bytes=weights.buffer_bytes, scope="allocated",
                       why="non-persistent buffers the model allocates (rotary frequencies, masks)"),
-        BreakdownTerm(name="allocator block rounding", bytes=weights.rounding_bytes, scope="allocated",
+        BreakdownTerm(name="allocator block rounding", group="model", bytes=weights.rounding_bytes, scope="allocated",
                       why="each tensor occupies whole 512-byte blocks"),
-        BreakdownTerm(name="cuBLAS workspace", bytes=overhead.cublas_workspace(arch, profile),
+        BreakdownTerm(name="cuBLAS workspace", group="model", bytes=overhead.cublas_workspace(arch, profile),
                       scope="allocated", why="kept by cuBLAS from the first matmul on"),
-        BreakdownTerm(name="inputs", bytes=overhead.input_bytes(workload.batch, workload.prompt_len),
+        BreakdownTerm(name="inputs", group="inputs", bytes=overhead.input_bytes(workload.batch, workload.prompt_len),
                       scope="allocated", why="input_ids and attention_mask (int64)"),
     ]
     if chosen.kind == "bnb_4bit":
-        fixed.append(BreakdownTerm(name="bitsandbytes runtime", scope="allocated",
+        fixed.append(BreakdownTerm(name="bitsandbytes runtime", group="model", scope="allocated",
                                    bytes=profile.constant("bnb_4bit_runtime_bytes"),
                                    why=profile.constants["bnb_4bit_runtime_bytes"].why))
-    runtime_terms = [BreakdownTerm(name=t.name, bytes=t.bytes, why=t.why, scope="allocated")
+    runtime_terms = [BreakdownTerm(name=t.name, bytes=t.bytes, why=t.why, scope="allocated", group="runtime")
                      for t in peak.terms]
     allocated = sum(t.bytes for t in fixed) + peak.total
     outside, outside_why = overhead.outside_torch(
@@ -204,10 +204,10 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
                                   overhead.cublas_workspace(arch, profile))
     reserve = simulated.run_reserve
     device_terms = [
-        BreakdownTerm(name="allocator reserve", bytes=reserve, scope="outside",
+        BreakdownTerm(name="allocator reserve", group="device", bytes=reserve, scope="outside",
                       why="segments the caching allocator keeps beyond live tensors, from "
                           "replaying the run's requests through its rules"),
-        BreakdownTerm(name="memory outside torch", bytes=outside, scope="outside",
+        BreakdownTerm(name="memory outside torch", group="device", bytes=outside, scope="outside",
                       why=f"CUDA context and kernels: {outside_why}"),
     ]
     device = allocated + reserve + outside
@@ -215,7 +215,7 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
                 kv_cache.cache_bytes(arch, workload.batch, workload.prompt_len,
                                      max(workload.new_tokens - 1, 0), spec.kv)
                 ) if workload.mode == "generate" and spec.keeps_cache else 0
-    loaded = sum(t.bytes for t in fixed if t.name != "inputs")
+    loaded = sum(t.bytes for t in fixed if t.group == "model")
     transient = 0
     if chosen.kind in ("bnb_int8", "bnb_4bit"):
         ratio = fitted.bnb_load_transient.get("int8" if chosen.kind == "bnb_int8" else "4bit", 0.0)

@@ -38,7 +38,8 @@ def _cached_stage_estimate(arch: Architecture, model: str, workload: Workload, c
     if tp == 1:
         return est
     comm = runtime_profile().serving["nccl_buffers_bytes"]
-    term = BreakdownTerm(name="communication buffers", bytes=comm.value, why=comm.why, scope="outside")
+    term = BreakdownTerm(name="communication buffers", bytes=comm.value, why=comm.why, scope="outside",
+                         group="device")
     return est.model_copy(update={"breakdown": [*est.breakdown, term],
                                   "peak_device_bytes": est.peak_device_bytes + comm.value})
 
