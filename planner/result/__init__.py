@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .base import Frozen
-from .request import PlanRequest, RuntimeName, Workload
+from ..base import Frozen
+from ..request import PlanRequest, RuntimeName, Workload
+from .vllm import VllmStartup
 
 # what a term belongs to: the loaded model (after load and warm-up), the run's inputs, the
 # runtime's own tensors at the peak, or device memory beyond torch's allocated bytes
@@ -60,6 +61,7 @@ class GpuShare(Frozen):
     layers: int
     peak_bytes: int
     breakdown: list[BreakdownTerm]
+    vllm: VllmStartup | None = None  # the start-up log figures, under the vllm runtime
 
 
 class Plan(Frozen):
