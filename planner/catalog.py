@@ -15,8 +15,9 @@ import yaml
 from pydantic import Field, ValidationError
 
 from .base import Frozen
-from .errors import CatalogError, WorkloadError
+from .errors import CatalogError, SourceError, WorkloadError
 from .quantized import QuantScheme
+from .source import read_regular_file
 
 DType = Literal["fp32", "fp16", "bf16"]
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -125,48 +126,66 @@ class RuntimeProfile(Frozen):
 
 
 class Gpu(Frozen):
-    name: str
-    aliases: list[str] = Field(default_factory=list)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
+    aliases: list[str] = Field(default_factory=list, max_length=32)
     vendor: Literal["nvidia", "amd"]
-    memory_bytes: int
-    memory_source: str
-    bandwidth_gbps: float
+    memory_bytes: int = Field(gt=0, le=1 << 44)  # at most 16 TiB per GPU
+    memory_source: str = Field(max_length=500)
+    bandwidth_gbps: float = Field(gt=0, le=1e6, allow_inf_nan=False)
     bf16: bool
     fp8: bool
     int8: bool
-    gpus_per_node: int
-    interconnect: str
-    outside_torch_key: str = "default"
-    price_per_hour_usd: float | None = None
-    price_source: str | None = None
-    price_date: str | None = None
+    gpus_per_node: int = Field(ge=1, le=1024)
+    interconnect: str = Field(max_length=200)
+    outside_torch_key: str = "default"  # calibration.yaml's outside_torch entry; "default": no rows
+    price_per_hour_usd: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False)
+    price_source: str | None = Field(None, max_length=500)
+    price_date: str | None = Field(None, max_length=40)
+
+    @property
+    def measured(self) -> bool:
+        """Whether committed rows measured this GPU (its memory outside torch is fitted, not assumed)."""
+        return self.outside_torch_key != "default" and self.outside_torch_key in calibration().outside_torch
 
 
 class GpuCatalog(Frozen):
     gpus: list[Gpu]
 
     def find(self, name: str) -> Gpu:
-        key = _gpu_key(name)
+        key = _gpu_key(name) if name.isprintable() and len(name) <= 200 else ""
         for gpu in self.gpus:
-            if key == _gpu_key(gpu.name) or key in {_gpu_key(a) for a in gpu.aliases}:
+            if key and (key == _gpu_key(gpu.name) or key in {_gpu_key(a) for a in gpu.aliases}):
                 return gpu
         known = ", ".join(g.name for g in self.gpus)
-        raise CatalogError(f"Unknown GPU {name!r}; known: {known} (or pass --gpu-catalog FILE).")
+        shown = repr(name[:60]) + (f"... ({len(name)} characters)" if len(name) > 60 else "")
+        raise CatalogError(f"Unknown GPU {shown}; known: {known} (or pass --gpu-catalog FILE).")
 
 
 def _gpu_key(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
+CATALOG_LIMIT = 4 * 2**20  # a user's GPU catalog: no real one is near this
+MAX_USER_GPUS = 1000
+
+
 def _read_yaml(name: str, path: Path | None = None) -> dict:
     try:
         if path is not None:
-            text = path.read_text(encoding="utf-8")
+            raw = read_regular_file(path, CATALOG_LIMIT, "GPU catalog")
+            text = raw.decode("utf-8")
         else:
             text = (resources.files("vramplan.profiles") / name).read_text(encoding="utf-8")
         data = yaml.safe_load(text)
+    except SourceError as exc:
+        raise CatalogError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"{path or name} is not UTF-8 text (invalid byte at offset {exc.start}).") from None
+    except RecursionError:
+        raise CatalogError(f"{path or name} nests deeper than any GPU catalog.") from None
     except (OSError, yaml.YAMLError) as exc:
-        raise CatalogError(f"Cannot read {path or name}: {exc}.") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CatalogError(f"Cannot read {path or name}: {first.rstrip('.:')}.") from None
     if not isinstance(data, dict):
         raise CatalogError(f"{path or name} must hold a YAML mapping.")
     return data
@@ -179,6 +198,8 @@ def _validate(model: type[Frozen], data: dict, where: str):
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         raise CatalogError(f"{where} is invalid at {field}: {first['msg']}.") from None
+    except RecursionError:
+        raise CatalogError(f"{where} nests deeper than any profile.") from None
 
 
 @lru_cache(maxsize=1)
@@ -200,13 +221,42 @@ def calibration() -> Calibration:
 
 @lru_cache(maxsize=4)
 def gpu_catalog(extra: Path | None = None) -> GpuCatalog:
-    data = _read_yaml("gpus.yaml")
-    gpus = list(data.get("gpus") or [])
-    if extra is not None:
-        more = _read_yaml(extra.name, extra).get("gpus") or []
-        names = {_gpu_key(g["name"]) for g in more if isinstance(g, dict) and "name" in g}
-        gpus = [g for g in gpus if _gpu_key(g.get("name", "")) not in names] + list(more)
-    return _validate(GpuCatalog, {"gpus": gpus}, f"GPU catalog{f' ({extra})' if extra else ''}")
+    built_in = _validate(GpuCatalog, {"gpus": list(_read_yaml("gpus.yaml").get("gpus") or [])}, "gpus.yaml")
+    if extra is None:
+        return built_in
+    return GpuCatalog(gpus=[*built_in.gpus, *_user_gpus(extra, built_in)])
+
+
+def _user_gpus(path: Path, built_in: GpuCatalog) -> list[Gpu]:
+    """A user's extra GPUs, each validated; a name (or alias) of a built-in GPU is refused, not
+    silently replaced: the built-in entries carry the sources their numbers came from."""
+    more = _read_yaml(path.name, path).get("gpus")
+    where = f"GPU catalog {path}"
+    if not isinstance(more, list) or not more:
+        raise CatalogError(f"{where} must hold a non-empty list under `gpus:`.")
+    if len(more) > MAX_USER_GPUS:
+        raise CatalogError(f"{where} lists {len(more)} GPUs; at most {MAX_USER_GPUS} are read.")
+    taken = {_gpu_key(k): g.name for g in built_in.gpus for k in (g.name, *g.aliases)}
+    keys = {g.outside_torch_key for g in built_in.gpus}
+    gpus: list[Gpu] = []
+    for i, entry in enumerate(more):
+        if not isinstance(entry, dict):
+            raise CatalogError(f"{where} is invalid at gpus.{i}: each GPU must be a mapping.")
+        gpu = _validate(Gpu, entry, f"{where}, gpus.{i}")
+        for label in (gpu.name, *gpu.aliases):
+            key = _gpu_key(label)
+            if not key:
+                raise CatalogError(f"{where} is invalid at gpus.{i}: the name or alias {label!r} has no letter "
+                                   "or digit.")
+            if key in taken:
+                raise CatalogError(f"{where} is invalid at gpus.{i}.name: {label!r} is already the GPU "
+                                   f"{taken[key]!r}; built-in GPUs cannot be replaced, give yours another name.")
+            taken[key] = gpu.name
+        if gpu.outside_torch_key not in keys:
+            raise CatalogError(f"{where} is invalid at gpus.{i}.outside_torch_key: {gpu.outside_torch_key!r} is "
+                               f"not one of {', '.join(sorted(keys))}.")
+        gpus.append(gpu)
+    return gpus
 
 
 def precision(name: str) -> Precision:

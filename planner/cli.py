@@ -1,13 +1,16 @@
 """The `vramplan` command: parse options, call the API, render. Nothing else lives here.
 
 Every error a user can cause (a bad model reference, a malformed config, an unknown GPU, an
-impossible workload) is one sentence on stderr and exit status 2, without a traceback.
+impossible workload, a bad option value) is one sentence on stderr and exit status 2, without a
+traceback; `plan` exits 1 when the request is valid but no layout fits. `--json` prints one
+envelope per command through `render.to_json`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,14 +20,18 @@ from pydantic import ValidationError
 from . import render
 from .errors import VramplanError, WorkloadError
 
+KV_CACHE_DTYPES = ["auto", "fp16", "bf16", "fp32", "fp8", "int8", "int4", "int2"]
+ATTENTION = ["auto", "sdpa", "eager", "flash_attention_2"]
+
 
 def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"vramplan: {message}", err=True)
+    click.echo(f"vramplan: {' '.join(message.split())}", err=True)
     sys.exit(code)
 
 
 def friendly_errors(fn):
-    """Turn our errors (and pydantic's, for option values) into one sentence and exit 2."""
+    """Turn our errors (and pydantic's, for option values) into one sentence and exit 2. Anything
+    else is a bug: one sentence too (VRAMPLAN_DEBUG=1 shows the traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -36,8 +43,33 @@ def friendly_errors(fn):
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"]) or "value"
             _fail(f"invalid {field.replace('_', '-')}: {first['msg']}.")
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("VRAMPLAN_DEBUG"):
+                raise
+            detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+            _fail(f"internal error ({type(exc).__name__}{': ' + detail if detail else ''}); please report it "
+                  "with the command line (VRAMPLAN_DEBUG=1 shows the traceback).")
 
     return wrapper
+
+
+class VramplanGroup(click.Group):
+    """click's usage errors as one line, like every other refusal."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            _fail(exc.format_message().rstrip(".") + ".", exc.exit_code)
+        except click.Abort:
+            _fail("aborted.", 1)
+
+
+def _request() -> dict:
+    """The parsed options, echoed in the JSON envelope."""
+    return {k: v for k, v in click.get_current_context().params.items() if k != "as_json"}
 
 
 def workload_options(fn):
@@ -51,15 +83,13 @@ def workload_options(fn):
         click.option("--mode", type=click.Choice(["generate", "forward"]), default="generate",
                      show_default=True, help="generate(): last-token logits and a KV cache; "
                      "forward: one pass with logits for every position."),
-        click.option("--attn", type=click.Choice(["auto", "sdpa", "eager", "flash_attention_2"]),
-                     default="auto", show_default=True,
+        click.option("--attn", type=click.Choice(ATTENTION), default="auto", show_default=True,
                      help="transformers' attention implementation; auto = what transformers picks "
                           "(sdpa where the family has it, else eager)."),
         click.option("--precision", "-p", default="auto", show_default=True,
-                     help="fp32, fp16, bf16, int8, nf4 or fp4; auto = the config's torch_dtype; "
-                          "all = one row per precision (estimate only)."),
-        click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32", "fp8", "int8", "int4",
-                                                           "int2"]), default="auto", show_default=True,
+                     help="fp32, fp16, bf16, int8, nf4 or fp4; auto = the config's torch_dtype (else the "
+                          "checkpoint's); all = one row per precision (estimate only)."),
+        click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES), default="auto", show_default=True,
                      help="auto: the activation dtype (DynamicCache); int8/int4/int2: transformers' QuantizedCache "
                           "(recent 127 tokens kept in full precision); fp8: as serving engines store it."),
         click.option("--double-quant", is_flag=True, help="bitsandbytes 4-bit double quantization."),
@@ -79,7 +109,12 @@ def _workload(batch, prompt_len, new_tokens, mode, attn, kv_cache_dtype):
                     kv_cache_dtype=kv_cache_dtype)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _catalog_option():
+    return click.option("--gpu-catalog", type=click.Path(path_type=Path), default=None,
+                        help="A YAML file of extra GPUs, same format as profiles/gpus.yaml (new names only).")
+
+
+@click.group(cls=VramplanGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vramplan")
 def main() -> None:
     """How much GPU memory will a Hugging Face model need? Answered from its config.json."""
@@ -89,9 +124,8 @@ def main() -> None:
 @click.argument("model")
 @workload_options
 @click.option("--gpu", default=None, help="Add a fits/does-not-fit verdict for this GPU (see profiles/gpus.yaml).")
-@click.option("--gpu-catalog", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="A YAML file of extra GPUs, same format as profiles/gpus.yaml.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result model as JSON.")
+@_catalog_option()
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (see `vramplan schema`).")
 @friendly_errors
 def estimate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cache_dtype, double_quant,
              compute_dtype, revision, gpu, gpu_catalog, as_json):
@@ -103,14 +137,12 @@ def estimate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cac
     if precision == "all":
         results = estimate_precisions(model, workload, gpu, compute_dtype=compute_dtype, revision=revision,
                                       gpu_catalog_file=gpu_catalog)
-        if as_json:
-            click.echo(json.dumps([r.model_dump(mode="json") for r in results], indent=2))
-        else:
-            click.echo(render.precisions_text(results))
+        click.echo(render.to_json("estimate-precisions", _request(), results) if as_json
+                   else render.precisions_text(results))
         return
     result = run_estimate(model, workload, precision, gpu, double_quant=double_quant,
                           compute_dtype=compute_dtype, revision=revision, gpu_catalog_file=gpu_catalog)
-    click.echo(render.to_json(result) if as_json else render.estimate_text(result))
+    click.echo(render.to_json("estimate", _request(), result) if as_json else render.estimate_text(result))
 
 
 @main.command()
@@ -118,103 +150,104 @@ def estimate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cac
 @friendly_errors
 def models(as_json):
     """List the bundled model configs (usable offline by Hub id or alias)."""
-    from .model import architecture_from_config
-    from .source import bundled_names, load_bundled
+    from . import bundled_models
 
-    entries = []
-    for hub_id, alias in bundled_names():
-        source = load_bundled(hub_id)
-        try:
-            arch = architecture_from_config(source.config, hub_id)
-            status = f"{arch.model_type}, {arch.parameters / 1e9:.2f}B"
-        except VramplanError as exc:
-            status = f"refused: {str(exc).split(';')[0]}"
-        entries.append((hub_id, alias, status))
-    if as_json:
-        click.echo(json.dumps([{"hub_id": h, "alias": a, "status": s} for h, a, s in entries], indent=2))
-    else:
-        click.echo(render.models_text(entries))
+    entries = bundled_models()
+    click.echo(render.to_json("models", _request(), entries) if as_json else render.models_text(entries))
 
 
 @main.command()
 @click.argument("model")
-@click.option("--context", "--max-model-len", "context", type=int, default=4096, show_default=True,
-              help="Tokens per sequence, prompt plus generated (vLLM: --max-model-len).")
+@click.option("--context", "--max-model-len", "context", type=int, default=None,
+              help="Tokens per sequence, prompt plus generated (vLLM: --max-model-len); default "
+                   "min(4096, the model's positions).")
 @click.option("--new-tokens", "-t", type=int, default=256, show_default=True, help="Generated tokens per sequence.")
-@click.option("--concurrency", "--max-num-seqs", "concurrency", type=int, default=1, show_default=True,
-              help="Sequences that must be served at once (vLLM: --max-num-seqs).")
+@click.option("--concurrency", type=int, default=1, show_default=True, help="Sequences that must be served at once.")
 @click.option("--gpu", "gpus", multiple=True, help="GPU kind(s) to consider (repeatable); default: the whole catalog.")
-@click.option("--gpu-catalog", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="A YAML file of extra GPUs, same format as profiles/gpus.yaml.")
+@_catalog_option()
 @click.option("--precision", "-p", default="auto", show_default=True,
-              help="A precision, 'auto' (the config's torch_dtype) or 'any' (all of them).")
+              help="A precision, 'auto' (the config's torch_dtype, else the checkpoint's) or 'any' (all of them).")
 @click.option("--runtime", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--tensor-parallel-size", "--tp", "tp", type=int, default=None, help="Fix tp instead of searching.")
 @click.option("--pipeline-parallel-size", "--pp", "pp", type=int, default=None, help="Fix pp instead of searching.")
-@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True, help="vLLM's memory fraction.")
+@click.option("--gpu-memory-utilization", type=float, default=None, help="vLLM's memory fraction (default 0.9).")
 @click.option("--max-num-batched-tokens", type=int, default=None, help="vLLM's token budget per step (profile run).")
-@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
-              help="vLLM KV cache dtype.")
+@click.option("--max-num-seqs", type=int, default=None,
+              help="vLLM's max_num_seqs: sequences per step and in the sampler's profile run (default 256).")
+@click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES), default="auto", show_default=True,
+              help="As for estimate; vLLM takes auto or fp8.")
 @click.option("--max-gpus", type=int, default=64, show_default=True, help="Largest plan to consider.")
 @click.option("--multi-node", is_flag=True, help="Allow tensor parallelism across nodes.")
 @click.option("--max", "maximize", type=click.Choice(["context", "batch", "concurrency"]), default=None,
               help="Instead of plans: the largest context, or batch (= concurrency), each layout of --gpu fits.")
+@click.option("--sort", type=click.Choice(["gpus", "memory", "cost", "headroom"]), default="gpus", show_default=True,
+              help="gpus: fewest GPUs, then the smallest GPU that fits, then cost; memory: least total GPU "
+                   "memory; cost: cheapest per hour where priced; headroom: most memory left.")
 @click.option("--top", type=int, default=10, show_default=True, help="Plans to show.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (see `vramplan schema`).")
 @friendly_errors
 def plan(model, context, new_tokens, concurrency, gpus, gpu_catalog, precision, runtime, tp, pp,
-         gpu_memory_utilization, max_num_batched_tokens, kv_cache_dtype, max_gpus, multi_node, maximize, top,
-         as_json):
-    """How many of which GPU, in which tensor x pipeline layout, serve MODEL's workload."""
+         gpu_memory_utilization, max_num_batched_tokens, max_num_seqs, kv_cache_dtype, max_gpus, multi_node,
+         maximize, sort, top, as_json):
+    """How many of which GPU, in which tensor x pipeline layout, serve MODEL's workload.
+
+    Exits 1 when the request is valid but no layout fits, 2 when it is invalid."""
     from . import plan as run_plan
     from . import plan_maximum
 
     options = dict(context=context, new_tokens=new_tokens, concurrency=concurrency, precision=precision,
                    runtime=runtime, tp=tp, pp=pp, gpu_memory_utilization=gpu_memory_utilization,
-                   max_num_batched_tokens=max_num_batched_tokens, kv_cache_dtype=kv_cache_dtype,
-                   max_gpus=max_gpus, multi_node=multi_node, gpu_catalog_file=gpu_catalog)
+                   max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                   kv_cache_dtype=kv_cache_dtype, max_gpus=max_gpus, multi_node=multi_node,
+                   gpu_catalog_file=gpu_catalog)
     if maximize:
         if len(gpus) != 1:
             raise WorkloadError("--max answers for one GPU kind: give exactly one --gpu.")
         maximize = "concurrency" if maximize == "batch" else maximize  # one replica's batch is its concurrency
-        rows = plan_maximum(model, gpus[0], maximize, **options)
-        if as_json:
-            click.echo(json.dumps(rows, indent=2))
-        else:
-            click.echo(render.maximum_text(model, gpus[0], maximize, rows))
+        report = plan_maximum(model, gpus[0], maximize, **options)
+        click.echo(render.to_json("plan-max", _request(), report) if as_json else render.maximum_text(report))
+        if not any(row.value for row in report.layouts):
+            sys.exit(1)
         return
-    result = run_plan(model, list(gpus), top=top, **options)
-    click.echo(render.to_json(result) if as_json else render.plans_text(result))
+    result = run_plan(model, list(gpus), top=top, sort=sort, **options)
+    click.echo(render.to_json("plan", _request(), result) if as_json else render.plans_text(result))
+    if not result.plans:
+        sys.exit(1)
 
 
 @main.command()
 @click.argument("model")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
               help="Where to write the chart (.png, .svg or .pdf).")
 @click.option("--x", "axis", type=click.Choice(["context", "batch"]), default="context", show_default=True,
               help="What the horizontal axis varies.")
 @click.option("--upto", type=int, default=None, help="Largest x value (default: the model's context, or 64).")
 @click.option("--precision", "-p", "precisions", multiple=True,
-              help="Precision(s) to draw; default the config's dtype, int8 and nf4.")
+              help="Precision(s) to draw; default the config's dtype, int8 and nf4; all: every precision.")
 @click.option("--gpu", "gpus", multiple=True, help="GPU kind(s) whose capacity to draw as a line.")
+@_catalog_option()
 @click.option("--batch", "-b", type=int, default=1, show_default=True)
 @click.option("--prompt-len", "-n", type=int, default=2048, show_default=True)
 @click.option("--new-tokens", "-t", type=int, default=128, show_default=True)
-@click.option("--attn", type=click.Choice(["auto", "sdpa", "eager", "flash_attention_2"]), default="auto")
+@click.option("--attn", type=click.Choice(ATTENTION), default="auto")
+@click.option("--json", "as_json", is_flag=True, help="Also print the plotted series as JSON.")
 @friendly_errors
-def plot(model, output, axis, upto, precisions, gpus, batch, prompt_len, new_tokens, attn):
+def plot(model, output, axis, upto, precisions, gpus, gpu_catalog, batch, prompt_len, new_tokens, attn, as_json):
     """Chart MODEL's memory against context (or batch) per precision, with GPU capacity lines."""
-    from . import load_model
-    from .catalog import gpu_catalog
-    from .plot import write_plot
-    from .request import Workload
+    from . import memory_series
+    from .plot import check_output, write_plot
 
-    source, arch = load_model(model)
-    chosen = list(precisions) or [arch.config_dtype or "bf16", "int8", "nf4"]
-    kinds = [gpu_catalog().find(g) for g in gpus]
-    base = Workload(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, attn=attn)
-    write_plot(output, arch, source.name, axis, chosen, kinds, base, upto)
-    click.echo(f"wrote {output}")
+    check_output(output)
+    series = memory_series(model, axis, list(precisions), list(gpus), batch=batch, prompt_len=prompt_len,
+                           new_tokens=new_tokens, attn=attn, upto=upto, gpu_catalog_file=gpu_catalog)
+    write_plot(output, series)
+    click.echo(render.to_json("plot", _request(), series) if as_json else f"wrote {output}")
+
+
+@main.command()
+def schema():
+    """Print the JSON schema of every command's --json output."""
+    click.echo(json.dumps(render.json_schema(), indent=2))
 
 
 @main.command()
@@ -251,14 +284,15 @@ def validate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cac
     if tp > 1 or pp > 1:
         parallel = runner.validate_parallel(model, workload, precision=precision, revision=revision,
                                             weights=weights, layers=layers, tp=tp, pp=pp, out=out)
-        click.echo(render.to_json(parallel) if as_json else runner.parallel_report_text(parallel))
+        click.echo(render.to_json("validate", _request(), parallel) if as_json
+                   else runner.parallel_report_text(parallel))
         if tolerance is not None and not parallel.within(tolerance):
             sys.exit(1)
         return
     report = runner.validate_one(model, workload, precision=precision, double_quant=double_quant,
                                  compute_dtype=compute_dtype, revision=revision, weights=weights,
                                  layers=layers, out=out)
-    click.echo(render.to_json(report) if as_json else runner.report_text(report))
+    click.echo(render.to_json("validate", _request(), report) if as_json else runner.report_text(report))
     if tolerance is not None and not report.within(tolerance):
         sys.exit(1)
 

@@ -1,18 +1,94 @@
 """`vramplan plan`: workload + GPU catalog -> plans: how many of which GPU, in which tp x pp layout.
 
 Planning knows no runtime: it enumerates layouts, asks the chosen runtime whether (and how) a
-layout serves the request, and ranks what fits by GPU count, then cost per hour where the
-catalog knows a price, then headroom.
+layout serves the request, and ranks what fits: by default the fewest GPUs, then the smallest
+GPU that suffices (least memory), then cost per hour where the catalog knows a price, then
+headroom. The types of the plan, `--max` and `plot` reports live here beside the search.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
+from .base import Frozen
 from .catalog import Gpu
 from .errors import VramplanError
 from .model.spec import Architecture
-from .request import PlanRequest
+from .request import PlanRequest, Workload
 from .result import Plan, PlanResult
 from .runtimes import plan_layout
+
+SortKey = Literal["gpus", "memory", "cost", "headroom"]
+INFINITY = float("inf")
+
+
+class PlanReport(PlanResult):
+    """Ranked plans, with what they rest on: the caveats estimate would print, and the GPUs
+    no committed row measured (their memory outside torch is assumed)."""
+
+    sort: SortKey = "gpus"
+    unmeasured_gpus: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+
+
+class LayoutMaximum(Frozen):
+    gpu: str
+    gpus: int
+    tp: int
+    pp: int
+    value: int  # the largest context or concurrency one replica fits; 0: none
+    capped: bool = False  # the value is the model's position limit, not the GPU's
+
+
+class MaximumReport(Frozen):
+    """`plan --max`: for each tp x pp layout of one GPU, the largest context or concurrency."""
+
+    model: str
+    gpu: str
+    what: Literal["context", "concurrency"]
+    request: PlanRequest
+    limit: int | None  # the model's positions, when `what` is context and it has a limit
+    layouts: list[LayoutMaximum]
+    notes: list[str] = Field(default_factory=list)
+
+
+class SeriesLine(Frozen):
+    precision: str
+    peak_device_bytes: list[int | None]  # per x value; None where that workload is refused
+    refused: list[str | None]  # the reason, per x value, where refused
+
+
+class MemorySeries(Frozen):
+    """`plot`: peak device memory against context (or batch), per precision."""
+
+    model: str
+    axis: Literal["context", "batch"]
+    values: list[int]
+    workload: Workload  # the fixed part of each run (prompt_len or batch varies)
+    attn: str  # the attention implementation the runs resolve to
+    lines: list[SeriesLine]
+    gpus: list[Gpu]
+    notes: list[str] = Field(default_factory=list)
+
+
+def plan_order(sort: SortKey):
+    """The ranking key of `--sort`; ties fall through to the default order."""
+
+    def cost(p: Plan) -> float:
+        return p.cost_per_hour if p.cost_per_hour is not None else INFINITY
+
+    def default(p: Plan) -> tuple:
+        return (p.gpus, p.gpu_memory_bytes, cost(p), -p.headroom_bytes)
+
+    keys = {
+        "gpus": default,
+        "memory": lambda p: (p.gpu_memory_bytes * p.gpus, *default(p)),
+        "cost": lambda p: (cost(p), *default(p)),
+        "headroom": lambda p: (-p.headroom_bytes, *default(p)),
+    }
+    return keys[sort]
 
 
 def _power_of_two_divisors(n: int, limit: int) -> list[int]:
@@ -26,38 +102,52 @@ def _power_of_two_divisors(n: int, limit: int) -> list[int]:
 
 def candidate_layouts(arch: Architecture, gpu: Gpu, request: PlanRequest) -> list[tuple[int, int]]:
     tp_limit = request.max_gpus if request.allow_multi_node else gpu.gpus_per_node
-    tps = [request.tensor_parallel_size] if request.tensor_parallel_size else \
-        _power_of_two_divisors(arch.num_heads, tp_limit)
+    fixed = request.tensor_parallel_size
+    tps = ([fixed] if fixed <= tp_limit else []) if fixed else _power_of_two_divisors(arch.num_heads, tp_limit)
     pps = [request.pipeline_parallel_size] if request.pipeline_parallel_size else \
         [p for p in (1, 2, 3, 4, 6, 8, 12, 16) if p <= arch.num_layers]
     return [(tp, pp) for tp in tps for pp in pps if tp * pp <= request.max_gpus]
 
 
 
-def make_plans(arch: Architecture, model: str, gpus: list[Gpu], request: PlanRequest, top: int = 10
-               ) -> PlanResult:
+def _no_layout_reason(gpu: Gpu, request: PlanRequest) -> str:
+    tp = request.tensor_parallel_size
+    if tp and not request.allow_multi_node and tp > gpu.gpus_per_node:
+        return f"tensor parallel size {tp} exceeds a node's GPUs (pass --multi-node to allow it)"
+    return f"no tp x pp layout within --max-gpus {request.max_gpus}"
+
+def make_plans(arch: Architecture, model: str, gpus: list[Gpu], request: PlanRequest, top: int = 10,
+               sort: SortKey = "gpus") -> PlanReport:
     plans: list[Plan] = []
     rejected: dict[str, int] = {}
     considered = 0
     for gpu in gpus:
+        layouts = sorted(candidate_layouts(arch, gpu, request), key=lambda layout: layout[0] * layout[1])
+        if not layouts:
+            reason = _no_layout_reason(gpu, request)
+            rejected[reason] = rejected.get(reason, 0) + 1
         for precision in request.precisions:
             fewest = request.max_gpus + 1
-            for tp, pp in sorted(candidate_layouts(arch, gpu, request), key=lambda layout: layout[0] * layout[1]):
+            for tp, pp in layouts:
                 if tp * pp > fewest:  # cannot need fewer GPUs than a layout already found
                     break
                 considered += 1
                 try:
                     result = plan_layout(arch, model, request, precision, gpu, tp, pp)
                 except VramplanError as exc:
-                    result = str(exc).split(";")[0].rstrip(".")
+                    result = str(exc).split(";")[0].rstrip(".") or type(exc).__name__
                 if isinstance(result, Plan):
                     plans.append(result)
                     fewest = min(fewest, result.gpus)
                 else:
-                    rejected[result] = rejected.get(result, 0) + 1
-    plans.sort(key=lambda p: (p.gpus, p.cost_per_hour if p.cost_per_hour is not None else float("inf"),
-                              -p.headroom_bytes))
-    return PlanResult(model=model, request=request, plans=plans[:top], considered=considered, rejected=rejected)
+                    reason = result or "does not fit"
+                    rejected[reason] = rejected.get(reason, 0) + 1
+    plans.sort(key=plan_order(sort))
+    shown = plans[:top]
+    by_name = {g.name: g for g in gpus}
+    unmeasured = sorted({p.gpu for p in shown if not by_name[p.gpu].measured})
+    return PlanReport(model=model, request=request, plans=shown, considered=considered, rejected=rejected,
+                      sort=sort, unmeasured_gpus=unmeasured)
 
 
 def largest_fitting(arch: Architecture, model: str, gpu: Gpu, request: PlanRequest, what: str,
@@ -77,7 +167,7 @@ def largest_fitting(arch: Architecture, model: str, gpu: Gpu, request: PlanReque
         return isinstance(result, Plan) and result.replicas == 1
 
     low, high = (1, 2) if what == "concurrency" else (2, 4)
-    if not fits(low):
+    if low > limit or not fits(low):
         return 0
     while high <= limit and fits(high):
         low, high = high, high * 2

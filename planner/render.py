@@ -1,29 +1,129 @@
-"""Result models -> text. Tables for people, JSON for programs; both read the same objects."""
+"""Result models -> text and JSON. Tables for people, one JSON envelope for programs; both read
+the same objects.
+
+Every `--json` output is one envelope, `{"schema_version", "command", "request", "result"}`,
+whose JSON schema `json_schema()` generates from the result models themselves. Text fits the
+terminal's width (the `why` column wraps) and each table picks the unit its values read best in.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import shutil
+import textwrap
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
 
-from .base import gib
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
+
+from .base import GIB
+from .planning import MaximumReport, MemorySeries, PlanReport
 from .result import Estimate
+from .source import ModelEntry
+
+SCHEMA_VERSION = 1
+MIB = 2**20
+# what each command's envelope carries as `result`
+COMMAND_RESULTS: dict[str, Any] = {
+    "estimate": Estimate,
+    "estimate-precisions": list[Estimate],
+    "plan": PlanReport,
+    "plan-max": MaximumReport,
+    "models": list[ModelEntry],
+    "plot": MemorySeries,
+    "validate": dict[str, Any],  # validate's report types live above this layer
+}
 
 
-def to_json(model) -> str:
-    return json.dumps(model.model_dump(mode="json"), indent=2)
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
-def _gib(nbytes: int) -> str:
-    return f"{gib(nbytes):.2f}"
+def envelope(command: str, request: dict[str, Any], result: Any) -> dict[str, Any]:
+    if command not in COMMAND_RESULTS:
+        raise ValueError(f"no envelope for command {command!r}")
+    return {"schema_version": SCHEMA_VERSION, "command": command, "request": _plain(request),
+            "result": _plain(result)}
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+def to_json(command: str, request: dict[str, Any], result: Any) -> str:
+    """The one JSON output path of every command."""
+    return json.dumps(envelope(command, request, result), indent=2)
 
-    def fmt(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)).rstrip()
 
-    return [fmt(headers), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of every `--json` output, generated from the result models."""
+    variants = []
+    for command, result_type in COMMAND_RESULTS.items():
+        name = "".join(part.title() for part in command.split("-")) + "Output"
+        variants.append(create_model(name, __config__=ConfigDict(extra="forbid"),
+                                     schema_version=(Literal[1], ...), command=(Literal[command], ...),
+                                     request=(dict[str, Any], ...), result=(result_type, ...)))
+    adapter = TypeAdapter(Annotated[Union[tuple(variants)], Field(discriminator="command")])  # noqa: UP007
+    schema = adapter.json_schema(mode="serialization")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "vramplan --json output",
+            "description": f"schema_version {SCHEMA_VERSION}: one envelope per command", **schema}
+
+
+# ---- text ---------------------------------------------------------------------------------------
+
+def terminal_width() -> int:
+    return max(shutil.get_terminal_size(fallback=(100, 24)).columns, 40)
+
+
+def byte_unit(values: Sequence[int]) -> tuple[str, Callable[[int], str]]:
+    """GiB for tables whose largest value reaches 4 GiB, MiB below: a 135M model's terms are
+    readable as "257.3", not "0.25"."""
+    largest = max((abs(v) for v in values), default=0)
+    unit, size, digits = ("GiB", GIB, 2) if largest >= 4 * GIB else ("MiB", MIB, 1)
+
+    def fmt(nbytes: int) -> str:
+        shown = nbytes / size
+        if nbytes and abs(shown) < 10**-digits:
+            return f"<{10**-digits:.{digits}f}" if nbytes > 0 else f"-<{10**-digits:.{digits}f}"
+        return f"{shown:.{digits}f}"
+
+    return unit, fmt
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool], width: int | None = None,
+           indent: str = "") -> list[str]:
+    """Columns padded to their widest cell; the last column wraps to fit the terminal."""
+    width = (width or terminal_width()) - len(indent)
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    fixed = sum(widths[:-1]) + 2 * (len(headers) - 1)
+    if not right[-1]:
+        widths[-1] = max(min(widths[-1], width - fixed), 16)
+
+    def fmt(cells: Sequence[str]) -> list[str]:
+        last = textwrap.wrap(cells[-1], widths[-1]) or [""] if not right[-1] else [cells[-1]]
+        lines = []
+        for i, piece in enumerate(last):
+            shown = list(cells[:-1]) if i == 0 else [""] * (len(cells) - 1)
+            shown.append(piece)
+            lines.append(indent + "  ".join(c.rjust(w) if r else c.ljust(w)
+                                            for c, w, r in zip(shown, widths, right, strict=True)).rstrip())
+        return lines
+
+    out = [*fmt(headers), indent + "  ".join("-" * w for w in widths)]
+    for row in rows:
+        out += fmt(row)
+    return out
+
+
+def _notes(notes: Sequence[str], width: int | None = None) -> list[str]:
+    width = width or terminal_width()
+    return [line for note in notes
+            for line in textwrap.wrap(f"note: {note}", width, subsequent_indent="      ")]
 
 
 def estimate_text(est: Estimate) -> str:
@@ -38,25 +138,28 @@ def estimate_text(est: Estimate) -> str:
         f"peak at: {est.peak_phase}",
         "",
     ]
-    rows = [[t.name, _gib(t.bytes), t.why] for t in est.breakdown if t.scope == "allocated"]
-    rows.append(["= peak allocated", _gib(est.peak_allocated_bytes), "torch.cuda.max_memory_allocated()"])
-    rows += [[t.name, _gib(t.bytes), t.why] for t in est.breakdown if t.scope == "outside"]
-    rows.append(["= peak on device", _gib(est.peak_device_bytes), "what nvidia-smi shows for the process"])
-    lines += _table(["term", "GiB", "why"], rows, [False, True, False])
+    unit, fmt = byte_unit([est.peak_device_bytes])
+    rows = [[t.name, fmt(t.bytes), t.why] for t in est.breakdown if t.scope == "allocated"]
+    rows.append(["= peak allocated", fmt(est.peak_allocated_bytes), "torch.cuda.max_memory_allocated()"])
+    rows += [[t.name, fmt(t.bytes), t.why] for t in est.breakdown if t.scope == "outside"]
+    rows.append(["= peak on device", fmt(est.peak_device_bytes), "what nvidia-smi shows for the process"])
+    lines += _table(["term", unit, "why"], rows, [False, True, False])
     if est.verdict:
         v = est.verdict
+        vunit, vfmt = byte_unit([v.memory_bytes])
         verdict = "fits" if v.fits else "does NOT fit"
-        lines += ["", f"{v.gpu} ({_gib(v.memory_bytes)} GiB usable): {verdict}, "
-                      f"headroom {_gib(v.headroom_bytes)} GiB"]
-    for note in est.notes:
-        lines.append(f"note: {note}")
-    lines.append(f"(GiB = 2^30 bytes; runtime terms calibrated on {est.calibrated_with['gpu']}, "
-                 f"torch {est.calibrated_with['torch']}, transformers {est.calibrated_with['transformers']})")
+        lines += ["", f"{v.gpu} ({vfmt(v.memory_bytes)} {vunit} usable): {verdict}, "
+                      f"headroom {vfmt(v.headroom_bytes)} {vunit}"]
+    lines += _notes(est.notes)
+    lines.append(f"({unit} = 2^{30 if unit == 'GiB' else 20} bytes; runtime terms calibrated on "
+                 f"{est.calibrated_with['gpu']}, torch {est.calibrated_with['torch']}, "
+                 f"transformers {est.calibrated_with['transformers']})")
     return "\n".join(lines)
 
 
-def models_text(entries: Sequence[tuple[str, str, str]]) -> str:
-    rows = [[hub, alias, status] for hub, alias, status in entries]
+def models_text(entries: Sequence[ModelEntry]) -> str:
+    rows = [[e.hub_id, e.alias, f"refused: {e.refused}" if e.refused else
+             f"{e.model_type}, {(e.parameters or 0) / 1e9:.2f}B"] for e in entries]
     return "\n".join(_table(["Hub id", "alias", "status"], rows, [False, False, False]))
 
 
@@ -66,60 +169,73 @@ def precisions_text(estimates: Sequence[Estimate]) -> str:
     w = first.workload
     lines = [f"{first.model}  ({first.model_type}, {first.parameters / 1e9:.2f}B parameters), "
              f"{w.attn} attention, batch {w.batch}, prompt {w.prompt_len}, {w.new_tokens} new tokens", ""]
-    verdict = first.verdict is not None
-    headers = ["precision", "weights GiB", "peak allocated GiB", "peak on device GiB"]
-    if verdict:
-        headers.append(f"on {first.verdict.gpu} ({_gib(first.verdict.memory_bytes)} GiB)")
+    unit, fmt = byte_unit([e.peak_device_bytes for e in estimates])
+    headers = ["precision", f"weights {unit}", f"peak allocated {unit}", f"peak on device {unit}"]
+    if first.verdict is not None:
+        headers.append(f"on {first.verdict.gpu} ({fmt(first.verdict.memory_bytes)} {unit})")
     rows = []
     for est in estimates:
         label = est.precision + (" + double quant" if est.double_quant else "")
-        row = [label, _gib(est.weights_bytes), _gib(est.peak_allocated_bytes), _gib(est.peak_device_bytes)]
-        if verdict and est.verdict:
+        row = [label, fmt(est.weights_bytes), fmt(est.peak_allocated_bytes), fmt(est.peak_device_bytes)]
+        if first.verdict is not None and est.verdict:
             row.append(("fits" if est.verdict.fits else "does not fit")
-                       + f", {_gib(est.verdict.headroom_bytes)} GiB headroom")
+                       + f", {fmt(est.verdict.headroom_bytes)} {unit} headroom")
         rows.append(row)
     lines += _table(headers, rows, [False, True, True, True, False][: len(headers)])
     return "\n".join(lines)
 
 
-def plans_text(result) -> str:
+def _rejections(result: PlanReport) -> str:
+    reasons = "; ".join(f"{why} ({n} layout{'s' if n != 1 else ''})" for why, n in result.rejected.items())
+    return reasons or "no layout to try"
+
+
+def plans_text(result: PlanReport) -> str:
     """`vramplan plan`: ranked plans, then the per-GPU breakdown of the first."""
     req = result.request
     head = (f"{result.model}: {req.concurrency} concurrent sequence(s) of {req.context} tokens "
             f"({req.new_tokens} generated), {req.runtime} runtime")
     if req.runtime == "vllm":
-        head += f", gpu_memory_utilization {req.gpu_memory_utilization}"
+        head += f", gpu_memory_utilization {req.gpu_memory_utilization or 0.9}"
     lines = [head, ""]
     if not result.plans:
-        reasons = "; ".join(f"{why} ({n} layouts)" for why, n in result.rejected.items())
-        lines.append(f"No plan fits among {result.considered} layouts: {reasons}.")
+        lines.append(f"No plan fits among {result.considered} layouts: {_rejections(result)}.")
+        lines += _notes(result.notes)
         return "\n".join(lines)
     vllm = req.runtime == "vllm"
-    headers = ["#", "GPUs", "GPU", "precision", "tp", "pp", "replicas", "per-GPU peak GiB", "headroom GiB"]
-    headers += ["KV pool GiB", "max seqs"] if vllm else ["batch/replica"]
-    headers.append("$/hour")
+    priced = any(p.cost_per_hour is not None for p in result.plans)
+    unit, fmt = byte_unit([p.gpu_memory_bytes for p in result.plans])
+    headers = ["#", "GPUs", "GPU", "precision", "tp", "pp", "replicas", f"peak {unit}", f"headroom {unit}"]
+    headers += [f"KV pool {unit}", "seqs"] if vllm else ["batch"]
+    headers += ["$/hour"] if priced else []
+    unmeasured = set(result.unmeasured_gpus)
     rows = []
     for i, p in enumerate(result.plans, 1):
-        row = [str(i), str(p.gpus), p.gpu, p.precision, str(p.tp), str(p.pp), str(p.replicas),
-               _gib(p.per_gpu_peak_bytes), _gib(p.headroom_bytes)]
-        row += [_gib(p.kv_cache_bytes or 0), str(p.max_concurrent_sequences)] if vllm else [str(p.batch_per_replica)]
-        row.append(f"{p.cost_per_hour:.2f}" if p.cost_per_hour is not None else "-")
+        row = [str(i), str(p.gpus), p.gpu + ("*" if p.gpu in unmeasured else ""), p.precision, str(p.tp), str(p.pp),
+               str(p.replicas), fmt(p.per_gpu_peak_bytes), fmt(p.headroom_bytes)]
+        row += [fmt(p.kv_cache_bytes or 0), str(p.max_concurrent_sequences)] if vllm else [str(p.batch_per_replica)]
+        row += [f"{p.cost_per_hour:.2f}" if p.cost_per_hour is not None else "-"] if priced else []
         rows.append(row)
-    lines += _table(headers, rows, [True, True, False, False, True, True, True, True, True, True, True, True][
-        : len(headers)])
+    lines += _table(headers, rows, [True, True, False, False, *([True] * (len(headers) - 4))])
     best = result.plans[0]
-    lines += ["", f"Plan 1, per GPU ({best.gpu}, {_gib(best.gpu_memory_bytes)} GiB usable):"]
+    bunit, bfmt = byte_unit([s.peak_bytes for s in best.per_gpu])
+    lines += ["", f"Plan 1, per GPU ({best.gpu}, {fmt(best.gpu_memory_bytes)} {unit} usable):"]
     for share in best.per_gpu:
-        lines.append(f"  stage {share.stage} ({share.layers} layers): {_gib(share.peak_bytes)} GiB")
-        for term in share.breakdown:
-            if term.bytes >= 2**20:
-                lines.append(f"    {term.name:28s} {_gib(term.bytes):>8s}  {term.why}")
-    lines.append(f"({result.considered} layouts considered; GiB = 2^30 bytes)")
+        lines.append(f"  stage {share.stage} ({share.layers} layers): {bfmt(share.peak_bytes)} {bunit}")
+        terms = [[t.name, bfmt(t.bytes), t.why] for t in share.breakdown if t.bytes >= MIB]
+        lines += _table(["term", bunit, "why"], terms, [False, True, False], indent="    ")[2:]
+    lines += _notes(result.notes)
+    lines.append(f"({result.considered} layouts considered, ranked by {result.sort}; "
+                 f"{bunit} = 2^{30 if bunit == 'GiB' else 20} bytes)")
     return "\n".join(lines)
 
 
-def maximum_text(model: str, gpu: str, what: str, rows: list[dict]) -> str:
-    lines = [f"{model} on {gpu}: the largest {what} one replica fits, per layout", ""]
-    body = [[str(r["gpus"]), str(r["tp"]), str(r["pp"]), str(r[what]) if r[what] else "does not fit"] for r in rows]
+def maximum_text(report: MaximumReport) -> str:
+    what = report.what
+    lines = [f"{report.model} on {report.gpu}: the largest {what} one replica fits, per layout", ""]
+    body = [[str(r.gpus), str(r.tp), str(r.pp),
+             (f"{r.value} (capped)" if r.capped else str(r.value)) if r.value else "does not fit"]
+            for r in report.layouts]
     lines += _table(["GPUs", "tp", "pp", what], body, [True, True, True, True])
+    lines += _notes(report.notes)
     return "\n".join(lines)

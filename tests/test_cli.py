@@ -31,7 +31,10 @@ def test_estimate_prints_a_table_with_totals(run):
 def test_estimate_json_is_the_result_model(run):
     result = run("estimate", "llama-3.2-1b", "--batch", "2", "--prompt-len", "256", "--json")
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    envelope = json.loads(result.output)
+    assert envelope["schema_version"] == 1 and envelope["command"] == "estimate"
+    assert envelope["request"]["model"] == "llama-3.2-1b" and envelope["request"]["batch"] == 2
+    data = envelope["result"]
     for key in ("model", "parameters", "weights_bytes", "kv_cache_bytes", "peak_allocated_bytes",
                 "peak_device_bytes", "breakdown"):
         assert key in data
@@ -45,9 +48,9 @@ def test_estimate_json_is_the_result_model(run):
 
 
 def test_gpu_verdict_says_whether_it_fits(run):
-    fits = json.loads(run("estimate", "llama-3.2-1b", "--gpu", "H100-80GB-SXM", "--json").output)
+    fits = json.loads(run("estimate", "llama-3.2-1b", "--gpu", "H100-80GB-SXM", "--json").output)["result"]
     assert fits["verdict"]["fits"] is True and fits["verdict"]["gpu"] == "H100"
-    big = json.loads(run("estimate", "meta-llama/Llama-3.1-70B", "--gpu", "rtx4090", "--json").output)
+    big = json.loads(run("estimate", "meta-llama/Llama-3.1-70B", "--gpu", "rtx4090", "--json").output)["result"]
     assert big["verdict"]["fits"] is False and big["verdict"]["headroom_bytes"] < 0
 
 
@@ -83,10 +86,10 @@ def test_malformed_config_file(run, tmp_path):
 def test_models_lists_the_bundle(run):
     result = run("models", "--json")
     assert result.exit_code == 0
-    entries = json.loads(result.output)
+    entries = json.loads(result.output)["result"]
     aliases = {e["alias"] for e in entries}
     assert {"llama-3.1-8b", "qwen3-0.6b", "octocoder"} <= aliases
-    assert any(e["status"].startswith("refused") for e in entries)
+    assert any(e["refused"] for e in entries) and all(e["parameters"] or e["refused"] for e in entries)
 
 
 def test_validate_without_cuda_is_a_clear_error(run):

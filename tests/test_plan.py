@@ -58,7 +58,7 @@ def test_acceptance_plan_for_llama_70b_on_h100():
     result = runner.invoke(main, ["plan", MODEL, "--context", "8192", "--concurrency", "32", "--gpu", "h100",
                                   "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.output)["result"]
     plans = data["plans"]
     assert plans and [p["gpus"] for p in plans] == sorted(p["gpus"] for p in plans)
     arch = load_model(MODEL)[1]
@@ -110,20 +110,21 @@ def test_vllm_flag_names_are_accepted():
                                   "--gpu-memory-utilization", "0.8", "--kv-cache-dtype", "fp8", "--runtime", "vllm",
                                   "--gpu", "l4", "--json"])
     assert result.exit_code == 0, result.output
-    plans = json.loads(result.output)["plans"]
-    assert plans and all(p["tp"] == 2 and p["pp"] == 1 for p in plans)
+    data = json.loads(result.output)["result"]
+    assert data["plans"] and all(p["tp"] == 2 and p["pp"] == 1 for p in data["plans"])
+    # --max-num-seqs is vLLM's max_num_seqs, not the concurrency to serve
+    assert data["request"]["max_num_seqs"] == 8 and data["request"]["concurrency"] == 1
+    assert data["request"]["kv_cache_dtype"] == "fp8" and data["request"]["gpu_memory_utilization"] == 0.8
 
 
 def test_max_context_is_the_boundary():
     rows = plan_maximum(MODEL, "rtx4090", "context", context=4096, new_tokens=128, concurrency=1,
-                        precision="bf16", runtime="transformers", tp=1, pp=1, gpu_memory_utilization=0.9,
-                        max_num_batched_tokens=None, kv_cache_dtype="auto", max_gpus=1, multi_node=False)
-    assert rows[0]["context"] == 0  # 131 GiB of bf16 weights on a 24 GB card
+                        precision="bf16", runtime="transformers", tp=1, pp=1, max_gpus=1).layouts
+    assert rows[0].value == 0  # 131 GiB of bf16 weights on a 24 GB card
     rows = plan_maximum("llama-3.1-8b", "h100", "context", context=4096, new_tokens=128, concurrency=4,
-                        precision="bf16", runtime="transformers", tp=1, pp=1, gpu_memory_utilization=0.9,
-                        max_num_batched_tokens=None, kv_cache_dtype="auto", max_gpus=1, multi_node=False)
-    best = rows[0]["context"]
-    assert best > 4096
+                        precision="bf16", runtime="transformers", tp=1, pp=1, max_gpus=1).layouts
+    best = rows[0].value
+    assert 4096 < best < 131072 and not rows[0].capped
     fits = plan("llama-3.1-8b", ["h100"], context=best, new_tokens=128, concurrency=4, tp=1, pp=1, max_gpus=1)
     assert fits.plans
     over = plan("llama-3.1-8b", ["h100"], context=best + 1, new_tokens=128, concurrency=4, tp=1, pp=1, max_gpus=1)
@@ -153,5 +154,7 @@ def test_vllm_plan_bounds_positions_per_request_not_per_profile_run():
     """vLLM's profile run spreads max_num_batched_tokens (8192) over up to max_num_seqs requests,
     so gpt2's 1024 learned positions allow a 1024-token max_model_len, not a 2048-token one."""
     assert plan("gpt2", ["h100"], context=1024, runtime="vllm").plans
-    refused = plan("gpt2", ["h100"], context=2048, runtime="vllm")
+    with pytest.raises(WorkloadError, match="1024 positions"):  # an invalid request, not a plan that does not fit
+        plan("gpt2", ["h100"], context=2048, runtime="vllm")
+    refused = plan("gpt2", ["h100"], context=1024, runtime="vllm", max_num_seqs=2)  # 4096 tokens per request
     assert not refused.plans and any("1024 positions" in reason for reason in refused.rejected)
