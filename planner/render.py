@@ -126,6 +126,11 @@ def _notes(notes: Sequence[str], width: int | None = None) -> list[str]:
             for line in textwrap.wrap(f"note: {note}", width, subsequent_indent="      ")]
 
 
+def _wrap(lines: Sequence[str], width: int | None = None) -> list[str]:
+    width = width or terminal_width()
+    return [piece for line in lines for piece in (textwrap.wrap(line, width, subsequent_indent="  ") or [""])]
+
+
 def estimate_text(est: Estimate) -> str:
     w = est.workload
     run = (f"generate: batch {w.batch}, prompt {w.prompt_len}, {w.new_tokens} new tokens"
@@ -136,8 +141,8 @@ def estimate_text(est: Estimate) -> str:
         + (f" (compute {est.compute_dtype})" if est.precision != est.compute_dtype else "")
         + f", {w.attn} attention, {run}",
         f"peak at: {est.peak_phase}",
-        "",
     ]
+    lines = [*_wrap(lines), ""]
     unit, fmt = byte_unit([est.peak_device_bytes])
     rows = [[t.name, fmt(t.bytes), t.why] for t in est.breakdown if t.scope == "allocated"]
     rows.append(["= peak allocated", fmt(est.peak_allocated_bytes), "torch.cuda.max_memory_allocated()"])
@@ -151,9 +156,9 @@ def estimate_text(est: Estimate) -> str:
         lines += ["", f"{v.gpu} ({vfmt(v.memory_bytes)} {vunit} usable): {verdict}, "
                       f"headroom {vfmt(v.headroom_bytes)} {vunit}"]
     lines += _notes(est.notes)
-    lines.append(f"({unit} = 2^{30 if unit == 'GiB' else 20} bytes; runtime terms calibrated on "
-                 f"{est.calibrated_with['gpu']}, torch {est.calibrated_with['torch']}, "
-                 f"transformers {est.calibrated_with['transformers']})")
+    lines += _wrap([f"({unit} = 2^{30 if unit == 'GiB' else 20} bytes; runtime terms calibrated on "
+                    f"{est.calibrated_with['gpu']}, torch {est.calibrated_with['torch']}, "
+                    f"transformers {est.calibrated_with['transformers']})"])
     return "\n".join(lines)
 
 
@@ -197,7 +202,7 @@ def plans_text(result: PlanReport) -> str:
             f"({req.new_tokens} generated), {req.runtime} runtime")
     if req.runtime == "vllm":
         head += f", gpu_memory_utilization {req.gpu_memory_utilization or 0.9}"
-    lines = [head, ""]
+    lines = [*_wrap([head]), ""]
     if not result.plans:
         lines.append(f"No plan fits among {result.considered} layouts: {_rejections(result)}.")
         lines += _notes(result.notes)

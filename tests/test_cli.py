@@ -103,3 +103,52 @@ def test_validate_matrix_needs_out(run, tmp_path):
     matrix.write_text("blocks: []\n")
     result = run("validate", "--matrix", str(matrix))
     assert result.exit_code == 2 and "--out" in result.output
+
+
+def test_small_models_print_mib_and_text_fits_the_terminal(run):
+    result = CliRunner().invoke(main, ["estimate", "smollm2-135m-instruct"], env={"COLUMNS": "72"})
+    assert result.exit_code == 0, result.output
+    assert "MiB" in result.output and " 0.00 " not in result.output
+    assert all(len(line) <= 72 for line in result.output.splitlines())
+    big = run("estimate", "llama-3.1-8b").output
+    assert "GiB" in big.splitlines()[4]
+
+
+def test_dtype_when_the_config_names_none(run, tmp_path):
+    """transformers 5.17 loads the checkpoint's stored dtype (dtype='auto'): the headers when
+    present, else fp32; the output says which was assumed."""
+    gpt2 = json.loads(run("estimate", "gpt2", "--json").output)["result"]
+    assert gpt2["precision"] == "fp32" and any("fp32 assumed" in n for n in gpt2["notes"])
+    import struct
+
+    from vramplan.source import load_bundled
+
+    (tmp_path / "config.json").write_text(json.dumps(load_bundled("gpt2").config))
+    header = json.dumps({"wte.weight": {"dtype": "F16", "shape": [50257, 768], "data_offsets": [0, 0]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    local = json.loads(run("estimate", str(tmp_path), "--json").output)["result"]
+    assert local["precision"] == "fp16" and any("safetensors store" in n for n in local["notes"])
+    explicit = json.loads(run("estimate", "gpt2", "--precision", "bf16", "--json").output)["result"]
+    assert not any("torch_dtype" in n for n in explicit["notes"])
+
+
+def test_plan_ranks_fewest_gpus_then_the_smallest_gpu(run):
+    data = json.loads(run("plan", "smollm2-135m-instruct", "--json", "--top", "28").output)["result"]
+    plans = data["plans"]
+    assert plans[0]["gpus"] == 1 and plans[0]["gpu"] != "MI325X"
+    keys = [(p["gpus"], p["gpu_memory_bytes"]) for p in plans]
+    assert keys == sorted(keys)
+    assert "H100" not in data["unmeasured_gpus"] and "T4" in data["unmeasured_gpus"]
+    by_headroom = json.loads(run("plan", "smollm2-135m-instruct", "--json", "--sort", "headroom").output)["result"]
+    assert by_headroom["plans"][0]["headroom_bytes"] == max(p["headroom_bytes"] for p in plans)
+    text = run("plan", "smollm2-135m-instruct", "--gpu", "t4", "--gpu", "h100").output
+    assert "T4*" in text and "H100*" not in text and "no committed rows measured T4" in text
+
+
+def test_plan_prints_the_caveats(run):
+    tp = run("plan", "llama-3.1-8b", "--gpu", "h100", "--tp", "2").output
+    assert "NCCL buffers and CUDA-graph constants are not measured" in tp
+    moe = run("plan", "qwen3-30b-a3b", "--gpu", "h100", "--precision", "int8").output
+    assert "nn.Linear layers only" in moe  # estimate's notes for the per-GPU run
+    assert "fp32 assumed" in run("plan", "gpt2", "--gpu", "h100").output
+    assert "not measured" in run("plan", "llama-3.1-8b", "--gpu", "h100", "--runtime", "vllm").output
