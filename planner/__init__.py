@@ -191,6 +191,9 @@ def _plan_request(arch: Architecture, positions: int | None, *, context: int | N
                                 "add --runtime vllm, or leave it out for --runtime transformers.")
     if context is None:
         context = min(DEFAULT_CONTEXT, positions) if positions else DEFAULT_CONTEXT
+    elif new_tokens >= context:  # a default context may clamp the new tokens; a given one is the user's word
+        raise WorkloadError(f"--new-tokens {new_tokens} must be less than --context {context} (prompt plus "
+                            "generated tokens).")
     _check_positive(context=context, new_tokens=new_tokens, concurrency=concurrency, tp=tp, pp=pp,
                     max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_gpus=max_gpus)
     if context < 2 or context > MAX_TOKENS:

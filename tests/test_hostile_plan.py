@@ -33,6 +33,7 @@ def run(*args: str):
     (["--context", "-5"], "--context"),
     (["--context", "99999999999"], "--context"),
     (["--new-tokens", "0"], "--new-tokens"),
+    (["--context", "512", "--new-tokens", "512"], "less than --context"),
     (["--concurrency", "0"], "--concurrency"),
     (["--concurrency", "-1"], "--concurrency"),
     (["--max-gpus", "0"], "--max-gpus"),

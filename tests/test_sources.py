@@ -82,3 +82,24 @@ def test_auto_map_is_never_followed(tmp_path):
     from vramplan import estimate
 
     assert estimate(str(tmp_path)).parameters > 0
+
+
+def test_the_dtype_a_config_without_one_loads_in():
+    from vramplan.source import StoredTensor, load_dtype, stored_float_dtype
+
+    stored = {"a": StoredTensor("BF16", (1000, 1000)), "b": StoredTensor("F32", (10,)),
+              "c": StoredTensor("F8_E4M3", (4000, 4000)), "d": StoredTensor("I64", (10**7,))}
+    assert stored_float_dtype(stored) == "bf16"  # the float dtype holding most bytes; fp8 and ints never
+    assert load_dtype("fp16", False, stored) == ("fp16", None)  # the config's own dtype wins
+    assert load_dtype(None, True, stored) == (None, None)  # a pre-quantized scheme decides its own
+    dtype, note = load_dtype(None, False, stored)
+    assert dtype == "bf16" and "safetensors" in note
+    dtype, note = load_dtype(None, False, None)
+    assert dtype == "fp32" and "fp32 assumed" in note
+
+
+def test_sub_byte_dtypes_count_bits():
+    from vramplan.source import StoredTensor
+
+    assert StoredTensor("F4", (3, 5)).nbytes == 8  # 15 four-bit values in whole bytes
+    assert StoredTensor("BF16", (3, 5)).nbytes == 30
