@@ -7,6 +7,22 @@ from ..request import Training
 from . import BreakdownTerm, Verdict
 
 
+class AliveTensor(Frozen):
+    """A tensor (or a group of like tensors) alive at a moment, as the allocator holds it."""
+
+    name: str
+    bytes: int
+
+
+class Moment(Frozen):
+    """One candidate peak of the two steps: every tensor alive then, explicitly."""
+
+    name: str
+    step: int  # 1: the first step (it creates the optimizer states), 2: a steady step
+    tensors: list[AliveTensor]
+    bytes: int  # the sum of the tensors' bytes
+
+
 class TrainingEstimate(Frozen):
     model: str
     model_type: str
@@ -19,6 +35,7 @@ class TrainingEstimate(Frozen):
     peak_allocated_bytes: int
     peak_device_bytes: int
     breakdown: list[BreakdownTerm]
+    moments: list[Moment]  # every candidate; the peak is the largest
     notes: list[str]
     verdict: Verdict | None = None
     calibrated_with: dict[str, str]
