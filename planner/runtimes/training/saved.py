@@ -110,9 +110,10 @@ class Walk:
         if name in self.mode.lora_modules:
             r = self.mode.rank
             xa = self.cast(x, 4)  # peft's _cast_input_dtype: to lora_A's fp32
-            if self.mode.autocast:  # lora_A and lora_B run under autocast again (modelled, not checked)
+            if self.mode.autocast:  # lora_A and lora_B run under autocast again: 16-bit casts of x and weights
                 xa = self.cast(xa, 2)
-                self.fixed(f"{name} lora_A 16-bit copy", r * inp * 2)
+                if xa.grad:  # mm keeps a weight only for its input's gradient
+                    self.fixed(f"{name} lora_A 16-bit copy", r * inp * 2)
                 self.fixed(f"{name} lora_B 16-bit copy", out * r * 2)
             self.save(xa, f"{name} lora_A input (fp32 copy)")
             a = self.new(r, xa.nbytes, True)
