@@ -17,7 +17,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from vramplan.validate.compare import compare_rows, measurement_files, read_rows
+from vramplan.validate.compare import compare_rows, measurement_files, read_rows, row_kind
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
@@ -33,7 +33,7 @@ def _summary(errors: list[float]) -> tuple[str, str, str]:
 
 
 def table() -> str:
-    rows = list(read_rows(measurement_files()))
+    rows = [r for r in read_rows(measurement_files()) if row_kind(r) == "inference"]  # edge and training: own tables
     done, refused = compare_rows(rows)
     measured_ok = sum(1 for r in rows if r.get("status") == "ok")
     gpus = sorted({c.gpu for c in done})

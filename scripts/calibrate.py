@@ -35,7 +35,8 @@ BNB = {"int8", "nf4", "fp4"}
 
 def fit() -> dict:
     files = measurement_files()
-    rows = [r for r in read_rows(files) if r.get("status") == "ok" and r.get("device_bytes")]
+    rows = [r for r in read_rows(files) if r.get("status") == "ok" and r.get("device_bytes")
+            and r.get("kind", "inference") == "inference"]
     outside: dict[str, list[int]] = defaultdict(list)
     outside_bnb: dict[str, list[int]] = defaultdict(list)
     for row in rows:

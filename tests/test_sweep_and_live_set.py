@@ -6,7 +6,7 @@ import json
 from importlib import resources
 
 import yaml
-from vramplan.validate.sweep import case_id, done_ids, expand_matrix
+from vramplan.validate.sweep import case_id, done_ids, expand_matrix, expand_training_matrix, matrix_kind
 
 
 def test_committed_matrices_expand_and_resolve():
@@ -15,8 +15,11 @@ def test_committed_matrices_expand_and_resolve():
     folder = resources.files("vramplan.profiles") / "matrices"
     for entry in folder.iterdir():
         if entry.name.endswith(".yaml"):
-            cases = expand_matrix(yaml.safe_load(entry.read_text()))
-            assert cases
+            matrix = yaml.safe_load(entry.read_text())
+            kind = matrix_kind(entry.name)
+            cases = (matrix["searches"] if kind == "edge" else expand_training_matrix(matrix) if kind == "train"
+                     else expand_matrix(matrix))
+            assert cases, entry.name
             for model in {c["model"] for c in cases}:
                 resolve(model)
 

@@ -95,9 +95,16 @@ def compare_row(row: dict[str, Any], config: dict[str, Any] | None = None) -> Co
                       predicted_device=est.peak_device_bytes, estimate=est)
 
 
+def row_kind(row: dict[str, Any]) -> str:
+    """inference (a generate() or forward() case), edge (one trial of a largest-fit search),
+    edge-search (a search's summary) or train (a fine-tuning step)."""
+    return row.get("kind", "inference")
+
+
 def comparable(row: dict[str, Any]) -> bool:
-    """Rows with a measured peak: OOMs and refusals are data, but have no peak to compare."""
-    return row.get("status") == "ok" and "peak_allocated_bytes" in row
+    """Inference rows with a measured peak: OOMs and refusals are data, but have no peak to
+    compare; edge and training rows are held by their own tests."""
+    return row_kind(row) == "inference" and row.get("status") == "ok" and "peak_allocated_bytes" in row
 
 
 def compare_rows(rows: Iterable[dict[str, Any]]) -> tuple[list[Comparison], list[tuple[dict, str]]]:

@@ -64,6 +64,27 @@ def expand_matrix(matrix: dict[str, Any]) -> list[dict[str, Any]]:
     return cases
 
 
+def expand_training_matrix(matrix: dict[str, Any]) -> list[dict[str, Any]]:
+    """Training-step cases (validate/train.py) of a matrix: each block's models x methods x
+    checkpointing x optimizers x autocast x workloads (batch, seq_len)."""
+    cases = []
+    for block in matrix.get("blocks", []):
+        for model, method, checkpointing, optimizer, autocast, workload in itertools.product(
+                block["models"], block.get("methods", ["full"]), block.get("gradient_checkpointing", [False]),
+                block.get("optimizers", ["adamw"]), block.get("autocast", ["none"]), block["workloads"]):
+            cases.append({"model": model, "layers": (block.get("layers") or {}).get(model), "method": method,
+                          "precision": block.get("precision", "bf16"), "attn": block.get("attn", "sdpa"),
+                          "gradient_checkpointing": checkpointing, "optimizer": optimizer, "autocast": autocast,
+                          "lora_rank": block.get("lora_rank", 16), "double_quant": block.get("double_quant", False),
+                          "batch": int(workload["batch"]), "seq_len": int(workload["seq_len"])})
+    return cases
+
+
+def matrix_kind(name: str) -> str:
+    """edge-*.yaml: edge searches; train-*.yaml: training steps; the rest: inference sweeps."""
+    return "edge" if name.startswith("edge-") else "train" if name.startswith("train-") else "inference"
+
+
 def done_ids(out_path: Path) -> set[str]:
     if not out_path.exists():
         return set()
