@@ -94,9 +94,13 @@ def scheme_from_config(raw: RawConfig) -> QuantScheme | None:
     q = RawConfig(qc, f"{raw.where}.quantization_config")
     method = q.str("quant_method", default=None) or ("bitsandbytes" if q.has("load_in_4bit", "load_in_8bit") else None)
     skip = tuple(q.list("modules_to_not_convert", "ignore", default=None) or ())
+    if not all(isinstance(s, str) for s in skip):
+        raise ConfigError(f"{q.where}: modules_to_not_convert / ignore must be a list of module names.")
     if method == "gptq":
         bits = q.int("bits")
         group = q.int("group_size", default=128, minimum=-1)
+        if group == 0:
+            raise ConfigError(f"{q.where}: group_size must be -1 or at least 1, not 0.")
         return QuantScheme(method="gptq", bits=bits, group_size=None if group == -1 else group, skip=skip)
     if method == "awq":
         bits = q.int("bits", "w_bit", default=4)
@@ -124,6 +128,8 @@ def scheme_from_config(raw: RawConfig) -> QuantScheme | None:
 
 def _compressed_tensors(q: RawConfig, skip: tuple[str, ...]) -> QuantScheme:
     groups: dict[str, Any] = q.raw("config_groups", default={}) or {}
+    if not isinstance(groups, dict):
+        raise ConfigError(f"{q.where}: config_groups must be an object.")
     weights = [g["weights"] for g in groups.values() if isinstance(g, dict) and isinstance(g.get("weights"), dict)]
     if len(weights) != 1:
         raise UnsupportedModelError(

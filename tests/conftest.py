@@ -18,7 +18,7 @@ def transformers_model_on_meta(config: dict):
     `AutoModelForCausalLM.from_config` under `torch.device("meta")` ties embeddings the way the
     model on a GPU does; accelerate's init_empty_weights() does not (it leaves lm_head untied
     under transformers 5.17 and overcounts a llama-3.2-1B-shaped model by 0.49 GiB)."""
-    import torch
+    torch = pytest.importorskip("torch")
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 

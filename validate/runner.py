@@ -26,7 +26,7 @@ from ..model import architecture_from_config
 from ..request import Workload
 from ..result import Estimate
 from ..runtimes.transformers.estimate import resolve_attention
-from ..source import resolve
+from ..source import load_dtype, resolve
 from . import compare, sweep
 
 
@@ -95,8 +95,8 @@ def validate_one(model: str, workload: Workload, *, precision: str, double_quant
     source = resolve(model, revision)
     config = shrink_config(source.config, layers)
     arch = architecture_from_config(config, source.name)
-    if precision == "auto":
-        precision = arch.config_dtype or "bf16"
+    if precision == "auto":  # what from_pretrained loads: the config's dtype, else the stored one
+        precision = load_dtype(arch.config_dtype, arch.quantization is not None, source.stored_tensors)[0] or "bf16"
     workload = resolve_attention(arch, workload)
     case = {"model": model, "layers": layers, "precision": precision, "attn": workload.attn,
             "batch": workload.batch, "prompt_len": workload.prompt_len,
@@ -204,7 +204,8 @@ def validate_parallel(model: str, workload: Workload, *, precision: str, revisio
     source = resolve(model, revision)
     config = shrink_config(source.config, layers)
     arch = architecture_from_config(config, source.name)
-    precision = arch.config_dtype or "bf16" if precision == "auto" else precision
+    if precision == "auto":
+        precision = load_dtype(arch.config_dtype, arch.quantization is not None, source.stored_tensors)[0] or "bf16"
     workload = resolve_attention(arch, workload)
     case = {"model": model, "layers": layers, "precision": precision, "attn": workload.attn,
             "batch": workload.batch, "prompt_len": workload.prompt_len, "new_tokens": workload.new_tokens,
