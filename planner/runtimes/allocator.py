@@ -1,7 +1,8 @@
-"""A simulation of PyTorch's CUDA caching allocator, to predict what it keeps reserved.
+"""A simulation of PyTorch's CUDA caching allocator (torch 2.11), with the GPU's capacity.
 
 The rules are those of c10/cuda/CUDACachingAllocator.cpp with the default configuration
-(no expandable segments, no max_split_size):
+(no max_split_size, no garbage collection, one stream); /work/notes/allocator.md reads them
+line by line, and the reference cases there were measured on an H200:
 
 * a request is rounded up to 512 bytes; up to 1 MiB it is served from the small pool,
   above from the large pool;
@@ -11,23 +12,38 @@ The rules are those of c10/cuda/CUDACachingAllocator.cpp with the default config
 * when no free block fits, a new segment is reserved: 2 MiB for small requests, 20 MiB for
   requests under 10 MiB, else the request rounded up to 2 MiB;
 * a freed block merges with free neighbours of its segment; nothing is returned to the
-  driver while the run lasts.
+  driver while memory lasts.
 
-Reserved memory is the sum of the segments. The simulation is exact for a given sequence of
-requests; how well it predicts a real run depends on how well the sequence does.
+With a `capacity` (what the driver can still hand to torch: the GPU's memory less what is
+outside torch), a new segment that does not fit makes the allocator release every cached
+segment that is entirely free, in both pools (`release_cached_blocks`), count a retry and
+try again; if that fails too the request raises `OutOfMemory`, which names the request and
+how much was reserved but unusable (free pieces of segments something else still holds).
+
+`expandable=True` is PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: one segment per pool
+that grows at its end in pages (20 MiB large, 2 MiB small), blocks always split, and on the
+retry every page lying entirely inside a free block is unmapped, so free memory separated by
+live blocks is reusable after the retry.
+
+Reserved memory is the sum of the segments (the mapped pages). The simulation is exact for a
+given sequence of requests; how well it predicts a real run depends on the sequence.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass, field
 
 MIN_BLOCK = 512
 SMALL_SIZE = 1 << 20
-SMALL_BUFFER = 2 << 20
-LARGE_BUFFER = 20 << 20
+SMALL_BUFFER = 2 << 20  # small-pool segment, and small-pool page when expandable
+LARGE_BUFFER = 20 << 20  # segment for 1-10 MiB requests, and large-pool page when expandable
 MIN_LARGE_ALLOC = 10 << 20
 ROUND_LARGE = 2 << 20
+# the virtual range of an expandable segment: 1.125 x the device; any range larger than the
+# device behaves the same, since mapping fails at capacity first
+EXPANDABLE_RANGE = 1 << 50
 
 
 def round_size(size: int) -> int:
@@ -42,6 +58,27 @@ def segment_size(size: int) -> int:
     return -(-size // ROUND_LARGE) * ROUND_LARGE
 
 
+class OutOfMemory(Exception):
+    """The request the allocator could not serve, even after releasing its cache."""
+
+    def __init__(self, label: str, requested: int, tried: int, allocated: int, reserved: int,
+                 capacity: int) -> None:
+        self.label = label
+        self.requested = requested  # the request, rounded
+        self.tried = tried  # what torch's message says it tried to allocate (the segment size)
+        self.allocated = allocated
+        self.reserved = reserved
+        self.capacity = capacity
+        super().__init__(f"out of memory at {label or 'a request'}: tried to allocate {tried / 2**20:.2f} MiB "
+                         f"with {self.reserved_unusable / 2**20:.2f} MiB reserved but unallocated")
+
+    @property
+    def reserved_unusable(self) -> int:
+        """Reserved but unallocated when the request failed (torch's 'reserved by PyTorch but
+        unallocated'): free pieces of segments that live blocks pin."""
+        return self.reserved - self.allocated
+
+
 @dataclass(eq=False)
 class _Block:
     address: int
@@ -49,8 +86,9 @@ class _Block:
     segment: int
     small: bool
     free: bool = True
-    prev: _Block | None = None
-    next: _Block | None = None
+    prev: _Block | None = field(default=None, repr=False)
+    next: _Block | None = field(default=None, repr=False)
+    mapped: bool = True
 
 
 def _absorb(left: _Block, right: _Block) -> _Block:
@@ -66,24 +104,37 @@ def _absorb(left: _Block, right: _Block) -> _Block:
 class CachingAllocator:
     """Allocate and free by handle; `reserved` and `peak_reserved` follow the real allocator."""
 
+    capacity: int | None = None
+    expandable: bool = False
     allocated: int = 0
     reserved: int = 0
     peak_allocated: int = 0
     peak_reserved: int = 0
+    num_alloc_retries: int = 0
+    num_ooms: int = 0
     _free: dict[bool, list[tuple[int, int, int]]] = field(default_factory=lambda: {True: [], False: []})
     _by_key: dict[tuple[int, int], _Block] = field(default_factory=dict)
     _live: dict[int, _Block] = field(default_factory=dict)
+    _unmapped: dict[bool, list[_Block]] = field(default_factory=lambda: {True: [], False: []})
     _next_address: int = 0
     _next_handle: int = 0
 
-    def malloc(self, nbytes: int) -> int:
+    def malloc(self, nbytes: int, label: str = "") -> int:
         size = round_size(nbytes)
         small = size <= SMALL_SIZE
         block = self._take_free(size, small)
         if block is None:
-            block = self._new_segment(segment_size(size), small)
+            block = self._grow(size, small)
+            if block is None and self.capacity is not None:
+                self.num_alloc_retries += 1
+                self.release_cached()
+                block = self._grow(size, small)
+            if block is None:
+                self.num_ooms += 1
+                raise OutOfMemory(label, size, segment_size(size), self.allocated, self.reserved,
+                                  self.capacity or 0)
         remaining = block.size - size
-        if (small and remaining >= MIN_BLOCK) or (not small and remaining > SMALL_SIZE):
+        if remaining >= MIN_BLOCK and (small or self.expandable or remaining > SMALL_SIZE):
             rest = _Block(block.address + size, remaining, block.segment, small, True, block, block.next)
             if block.next is not None:
                 block.next.prev = rest
@@ -102,16 +153,127 @@ class CachingAllocator:
         block = self._live.pop(handle)
         self.allocated -= block.size
         block.free = True
-        for neighbour in (block.prev, block.next):
-            if neighbour is not None and neighbour.free:
-                self._remove_free(neighbour)
-        if block.prev is not None and block.prev.free:
-            block = _absorb(block.prev, block)
-        if block.next is not None and block.next.free:
-            block = _absorb(block, block.next)
-        self._add_free(block)
+        self._add_free(self._merge(block))
+
+    def release_cached(self) -> None:
+        """torch.cuda.empty_cache(), and the first step of an out-of-memory retry: return every
+        segment that is entirely free (expandable: unmap every page inside a free block)."""
+        for small in (False, True):
+            for size, address, _ in list(self._free[small]):
+                block = self._by_key[(size, address)]
+                if self.expandable:
+                    self._unmap(block)
+                elif block.prev is None and block.next is None:
+                    self._remove_free(block)
+                    self.reserved -= block.size
+
+    # -- growing: a new segment, or pages mapped at the end of the expandable one -----------------
+
+    def _grow(self, size: int, small: bool) -> _Block | None:
+        if not self.expandable:
+            seg = segment_size(size)
+            if self.capacity is not None and self.reserved + seg > self.capacity:
+                return None
+            block = _Block(self._next_address, seg, self._next_address, small, True)
+            self._next_address += seg + ROUND_LARGE  # segments never touch
+            self._reserve(seg)
+            return block
+        return self._map(size, small)
+
+    def _reserve(self, nbytes: int) -> None:
+        self.reserved += nbytes
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+
+    def _page(self, small: bool) -> int:
+        return SMALL_BUFFER if small else LARGE_BUFFER
+
+    def _map(self, size: int, small: bool) -> _Block | None:
+        """try_allocate_expandable_block: the lowest unmapped range that, with the free block
+        before it, holds `size`; map the pages it lacks. Returns the free mapped block."""
+        unmapped = self._unmapped[small]
+        if not unmapped:
+            # the pool's segment: one virtual range, nothing mapped yet
+            whole = _Block(self._next_address, EXPANDABLE_RANGE, self._next_address, small, True, mapped=False)
+            self._next_address += EXPANDABLE_RANGE
+            unmapped.append(whole)
+        page = self._page(small)
+        for hole in sorted(unmapped, key=lambda b: b.address):
+            start = hole.prev if hole.prev is not None and hole.prev.free and hole.prev.mapped else hole
+            have = start.size if start is not hole else 0
+            if have + hole.size < size:
+                continue
+            need = -(-(size - have) // page) * page
+            if self.capacity is not None and self.reserved + need > self.capacity:
+                return None
+            if start is not hole:
+                self._remove_free(start)
+            unmapped.remove(hole)
+            if need < hole.size:  # the rest of the range stays unmapped
+                tail = _Block(hole.address + need, hole.size - need, hole.segment, small, True, hole, hole.next,
+                              mapped=False)
+                if hole.next is not None:
+                    hole.next.prev = tail
+                hole.next = tail
+                hole.size = need
+                unmapped.append(tail)
+            hole.mapped = True
+            self._reserve(need)
+            block = _absorb(start, hole) if start is not hole else hole
+            if block.next is not None and block.next.free and block.next.mapped:
+                self._remove_free(block.next)
+                block = _absorb(block, block.next)
+            return block
+        return None
+
+    def _unmap(self, block: _Block) -> None:
+        """Unmap the pages lying entirely inside a free block; the partial pages at either end
+        stay mapped and free."""
+        page, base = self._page(block.small), block.segment  # pages count from the segment's start
+        start = base + -(-(block.address - base) // page) * page
+        end = base + (block.address + block.size - base) // page * page
+        if end <= start:
+            return
+        self._remove_free(block)
+        pieces = []
+        if start > block.address:
+            pieces.append((block.address, start - block.address, True))
+        pieces.append((start, end - start, False))
+        if block.address + block.size > end:
+            pieces.append((end, block.address + block.size - end, True))
+        before, after = block.prev, block.next
+        blocks = [_Block(a, n, block.segment, block.small, True, mapped=m) for a, n, m in pieces]
+        for left, right in itertools.pairwise(blocks):
+            left.next, right.prev = right, left
+        blocks[0].prev, blocks[-1].next = before, after
+        if before is not None:
+            before.next = blocks[0]
+        if after is not None:
+            after.prev = blocks[-1]
+        self.reserved -= end - start
+        for piece in blocks:
+            if piece.mapped:
+                self._add_free(piece)
+            else:
+                hole = piece
+                if hole.prev is not None and hole.prev.free and not hole.prev.mapped:
+                    self._unmapped[block.small].remove(hole.prev)
+                    hole = _absorb(hole.prev, hole)
+                if hole.next is not None and hole.next.free and not hole.next.mapped:
+                    self._unmapped[block.small].remove(hole.next)
+                    hole = _absorb(hole, hole.next)
+                self._unmapped[block.small].append(hole)
 
     # -- free lists, ordered by (size, address) as the allocator's std::set is ------------------
+
+    def _merge(self, block: _Block) -> _Block:
+        prev, nxt = block.prev, block.next
+        if prev is not None and prev.free and prev.mapped:
+            self._remove_free(prev)
+            block = _absorb(prev, block)
+        if nxt is not None and nxt.free and nxt.mapped:
+            self._remove_free(nxt)
+            block = _absorb(block, nxt)
+        return block
 
     def _add_free(self, block: _Block) -> None:
         key = (block.size, block.address)
@@ -130,12 +292,11 @@ class CachingAllocator:
         index = bisect.bisect_left(pool, (size, -1, -1))
         if index == len(pool):
             return None
+        if self.expandable and index + 1 < len(pool):
+            # prefer a block that does not touch the unmapped end: the tail block's "expandable
+            # size" counts the whole unmapped range behind it (get_free_block)
+            block = self._by_key[pool[index][:2]]
+            if block.next is not None and not block.next.mapped:
+                index += 1
         block_size, address, _ = pool.pop(index)
         return self._by_key.pop((block_size, address))
-
-    def _new_segment(self, size: int, small: bool) -> _Block:
-        block = _Block(self._next_address, size, self._next_address, small, True)
-        self._next_address += size + ROUND_LARGE  # segments never touch
-        self.reserved += size
-        self.peak_reserved = max(self.peak_reserved, self.reserved)
-        return block
