@@ -35,14 +35,16 @@ from .planning import (
     largest_fitting,
     make_plans,
 )
-from .request import MAX_TOKENS, PlanRequest, PrecisionChoice, Workload
+from .request import MAX_TOKENS, PlanRequest, PrecisionChoice, Training, Workload
 from .result import Estimate, PlanResult
+from .result.training import TrainingEstimate, TrainingMaximum
 from .runtimes.transformers.estimate import estimate_architecture, resolve_attention
 from .source import ModelEntry, ModelSource, bundled_names, load_bundled, load_dtype, resolve, stored_sizes
 
 __all__ = ["Architecture", "Estimate", "MaximumReport", "MemorySeries", "ModelEntry", "ModelSource", "PlanReport",
-           "PlanRequest", "PlanResult", "PrecisionChoice", "Workload", "bundled_models", "estimate",
-           "estimate_precisions", "load_model", "memory_series", "plan", "plan_maximum"]
+           "PlanRequest", "PlanResult", "PrecisionChoice", "Training", "TrainingEstimate", "TrainingMaximum",
+           "Workload", "bundled_models", "estimate", "estimate_precisions", "estimate_training", "load_model",
+           "memory_series", "plan", "plan_maximum", "training_maximum"]
 
 # `--precision all`: the comparison of the seed post, for any model
 ALL_PRECISIONS = (("fp32", False), ("fp16", False), ("bf16", False), ("int8", False), ("nf4", False),
@@ -373,3 +375,61 @@ def bundled_models() -> list[ModelEntry]:
         except VramplanError as exc:
             entries.append(ModelEntry(hub_id=hub_id, alias=alias, refused=str(exc).split(";")[0]))
     return entries
+
+
+def _training_choice(arch: Architecture, training: Training, precision: str, double_quant: bool,
+                     compute_dtype: str) -> PrecisionChoice:
+    """--precision for a training step names the weights' precision; auto is the load dtype for
+    full and LoRA fine-tuning and nf4 for QLoRA."""
+    if precision == "auto":
+        precision = "nf4" if training.method == "qlora" else (arch.config_dtype or "bf16")
+    return PrecisionChoice(name=precision, double_quant=double_quant or training.double_quant,
+                           compute_dtype=compute_dtype)  # type: ignore[arg-type]
+
+
+def estimate_training(model: str, training: Training | None = None, precision: str = "auto",
+                      gpu: str | None = None, *, double_quant: bool = False, compute_dtype: str = "bf16",
+                      revision: str | None = None, gpu_catalog_file: Path | None = None) -> TrainingEstimate:
+    """Estimate two default fine-tuning steps of `model` (full, LoRA or QLoRA), term by term."""
+    from .runtimes.training import estimate_training as estimate_step
+
+    source, arch, note = _load(model, revision)
+    training = training or Training()
+    catalog = gpu_catalog(gpu_catalog_file) if gpu is not None or gpu_catalog_file is not None else None
+    chosen_gpu = catalog.find(gpu) if catalog is not None and gpu is not None else None
+    est = estimate_step(arch, source.name, training,
+                        _training_choice(arch, training, precision, double_quant, compute_dtype), chosen_gpu)
+    return est.model_copy(update={"notes": [note, *est.notes]}) if note and precision == "auto" else est
+
+
+def training_maximum(model: str, training: Training, what: str, gpu: str, precision: str = "auto", *,
+                     double_quant: bool = False, compute_dtype: str = "bf16", revision: str | None = None,
+                     gpu_catalog_file: Path | None = None) -> TrainingMaximum:
+    """The largest batch or seq_len whose two steps fit `gpu` (device memory, as the verdict)."""
+    from .runtimes.training import estimate_training as estimate_step
+
+    if what not in ("batch", "seq_len"):
+        raise WorkloadError(f"--max for a training step is batch or seq-len, not {what!r}.")
+    source, arch, _ = _load(model, revision)
+    kind = gpu_catalog(gpu_catalog_file).find(gpu)
+    choice = _training_choice(arch, training, precision, double_quant, compute_dtype)
+    limit = (1 << 16) if what == "batch" else min(arch.max_positions or MAX_TOKENS, MAX_TOKENS)
+    low_value = 1 if what == "batch" else 2
+
+    def step(value: int) -> TrainingEstimate:
+        return estimate_step(arch, source.name, training.model_copy(update={what: value}), choice, kind)
+
+    def fits(value: int) -> bool:
+        verdict = step(value).verdict
+        return verdict is not None and verdict.fits
+
+    if not fits(low_value):
+        return TrainingMaximum(model=source.name, gpu=kind.name, what=what, largest=0)
+    low, high = low_value, low_value * 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return TrainingMaximum(model=source.name, gpu=kind.name, what=what, largest=low, estimate=step(low))

@@ -120,19 +120,61 @@ def main() -> None:
     """How much GPU memory will a Hugging Face model need? Answered from its config.json."""
 
 
+def training_options(fn):
+    """`estimate --train`: one default fine-tuning step instead of a generate() run."""
+    options = [
+        click.option("--train", "train", type=click.Choice(["full", "lora", "qlora"]), default=None,
+                     help="Estimate a fine-tuning step (two steps: forward with labels, backward, optimizer.step, "
+                          "zero_grad) instead of generate(); qlora = bitsandbytes nf4 base + LoRA."),
+        click.option("--seq-len", type=int, default=512, show_default=True, help="Training sequence length."),
+        click.option("--lora-rank", type=int, default=16, show_default=True, help="LoRA rank (peft's r)."),
+        click.option("--lora-targets", default="all-linear", show_default=True,
+                     help="Comma-separated module names, or all-linear (peft's: every Linear but lm_head)."),
+        click.option("--gradient-checkpointing", is_flag=True,
+                     help="gradient_checkpointing_enable(use_reentrant=False), plus enable_input_require_grads "
+                          "under peft."),
+        click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "paged_adamw8bit", "sgd", "adafactor"]),
+                     default="adamw", show_default=True, help="torch AdamW, bitsandbytes 8-bit AdamW, SGD, Adafactor."),
+        click.option("--autocast", type=click.Choice(["none", "bf16", "fp16"]), default="none", show_default=True,
+                     help="Mixed precision: autocast the forward over --precision fp32 weights."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _training(train, batch, seq_len, lora_rank, lora_targets, gradient_checkpointing, optimizer, autocast, attn,
+              double_quant):
+    from .request import Training
+
+    targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip()) or ("all-linear",)
+    return Training(method=train, batch=batch, seq_len=seq_len, lora_rank=lora_rank, lora_targets=targets,
+                    gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, autocast=autocast,
+                    attn="sdpa" if attn == "auto" else attn, double_quant=double_quant)
+
+
 @main.command()
 @click.argument("model")
 @workload_options
+@training_options
 @click.option("--gpu", default=None, help="Add a fits/does-not-fit verdict for this GPU (see profiles/gpus.yaml).")
 @_catalog_option()
+@click.option("--max", "maximize", type=click.Choice(["batch", "seq-len"]), default=None,
+              help="With --train and --gpu: the largest batch or sequence length whose steps fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (see `vramplan schema`).")
 @friendly_errors
 def estimate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cache_dtype, double_quant,
-             compute_dtype, revision, gpu, gpu_catalog, as_json):
+             compute_dtype, revision, train, seq_len, lora_rank, lora_targets, gradient_checkpointing, optimizer,
+             autocast, gpu, gpu_catalog, maximize, as_json):
     """Estimate the GPU memory of one run of MODEL (bundled name, local path or Hub id)."""
     from . import estimate as run_estimate
     from . import estimate_precisions
 
+    if train:
+        _estimate_training(model, locals())
+        return
+    if maximize:
+        raise WorkloadError("--max batch|seq-len sizes a training step: give --train full|lora|qlora.")
     workload = _workload(batch, prompt_len, new_tokens, mode, attn, kv_cache_dtype)
     if precision == "all":
         results = estimate_precisions(model, workload, gpu, compute_dtype=compute_dtype, revision=revision,
@@ -143,6 +185,28 @@ def estimate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cac
     result = run_estimate(model, workload, precision, gpu, double_quant=double_quant,
                           compute_dtype=compute_dtype, revision=revision, gpu_catalog_file=gpu_catalog)
     click.echo(render.to_json("estimate", _request(), result) if as_json else render.estimate_text(result))
+
+
+def _estimate_training(model: str, o: dict) -> None:
+    from . import estimate_training, training_maximum
+
+    if o["precision"] == "all":
+        raise WorkloadError("--precision all compares inference runs; give one precision for --train.")
+    if o["mode"] != "generate" or o["kv_cache_dtype"] != "auto":
+        raise WorkloadError("--mode and --kv-cache-dtype describe inference; a training step has no KV cache.")
+    training = _training(o["train"], o["batch"], o["seq_len"], o["lora_rank"], o["lora_targets"],
+                         o["gradient_checkpointing"], o["optimizer"], o["autocast"], o["attn"], o["double_quant"])
+    common = dict(double_quant=o["double_quant"], compute_dtype=o["compute_dtype"], revision=o["revision"],
+                  gpu_catalog_file=o["gpu_catalog"])
+    if o["maximize"]:
+        if not o["gpu"]:
+            raise WorkloadError("--max answers for one GPU: give --gpu.")
+        report = training_maximum(model, training, o["maximize"].replace("-", "_"), o["gpu"], o["precision"], **common)
+        click.echo(render.to_json("estimate-train-max", _request(), report) if o["as_json"]
+                   else render.training_maximum_text(report))
+        return
+    result = estimate_training(model, training, o["precision"], o["gpu"], **common)
+    click.echo(render.to_json("estimate-train", _request(), result) if o["as_json"] else render.training_text(result))
 
 
 @main.command()

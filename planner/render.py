@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 from .base import GIB
 from .planning import MaximumReport, MemorySeries, PlanReport
 from .result import Estimate
+from .result.training import TrainingEstimate, TrainingMaximum
 from .source import ModelEntry
 
 SCHEMA_VERSION = 1
@@ -28,6 +29,8 @@ MIB = 2**20
 COMMAND_RESULTS: dict[str, Any] = {
     "estimate": Estimate,
     "estimate-precisions": list[Estimate],
+    "estimate-train": TrainingEstimate,
+    "estimate-train-max": TrainingMaximum,
     "plan": PlanReport,
     "plan-max": MaximumReport,
     "models": list[ModelEntry],
@@ -160,6 +163,51 @@ def estimate_text(est: Estimate) -> str:
                     f"{est.calibrated_with['gpu']}, torch {est.calibrated_with['torch']}, "
                     f"transformers {est.calibrated_with['transformers']})"])
     return "\n".join(lines)
+
+
+def training_text(est: TrainingEstimate) -> str:
+    """`estimate --train`: the step's terms at its peak moment, then each moment's total."""
+    t = est.training
+    method = {"full": "full fine-tuning", "lora": f"LoRA r{t.lora_rank}", "qlora": f"QLoRA r{t.lora_rank}"}[t.method]
+    setup = [method, f"optimizer {t.optimizer}", f"{t.attn} attention"]
+    if t.gradient_checkpointing:
+        setup.append("gradient checkpointing")
+    if t.autocast != "none":
+        setup.append(f"autocast {t.autocast}")
+    lines = [*_wrap([
+        f"{est.model}  ({est.model_type}, {est.parameters / 1e9:.2f}B parameters, "
+        f"{est.trainable_parameters / 1e6:.1f}M trainable)",
+        f"training step: {', '.join(setup)}; weights {est.precision}, batch {t.batch}, sequence {t.seq_len}",
+        f"peak at: {est.peak_phase}",
+    ]), ""]
+    unit, fmt = byte_unit([est.peak_device_bytes])
+    rows = [[term.name, fmt(term.bytes), term.why] for term in est.breakdown if term.scope == "allocated"]
+    rows.append(["= peak allocated", fmt(est.peak_allocated_bytes),
+                 "torch.cuda.max_memory_allocated() over both steps"])
+    rows += [[term.name, fmt(term.bytes), term.why] for term in est.breakdown if term.scope == "outside"]
+    rows.append(["= peak on device", fmt(est.peak_device_bytes), "what nvidia-smi shows for the process"])
+    lines += _table(["term", unit, "why"], rows, [False, True, False])
+    lines += ["", "moments of the two steps:"]
+    lines += _table(["moment", unit], [[m.name, fmt(m.bytes)] for m in est.moments], [False, True])
+    if est.verdict:
+        v = est.verdict
+        vunit, vfmt = byte_unit([v.memory_bytes])
+        lines += ["", f"{v.gpu} ({vfmt(v.memory_bytes)} {vunit} usable): {'fits' if v.fits else 'does NOT fit'}, "
+                      f"headroom {vfmt(v.headroom_bytes)} {vunit}"]
+    lines += _notes(est.notes)
+    return "\n".join(lines)
+
+
+def training_maximum_text(report: TrainingMaximum) -> str:
+    what = report.what.replace("_", " ")
+    if not report.largest:
+        return f"{report.model} on {report.gpu}: not even a {what} of 1 fits this training step."
+    shown = [f"{report.model} on {report.gpu}: the largest {what} whose two training steps fit is {report.largest}"]
+    if report.estimate is not None:
+        unit, fmt = byte_unit([report.estimate.peak_device_bytes])
+        shown.append(f"(peak on device {fmt(report.estimate.peak_device_bytes)} {unit}, "
+                     f"peak allocated {fmt(report.estimate.peak_allocated_bytes)} {unit}).")
+    return "\n".join(_wrap([" ".join(shown)]))
 
 
 def models_text(entries: Sequence[ModelEntry]) -> str:

@@ -39,3 +39,13 @@ class TrainingEstimate(Frozen):
     notes: list[str]
     verdict: Verdict | None = None
     calibrated_with: dict[str, str]
+
+
+class TrainingMaximum(Frozen):
+    """`estimate --train ... --max batch|seq-len`: the largest value whose step fits the GPU."""
+
+    model: str
+    gpu: str
+    what: str  # batch or seq_len
+    largest: int  # 0: not even the smallest fits
+    estimate: TrainingEstimate | None = None  # the step at the largest value
