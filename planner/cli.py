@@ -124,7 +124,7 @@ def training_options(fn):
     """`estimate --train`: one default fine-tuning step instead of a generate() run."""
     options = [
         click.option("--train", "train", type=click.Choice(["full", "lora", "qlora"]), default=None,
-                     help="Estimate a fine-tuning step (two steps: forward with labels, backward, optimizer.step, "
+                     help="A fine-tuning step (two steps: forward with labels, backward, optimizer.step, "
                           "zero_grad) instead of generate(); qlora = bitsandbytes nf4 base + LoRA."),
         click.option("--seq-len", type=int, default=512, show_default=True, help="Training sequence length."),
         click.option("--lora-rank", type=int, default=16, show_default=True, help="LoRA rank (peft's r)."),
@@ -330,12 +330,18 @@ def schema():
               help="Measure tensor parallelism over this many GPUs (torchrun, transformers' tp_plan).")
 @click.option("--pp", type=int, default=1, show_default=True,
               help="Measure pipeline stages over this many GPUs (one process, a device_map of whole layers).")
+@training_options
+@click.option("--find-max", "find_max", type=click.Choice(["batch", "prompt-len"]), default=None,
+              help="Bisect the largest batch or prompt length that runs here, one fresh process per trial.")
+@click.option("--allocator", type=click.Choice(["default", "expandable"]), default="default", show_default=True,
+              help="PyTorch's caching allocator as configured, or PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @friendly_errors
 def validate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cache_dtype, double_quant,
-             compute_dtype, revision, weights, layers, tolerance, matrix, out, tp, pp, as_json):
+             compute_dtype, revision, weights, layers, tolerance, matrix, out, tp, pp, train, seq_len, lora_rank,
+             lora_targets, gradient_checkpointing, optimizer, autocast, find_max, allocator, as_json):
     """Measure MODEL on this machine's GPU and compare with the estimate (needs CUDA)."""
-    from .validate import runner
+    from .validate import runner, steps
 
     if matrix is not None:
         if out is None:
@@ -344,7 +350,23 @@ def validate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cac
         return
     if model is None:
         raise WorkloadError("Give a MODEL to validate, or --matrix FILE for a sweep.")
+    if train:
+        training = _training(train, batch, seq_len, lora_rank, lora_targets, gradient_checkpointing, optimizer,
+                             autocast, attn, double_quant)
+        report = steps.validate_training(model, training, precision=precision, revision=revision, layers=layers,
+                                         out=out)
+        click.echo(render.to_json("validate", _request(), report) if as_json else steps.training_report_text(report))
+        if tolerance is not None and not report.within(tolerance):
+            sys.exit(1)
+        return
     workload = _workload(batch, prompt_len, new_tokens, mode, attn, kv_cache_dtype)
+    if find_max:
+        edge = steps.find_max(model, workload, find_max, precision=precision, allocator=allocator, layers=layers,
+                              revision=revision, out=out)
+        click.echo(render.to_json("validate", _request(), edge) if as_json else steps.edge_report_text(edge))
+        if not edge.agrees():
+            sys.exit(1)
+        return
     if tp > 1 or pp > 1:
         parallel = runner.validate_parallel(model, workload, precision=precision, revision=revision,
                                             weights=weights, layers=layers, tp=tp, pp=pp, out=out)
@@ -353,6 +375,7 @@ def validate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cac
         if tolerance is not None and not parallel.within(tolerance):
             sys.exit(1)
         return
+    workload = workload.model_copy(update={"allocator": allocator})
     report = runner.validate_one(model, workload, precision=precision, double_quant=double_quant,
                                  compute_dtype=compute_dtype, revision=revision, weights=weights,
                                  layers=layers, out=out)

@@ -76,7 +76,7 @@ def predict_case(case: dict[str, Any], config: dict[str, Any], gpu_name: str) ->
     arch = architecture_from_config(shrink_config(config, case.get("layers")), case["model"])
     workload = Workload(batch=case["batch"], prompt_len=case["prompt_len"],
                         new_tokens=case.get("new_tokens", 0), mode=case.get("mode", "generate"),
-                        attn=case["attn"])
+                        attn=case["attn"], allocator=case.get("allocator", "default"))
     choice = PrecisionChoice(name=case["precision"], double_quant=bool(case.get("double_quant")))
     key = gpu_key(gpu_name)
     gpu = next((g for g in gpu_catalog().gpus if g.outside_torch_key == key), None)

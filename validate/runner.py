@@ -80,6 +80,8 @@ def _run_worker(config: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
         rows = Path(tmp) / "rows.jsonl"
         job.write_text(json.dumps({"config": config, "cases": [case]}))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if case.get("allocator") == "expandable":  # read when CUDA starts in the worker
+            env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
         proc = subprocess.run([sys.executable, "-m", "vramplan.validate.worker", str(job), str(rows)],
                               capture_output=True, text=True, env=env, check=False)
         if not rows.exists() or not rows.read_text().strip():
@@ -102,6 +104,8 @@ def validate_one(model: str, workload: Workload, *, precision: str, double_quant
             "batch": workload.batch, "prompt_len": workload.prompt_len,
             "new_tokens": workload.new_tokens if workload.mode == "generate" else 0,
             "mode": workload.mode, "double_quant": double_quant, "diagnose": False}
+    if workload.allocator != "default":
+        case["allocator"] = workload.allocator
     if weights == "checkpoint":
         case["checkpoint"] = str(Path(source.name)) if source.origin == "directory" else source.name
         case["revision"] = revision
