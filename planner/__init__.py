@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .catalog import gpu_catalog
+from .catalog import gpu_catalog, runtime_profile
 from .catalog import precision as known_precision
 from .catalog import precisions as precision_catalog
 from .errors import ConfigError, VramplanError, WorkloadError
@@ -37,14 +37,14 @@ from .planning import (
 )
 from .request import MAX_TOKENS, PlanRequest, PrecisionChoice, Training, Workload
 from .result import Estimate, PlanResult
-from .result.training import TrainingEstimate, TrainingMaximum
+from .result.training import TrainingEstimate, TrainingMaximum, TrainingPlan, TrainingPlanResult
 from .runtimes.transformers.estimate import estimate_architecture, resolve_attention
 from .source import ModelEntry, ModelSource, bundled_names, load_bundled, load_dtype, resolve, stored_sizes
 
 __all__ = ["Architecture", "Estimate", "MaximumReport", "MemorySeries", "ModelEntry", "ModelSource", "PlanReport",
            "PlanRequest", "PlanResult", "PrecisionChoice", "Training", "TrainingEstimate", "TrainingMaximum",
            "Workload", "bundled_models", "estimate", "estimate_precisions", "estimate_training", "load_model",
-           "memory_series", "plan", "plan_maximum", "training_maximum"]
+           "memory_series", "plan", "plan_maximum", "plan_training", "training_maximum"]
 
 # `--precision all`: the comparison of the seed post, for any model
 ALL_PRECISIONS = (("fp32", False), ("fp16", False), ("bf16", False), ("int8", False), ("nf4", False),
@@ -433,3 +433,47 @@ def training_maximum(model: str, training: Training, what: str, gpu: str, precis
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return TrainingMaximum(model=source.name, gpu=kind.name, what=what, largest=low, estimate=step(low))
+
+
+def plan_training(model: str, training: Training, gpus: list[str] | None = None, *, sharding: str = "zero3",
+                  precision: str = "auto", max_gpus: int = 64, double_quant: bool = False,
+                  compute_dtype: str = "bf16", revision: str | None = None,
+                  gpu_catalog_file: Path | None = None) -> TrainingPlanResult:
+    """Per GPU kind, the fewest data-parallel ranks whose sharded step fits, ranked by GPU count,
+    then the smallest GPU, then cost. `training.batch` is the micro-batch of one rank."""
+    from .runtimes.training import estimate_training as estimate_step
+    from .runtimes.training.sharding import SHARDED, gathered_layer_bytes, rank_breakdown
+
+    if sharding not in SHARDED:
+        raise WorkloadError(f"--sharding is one of {', '.join(SHARDED)}, not {sharding!r}.")
+    if max_gpus < 1:
+        raise WorkloadError("--max-gpus must be at least 1.")
+    source, arch, _ = _load(model, revision)
+    catalog = gpu_catalog(gpu_catalog_file)
+    kinds = [catalog.find(g) for g in gpus] if gpus else list(catalog.gpus)
+    choice = _training_choice(arch, training, precision, double_quant, compute_dtype)
+    comm = runtime_profile().serving["nccl_buffers_bytes"].value
+    plans = []
+    for kind in kinds:
+        est = estimate_step(arch, source.name, training, choice, kind)
+        gathered = gathered_layer_bytes(arch, 2 if est.compute_dtype != "fp32" else 4)
+        ranks = 1
+        while ranks <= max_gpus:
+            peak, terms = rank_breakdown(est, sharding, ranks, gathered, comm)  # type: ignore[arg-type]
+            if peak <= kind.memory_bytes:
+                plans.append(TrainingPlan(
+                    gpu=kind.name, gpus=ranks, sharding=sharding, per_gpu_peak_bytes=peak,
+                    gpu_memory_bytes=kind.memory_bytes, headroom_bytes=kind.memory_bytes - peak, breakdown=terms,
+                    cost_per_hour=kind.price_per_hour_usd * ranks if kind.price_per_hour_usd else None))
+                break
+            if sharding == "none":
+                break  # plain data parallelism holds the whole step on every rank
+            ranks *= 2
+    plans.sort(key=lambda p: (p.gpus, p.gpu_memory_bytes, p.cost_per_hour or float("inf")))
+    notes = [f"{sharding}: per-rank figures are the single-GPU step (42 measured H200 steps predicted within 0.1%) "
+             "with the scheme's partitioning applied; sharded and multi-GPU layouts are not measured yet."]
+    if not plans:
+        notes.append(f"no GPU kind fits one rank of this step within {max_gpus} GPUs with {sharding}; try "
+                     "--gradient-checkpointing, a smaller --batch or --seq-len, --train lora/qlora, or "
+                     "--sharding zero3.")
+    return TrainingPlanResult(model=source.name, training=training, sharding=sharding, plans=plans, notes=notes)

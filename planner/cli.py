@@ -248,16 +248,32 @@ def models(as_json):
               help="gpus: fewest GPUs, then the smallest GPU that fits, then cost; memory: least total GPU "
                    "memory; cost: cheapest per hour where priced; headroom: most memory left.")
 @click.option("--top", type=int, default=10, show_default=True, help="Plans to show.")
+@training_options
+@click.option("--batch", type=int, default=1, show_default=True, help="With --train: each rank's micro-batch.")
+@click.option("--sharding", type=click.Choice(["none", "zero1", "zero2", "zero3", "fsdp"]), default="zero3",
+              show_default=True, help="With --train: how data-parallel ranks partition states, grads and weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (see `vramplan schema`).")
 @friendly_errors
 def plan(model, context, new_tokens, concurrency, gpus, gpu_catalog, precision, runtime, tp, pp,
          gpu_memory_utilization, max_num_batched_tokens, max_num_seqs, kv_cache_dtype, max_gpus, multi_node,
-         maximize, sort, top, as_json):
-    """How many of which GPU, in which tensor x pipeline layout, serve MODEL's workload.
+         maximize, sort, top, train, seq_len, lora_rank, lora_targets, gradient_checkpointing, optimizer, autocast,
+         batch, sharding, as_json):
+    """How many of which GPU, in which tensor x pipeline layout, serve MODEL's workload (or, with
+    --train, run its fine-tuning job).
 
     Exits 1 when the request is valid but no layout fits, 2 when it is invalid."""
     from . import plan as run_plan
-    from . import plan_maximum
+    from . import plan_maximum, plan_training
+
+    if train:
+        training = _training(train, batch, seq_len, lora_rank, lora_targets, gradient_checkpointing, optimizer,
+                             autocast, "auto", False)
+        report = plan_training(model, training, list(gpus), sharding=sharding, precision=precision,
+                               max_gpus=max_gpus, gpu_catalog_file=gpu_catalog)
+        click.echo(render.to_json("plan-train", _request(), report) if as_json else render.training_plans_text(report))
+        if not report.plans:
+            sys.exit(1)
+        return
 
     options = dict(context=context, new_tokens=new_tokens, concurrency=concurrency, precision=precision,
                    runtime=runtime, tp=tp, pp=pp, gpu_memory_utilization=gpu_memory_utilization,

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 from .base import GIB
 from .planning import MaximumReport, MemorySeries, PlanReport
 from .result import Estimate
-from .result.training import TrainingEstimate, TrainingMaximum
+from .result.training import TrainingEstimate, TrainingMaximum, TrainingPlanResult
 from .source import ModelEntry
 
 SCHEMA_VERSION = 1
@@ -31,6 +31,7 @@ COMMAND_RESULTS: dict[str, Any] = {
     "estimate-precisions": list[Estimate],
     "estimate-train": TrainingEstimate,
     "estimate-train-max": TrainingMaximum,
+    "plan-train": TrainingPlanResult,
     "plan": PlanReport,
     "plan-max": MaximumReport,
     "models": list[ModelEntry],
@@ -208,6 +209,25 @@ def training_maximum_text(report: TrainingMaximum) -> str:
         shown.append(f"(peak on device {fmt(report.estimate.peak_device_bytes)} {unit}, "
                      f"peak allocated {fmt(report.estimate.peak_allocated_bytes)} {unit}).")
     return "\n".join(_wrap([" ".join(shown)]))
+
+
+def training_plans_text(report: TrainingPlanResult) -> str:
+    t = report.training
+    lines = [*_wrap([f"{report.model}: {t.method} fine-tuning, micro-batch {t.batch} x {t.seq_len} tokens per "
+                     f"rank, {t.optimizer}, {report.sharding} sharding"]), ""]
+    if report.plans:
+        unit, fmt = byte_unit([p.per_gpu_peak_bytes for p in report.plans])
+        rows = [[str(i), str(p.gpus), p.gpu, fmt(p.per_gpu_peak_bytes), fmt(p.headroom_bytes),
+                 f"{p.cost_per_hour:.2f}" if p.cost_per_hour is not None else "-"]
+                for i, p in enumerate(report.plans, 1)]
+        lines += _table(["#", "GPUs", "GPU", f"per-GPU peak {unit}", f"headroom {unit}", "$/hour"], rows,
+                        [True, True, False, True, True, True])
+        best = report.plans[0]
+        lines += ["", f"Plan 1, per GPU ({best.gpu}):"]
+        lines += _table(["term", unit, "why"], [[x.name, fmt(x.bytes), x.why] for x in best.breakdown if x.bytes],
+                        [False, True, False])
+    lines += _notes(report.notes)
+    return "\n".join(lines)
 
 
 def models_text(entries: Sequence[ModelEntry]) -> str:

@@ -75,3 +75,27 @@ def test_invalid_training_requests_exit_2_with_one_sentence(args):
     result = CliRunner().invoke(main, ["estimate", "llama-3.2-1b", *args])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
+
+
+def _plan(*args: str) -> dict:
+    result = run("plan", "llama-3.1-8b", "--train", "full", "--batch", "2", "--seq-len", "2048",
+                 "--gradient-checkpointing", "--gpu", "h100", "--json", *args)
+    assert result.exit_code in (0, 1), result.output
+    return json.loads(result.output)["result"]
+
+
+def test_plan_train_shards_states_then_grads_then_weights():
+    """Per rank at a fixed width: zero1 divides the optimizer states, zero2 the grads too, zero3
+    the weights too; each scheme needs no more GPUs than the one before."""
+    plans = {s: _plan("--sharding", s)["plans"] for s in ("zero1", "zero2", "zero3")}
+    counts = [plans[s][0]["gpus"] for s in ("zero1", "zero2", "zero3")]
+    assert counts == sorted(counts, reverse=True)
+    terms = {t["name"]: t["bytes"] for t in plans["zero3"][0]["breakdown"]}
+    assert "gathered layer parameters" in terms and "communication buffers" in terms
+    assert all(p["per_gpu_peak_bytes"] <= p["gpu_memory_bytes"] for s in plans for p in plans[s])
+
+
+def test_plan_train_without_a_fit_exits_1_with_the_reason():
+    result = run("plan", "llama-3.1-70b", "--train", "full", "--sharding", "none", "--gpu", "l4")
+    assert result.exit_code == 1
+    assert "no GPU kind fits" in result.output

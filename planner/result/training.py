@@ -49,3 +49,24 @@ class TrainingMaximum(Frozen):
     what: str  # batch or seq_len
     largest: int  # 0: not even the smallest fits
     estimate: TrainingEstimate | None = None  # the step at the largest value
+
+
+class TrainingPlan(Frozen):
+    """One GPU kind and data-parallel width for a fine-tuning job, per rank."""
+
+    gpu: str
+    gpus: int  # data-parallel ranks (one replica of the model step per rank, sharded as asked)
+    sharding: str
+    per_gpu_peak_bytes: int
+    gpu_memory_bytes: int
+    headroom_bytes: int
+    cost_per_hour: float | None = None
+    breakdown: list[BreakdownTerm]
+
+
+class TrainingPlanResult(Frozen):
+    model: str
+    training: Training
+    sharding: str
+    plans: list[TrainingPlan]
+    notes: list[str]
