@@ -374,7 +374,8 @@ def plan_vllm(arch: Architecture, model: str, request: PlanRequest, precision: s
             BreakdownTerm(name="non-torch memory", group="device", bytes=s.non_torch_bytes, scope="outside",
                           why="what vLLM charges outside torch (cuBLAS, kernels; NCCL at tp > 1)"),
             BreakdownTerm(name="CUDA graphs", group="device", bytes=s.cudagraph_bytes + s.cudagraph_outside_bytes,
-                          scope="outside", why=vllm_profile().cudagraph_provenance),
+                          scope="outside", why="subtracted before the KV cache from 0.20; earlier, captured after "
+                          "it out of the (1 - util) headroom"),
             BreakdownTerm(name="CUDA context", group="device", bytes=context, scope="outside",
                           why="before vLLM's first snapshot; not part of gpu_memory_utilization"),
         ]
