@@ -55,7 +55,8 @@ MULTI_GPU_CAVEAT = ("tensor/pipeline layouts, NCCL buffers and CUDA-graph consta
                     "committed row is one process on one GPU): these per-GPU figures are the single-GPU engine "
                     "applied to each rank's share.")
 VLLM_ONLY = {"gpu_memory_utilization": "--gpu-memory-utilization", "max_num_batched_tokens": "--max-num-batched-tokens",
-             "max_num_seqs": "--max-num-seqs"}
+             "max_num_seqs": "--max-num-seqs", "vllm_version": "--vllm-version", "entrypoint": "--entrypoint",
+             "sampler": "--sampler"}
 
 
 def _load(model: str, revision: str | None = None) -> tuple[ModelSource, Architecture, str | None]:
@@ -180,14 +181,20 @@ def _plan_request(arch: Architecture, positions: int | None, *, context: int | N
                   concurrency: int, precision: str, runtime: str, tp: int | None, pp: int | None,
                   gpu_memory_utilization: float | None = None, max_num_batched_tokens: int | None = None,
                   max_num_seqs: int | None = None, kv_cache_dtype: str = "auto", max_gpus: int = 64,
-                  multi_node: bool = False) -> PlanRequest:
+                  multi_node: bool = False, vllm_version: str | None = None, entrypoint: str | None = None,
+                  sampler: str | None = None) -> PlanRequest:
     """A PlanRequest, or the one sentence that says why the request is invalid."""
     if runtime not in ("transformers", "vllm"):
         raise WorkloadError(f"Unknown runtime {runtime[:40]!r}; choose transformers or vllm.")
+    vllm_given = {"gpu_memory_utilization": gpu_memory_utilization, "max_num_batched_tokens": max_num_batched_tokens,
+                  "max_num_seqs": max_num_seqs, "vllm_version": vllm_version, "entrypoint": entrypoint,
+                  "sampler": sampler}
+    if runtime == "vllm":
+        from .runtimes.vllm import release_rules
+
+        release_rules(vllm_version)  # an unknown release is one sentence here
     if runtime == "transformers":
-        given = [flag for name, flag in VLLM_ONLY.items()
-                 if {"gpu_memory_utilization": gpu_memory_utilization, "max_num_batched_tokens": max_num_batched_tokens,
-                     "max_num_seqs": max_num_seqs}[name] is not None]
+        given = [flag for name, flag in VLLM_ONLY.items() if vllm_given[name] is not None]
         if given:
             raise WorkloadError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} vLLM's; "
                                 "add --runtime vllm, or leave it out for --runtime transformers.")
@@ -224,7 +231,8 @@ def _plan_request(arch: Architecture, positions: int | None, *, context: int | N
                        precisions=chosen, runtime=runtime, tensor_parallel_size=tp, pipeline_parallel_size=pp,
                        gpu_memory_utilization=gpu_memory_utilization if runtime == "vllm" else None,
                        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                       kv_cache_dtype=kv, max_gpus=max_gpus, allow_multi_node=multi_node)
+                       kv_cache_dtype=kv, max_gpus=max_gpus, allow_multi_node=multi_node,
+                       vllm_version=vllm_version, entrypoint=entrypoint or "serve", sampler=sampler or "auto")
 
 
 def _plan_notes(arch: Architecture, model: str, request: PlanRequest, report: PlanReport,
@@ -261,7 +269,8 @@ def plan(model: str, gpus: list[str] | None = None, *, top: int = 10, sort: Sort
          new_tokens: int = 256, concurrency: int = 1, precision: str = "auto", runtime: str = "transformers",
          tp: int | None = None, pp: int | None = None, gpu_memory_utilization: float | None = None,
          max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None, kv_cache_dtype: str = "auto",
-         max_gpus: int = 64, multi_node: bool = False) -> PlanReport:
+         max_gpus: int = 64, multi_node: bool = False, vllm_version: str | None = None,
+         entrypoint: str | None = None, sampler: str | None = None) -> PlanReport:
     """Ranked plans (GPU kind, count, tp x pp layout, replicas) that serve the workload. The
     default context is min(4096, the model's positions)."""
     if not 1 <= top <= 1000:
@@ -276,7 +285,8 @@ def plan(model: str, gpus: list[str] | None = None, *, top: int = 10, sort: Sort
                             precision=precision, runtime=runtime, tp=tp, pp=pp,
                             gpu_memory_utilization=gpu_memory_utilization,
                             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                            kv_cache_dtype=kv_cache_dtype, max_gpus=max_gpus, multi_node=multi_node)
+                            kv_cache_dtype=kv_cache_dtype, max_gpus=max_gpus, multi_node=multi_node,
+                            vllm_version=vllm_version, entrypoint=entrypoint, sampler=sampler)
     report = make_plans(arch, source.name, kinds, request, top=top, sort=sort)
     return report.model_copy(update={"notes": _plan_notes(arch, source.name, request, report, positions, note)})
 

@@ -234,12 +234,21 @@ def models(as_json):
 @click.option("--runtime", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--tensor-parallel-size", "--tp", "tp", type=int, default=None, help="Fix tp instead of searching.")
 @click.option("--pipeline-parallel-size", "--pp", "pp", type=int, default=None, help="Fix pp instead of searching.")
-@click.option("--gpu-memory-utilization", type=float, default=None, help="vLLM's memory fraction (default 0.9).")
+@click.option("--gpu-memory-utilization", type=float, default=None,
+              help="vLLM's memory fraction (default: the version's, 0.9 up to 0.19, 0.92 from "
+                   "0.20).")
 @click.option("--max-num-batched-tokens", type=int, default=None, help="vLLM's token budget per step (profile run).")
 @click.option("--max-num-seqs", type=int, default=None,
-              help="vLLM's max_num_seqs: sequences per step and in the sampler's profile run (default 256).")
+              help="vLLM's max_num_seqs: sequences per step and in the sampler's profile run (default: the "
+                   "version's, 256 or 1024 by GPU and entry point).")
 @click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES), default="auto", show_default=True,
               help="As for estimate; vLLM takes auto or fp8.")
+@click.option("--vllm-version", default=None,
+              help="vLLM release whose start-up rules apply (default 0.24.0; 0.6.0-0.33.x).")
+@click.option("--entrypoint", type=click.Choice(["serve", "offline"]), default=None,
+              help="vLLM's defaults of `vllm serve` (default) or of the offline LLM class.")
+@click.option("--sampler", type=click.Choice(["auto", "torch", "flashinfer", "triton"]), default=None,
+              help="vLLM's top-k/top-p path in the profile run (default: the version's).")
 @click.option("--max-gpus", type=int, default=64, show_default=True, help="Largest plan to consider.")
 @click.option("--multi-node", is_flag=True, help="Allow tensor parallelism across nodes.")
 @click.option("--max", "maximize", type=click.Choice(["context", "batch", "concurrency"]), default=None,
@@ -255,8 +264,9 @@ def models(as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (see `vramplan schema`).")
 @friendly_errors
 def plan(model, context, new_tokens, concurrency, gpus, gpu_catalog, precision, runtime, tp, pp,
-         gpu_memory_utilization, max_num_batched_tokens, max_num_seqs, kv_cache_dtype, max_gpus, multi_node,
-         maximize, sort, top, train, seq_len, lora_rank, lora_targets, gradient_checkpointing, optimizer, autocast,
+         gpu_memory_utilization, max_num_batched_tokens, max_num_seqs, kv_cache_dtype, vllm_version, entrypoint,
+         sampler, max_gpus, multi_node, maximize, sort, top, train, seq_len, lora_rank, lora_targets,
+         gradient_checkpointing, optimizer, autocast,
          batch, sharding, as_json):
     """How many of which GPU, in which tensor x pipeline layout, serve MODEL's workload (or, with
     --train, run its fine-tuning job).
@@ -279,7 +289,7 @@ def plan(model, context, new_tokens, concurrency, gpus, gpu_catalog, precision, 
                    runtime=runtime, tp=tp, pp=pp, gpu_memory_utilization=gpu_memory_utilization,
                    max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                    kv_cache_dtype=kv_cache_dtype, max_gpus=max_gpus, multi_node=multi_node,
-                   gpu_catalog_file=gpu_catalog)
+                   vllm_version=vllm_version, entrypoint=entrypoint, sampler=sampler, gpu_catalog_file=gpu_catalog)
     if maximize:
         if len(gpus) != 1:
             raise WorkloadError("--max answers for one GPU kind: give exactly one --gpu.")

@@ -21,6 +21,7 @@ from .base import GIB
 from .planning import MaximumReport, MemorySeries, PlanReport
 from .result import Estimate
 from .result.training import TrainingEstimate, TrainingMaximum, TrainingPlanResult
+from .result.vllm import VllmStartup
 from .source import ModelEntry
 
 SCHEMA_VERSION = 1
@@ -268,8 +269,10 @@ def plans_text(result: PlanReport) -> str:
     req = result.request
     head = (f"{result.model}: {req.concurrency} concurrent sequence(s) of {req.context} tokens "
             f"({req.new_tokens} generated), {req.runtime} runtime")
-    if req.runtime == "vllm":
-        head += f", gpu_memory_utilization {req.gpu_memory_utilization or 0.9}"
+    first = next((s.vllm for p in result.plans for s in p.per_gpu if s.vllm is not None), None)
+    if first is not None:
+        head += (f", vLLM {first.vllm_version} rules ({first.entrypoint}), "
+                 f"gpu_memory_utilization {first.gpu_memory_utilization}")
     lines = [*_wrap([head]), ""]
     if not result.plans:
         lines.append(f"No plan fits among {result.considered} layouts: {_rejections(result)}.")
@@ -297,10 +300,31 @@ def plans_text(result: PlanReport) -> str:
         lines.append(f"  stage {share.stage} ({share.layers} layers): {bfmt(share.peak_bytes)} {bunit}")
         terms = [[t.name, bfmt(t.bytes), t.why] for t in share.breakdown if t.bytes >= MIB]
         lines += _table(["term", bunit, "why"], terms, [False, True, False], indent="    ")[2:]
+        if share.vllm is not None:
+            lines += [f"    {line}" for line in vllm_log_lines(share.vllm)]
     lines += _notes(result.notes)
     lines.append(f"({result.considered} layouts considered, ranked by {result.sort}; "
                  f"{bunit} = 2^{30 if bunit == 'GiB' else 20} bytes)")
     return "\n".join(lines)
+
+
+def vllm_log_lines(v: VllmStartup) -> list[str]:
+    """What vLLM would print at start-up for this rank, in its own words (GiB = 2^30 bytes)."""
+    def g(nbytes: int) -> str:
+        return f"{nbytes / GIB:.2f} GiB"
+
+    graphs = v.cudagraph_bytes + v.cudagraph_outside_bytes
+    return [
+        f"Model loading took {g(v.model_loading_bytes)}",
+        f"PyTorch activation peak memory takes {g(v.activation_peak_bytes)} (profile run: {v.max_num_batched_tokens} "
+        f"tokens, {min(v.max_num_seqs, v.max_num_batched_tokens)} requests, {v.sampler} sampler)",
+        f"non_torch_memory takes {g(v.non_torch_bytes)}",
+        f"CUDA graph memory: {g(graphs)} ("
+        + ("subtracted before the KV cache)" if v.cudagraph_bytes else "captured after the KV cache)"),
+        f"Available KV cache memory: {g(v.kv_cache_bytes)}",
+        f"GPU KV cache size: {v.kv_cache_tokens:,} tokens",
+        f"Maximum concurrency for {v.max_model_len:,} tokens per request: {v.max_concurrency:.2f}x",
+    ]
 
 
 def maximum_text(report: MaximumReport) -> str:

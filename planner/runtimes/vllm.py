@@ -97,6 +97,9 @@ def vllm_profile() -> VllmProfile:
     return _validate(VllmProfile, _read_yaml("vllm.yaml"), "vllm.yaml")
 
 
+NEWEST_READ = (0, 33, 0)  # the newest wheel whose start-up code was read (profiles/vllm.yaml)
+
+
 def version_key(version: str) -> tuple[int, int, int]:
     """'0.10.1.1', '0.9.1.dev705+g01220ce89', '0.29.1rc1' -> (major, minor, patch)."""
     found = re.match(r"^v?(\d+)\.(\d+)(?:\.(\d+))?", version.strip())
@@ -118,6 +121,9 @@ def release_rules(version: str | None) -> tuple[str, Release]:
     if not merged:
         raise WorkloadError(f"vLLM {chosen} is older than the first release modelled "
                             f"({profile.releases[0]['since']}); choose a later --vllm-version.")
+    if key[:2] > NEWEST_READ[:2]:
+        raise WorkloadError(f"vLLM {chosen} is newer than the last release whose source was read "
+                            f"({'.'.join(map(str, NEWEST_READ[:2]))}.x); choose --vllm-version 0.33 or earlier.")
     return chosen, _validate(Release, merged, f"vllm.yaml releases up to {chosen}")
 
 
