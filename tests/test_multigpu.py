@@ -58,3 +58,27 @@ def test_torchrun_command_and_layout_checks():
 def test_validate_tp_without_gpus_is_a_clear_error():
     result = CliRunner().invoke(main, ["validate", "llama-3.2-1b", "--tp", "2"])
     assert result.exit_code == 2 and result.output.startswith("vramplan: ")
+
+
+def test_the_device_matrix_holds_only_layouts_the_planner_can_split():
+    """scripts/multigpu-on-device.sh (issue 15) waits for a multi-GPU machine: each of its cases
+    must be a layout vramplan can estimate per rank, so the call is not wasted when it comes."""
+    from pathlib import Path
+
+    from vramplan.config import shrink_config
+    from vramplan.model import architecture_from_config
+    from vramplan.parallel import shard
+    from vramplan.source import resolve
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "multigpu-on-device.sh"
+    text = script.read_text()
+    body = text[text.index('cases="') + len('cases="'):text.index('"\necho')]
+    cases = [line.split() for line in body.strip().splitlines()]
+    assert len(cases) >= 20
+    assert {c[6] for c in cases} == {"tp", "pp"} and {int(c[7]) for c in cases} >= {2, 4, 8}
+    assert "NCCL_NVLS_ENABLE=0" in text and "NVSHMEM_DISABLE_NVLS=1" in text
+    for model, layers, _precision, _batch, _prompt, _new, layout, size in cases:
+        arch = architecture_from_config(shrink_config(resolve(model).config, None if layers == "-" else int(layers)))
+        tp, pp = (int(size), 1) if layout == "tp" else (1, int(size))
+        for stage in range(pp):
+            shard(arch, tp, pp, stage, replicate_kv=False)

@@ -51,7 +51,8 @@ def _per_device(devices: list[int], base: dict[int, int]) -> list[dict[str, Any]
 
 def _run(model, case: dict[str, Any], devices: list[int]) -> list[dict[str, Any]]:
     workload = measure.Workload(case["batch"], case["prompt_len"], case["new_tokens"], case["mode"])
-    ids, mask = measure._inputs(model, workload)
+    inputs = measure._inputs(model, workload)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
     gc.collect()
     base = {}
     for device in devices:
