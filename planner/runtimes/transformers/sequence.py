@@ -18,7 +18,7 @@ from __future__ import annotations
 from ...base import Frozen
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
-from ..allocator import CachingAllocator
+from ..allocator import CachingAllocator, OutOfMemory
 from . import attention, kv_cache
 from .activations import RunSpec
 
@@ -26,11 +26,22 @@ from .activations import RunSpec
 # blocks, so their reserve is carried over from the last replayed step (keeps the CLI fast).
 MAX_REPLAYED_DECODE_STEPS = 16
 
+# Families whose decoder layer is replayed request by request in transformers 5.17's order
+# (_traced_layer), read from a dispatch-level trace of generate() on CPU (every tensor's
+# allocation and the moment its last reference goes). The others keep the coarser order below.
+TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe"})
+
 
 class SimulatedRun(Frozen):
     peak_allocated: int
     peak_reserved: int
     reserved_before_run: int
+    # at a capacity: whether every request was served, and if not, which one failed
+    completed: bool = True
+    failed_at: str | None = None  # "prefill layer 12, mlp.up_proj (9.19 GiB)"
+    failed_request_bytes: int | None = None  # what torch's message says it tried to allocate
+    reserved_unusable_bytes: int | None = None  # reserved but unallocated when it failed
+    alloc_retries: int = 0  # times the allocator released its cache and retried
 
     @property
     def run_reserve(self) -> int:
@@ -39,11 +50,24 @@ class SimulatedRun(Frozen):
 
 
 class _Tracer:
-    def __init__(self) -> None:
-        self.alloc = CachingAllocator()
+    """Requests go to the allocator labelled with where the run is (phase, layer) and what the
+    tensor is, so an out-of-memory can say which request failed."""
 
-    def new(self, nbytes: int) -> int | None:
-        return self.alloc.malloc(nbytes) if nbytes > 0 else None
+    def __init__(self, capacity: int | None = None, expandable: bool = False) -> None:
+        self.alloc = CachingAllocator(capacity=capacity, expandable=expandable)
+        self.where = "load"
+        self.op = "weights"
+
+    def at(self, where: str | None = None, op: str | None = None) -> None:
+        if where is not None:
+            self.where = where
+        if op is not None:
+            self.op = op
+
+    def new(self, nbytes: int, name: str | None = None) -> int | None:
+        if nbytes <= 0:
+            return None
+        return self.alloc.malloc(nbytes, f"{self.where}, {name or self.op}")
 
     def drop(self, *handles: int | None) -> None:
         for handle in handles:
@@ -95,9 +119,24 @@ def _rope(tr: _Tracer, nbytes: int, rotary_fraction: float) -> int:
 
 
 def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_allocations: list[int],
-             workspace: int) -> SimulatedRun:
-    tr = _Tracer()
+             workspace: int, capacity: int | None = None, expandable: bool = False) -> SimulatedRun:
+    """Replay the run; with a `capacity`, the allocator releases its cache and retries as torch
+    does, and a request it still cannot serve ends the replay (completed False, and where)."""
+    tr = _Tracer(capacity, expandable)
+    try:
+        return _replay(tr, arch, layout, spec, weight_allocations, workspace)
+    except OutOfMemory as oom:
+        return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
+                            reserved_before_run=0, completed=False,
+                            failed_at=f"{oom.label} ({oom.requested / 2**30:.2f} GiB)",
+                            failed_request_bytes=oom.tried, reserved_unusable_bytes=oom.reserved_unusable,
+                            alloc_retries=tr.alloc.num_alloc_retries)
+
+
+def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
+            weight_allocations: list[int], workspace: int) -> SimulatedRun:
     _load(tr, arch, weight_allocations, workspace)
+    tr.at("inputs", "input_ids")
     b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
     generate = spec.mode == "generate" and spec.keeps_cache
     tr.new(b * n * 8)
@@ -106,7 +145,7 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
     if arch.recurrent is not None or arch.encoder is not None:
         # neither the torch-fallback scans nor encoder-decoder runs are replayed op by op
         return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
-                            reserved_before_run=reserved_before)
+                            reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries)
 
     hidden = b * n * arch.hidden_size * s
     inter = b * n * arch.intermediate_size * s
@@ -116,21 +155,22 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
     rotary_fraction = arch.rotary_dim / arch.head_dim if arch.rotary_dim else 0.0
     fused_gate_up = any(".gate_up_proj." in t.name for t in arch.tensors)
 
+    tr.at("prefill", "position ids")
     if generate:
         tr.new(b * n * 8)
         tr.new(b * n * 8)  # position ids
-    held_model = [tr.new(hidden)]  # embeddings (inputs_embeds stays referenced)
+    held_model = [tr.new(hidden, "embed_tokens")]  # embeddings (inputs_embeds stays referenced)
     for _ in range(max(0, layout.mlp_point.hidden - 4)):  # extra model-level copies (gpt2, stablelm)
         held_model.append(tr.new(hidden))
     if arch.rotary_dim:
         element = 4 if layout.rope_fp32 else s
-        held_model += [tr.new(b * n * arch.rotary_dim * element) for _ in range(layout.rope_tables)]
+        held_model += [tr.new(b * n * arch.rotary_dim * element, "rotary cos/sin") for _ in range(layout.rope_tables)]
     masked_last = spec.attn == "sdpa" and attention.needs_mask(arch, arch.layer_types[-1], n)
     if spec.attn == "eager":
-        held_model += [tr.new(b * n * n * s) for _ in set(arch.layer_types)]
+        held_model += [tr.new(b * n * n * s, "causal mask") for _ in set(arch.layer_types)]
     elif spec.attn == "sdpa" and (layout.sdpa_kernel == "math"
                                   or any(attention.needs_mask(arch, k, n) for k in arch.layer_types)):
-        held_model.append(tr.new(b * n * n))
+        held_model.append(tr.new(b * n * n, "causal mask"))
     kernel = "eager" if spec.attn == "eager" else (
         attention.sdpa_kernel(arch, layout, s, masked_last) if spec.attn == "sdpa" else "flash")
 
@@ -138,48 +178,72 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
     layer_input = held_model[0]
     previous_weights = None
     pre_norm = layout.attention_point.hidden >= 3
+    traced = (arch.model_type in TRACED_LAYER_ORDER and rms and pre_norm and rotary_fraction == 1.0
+              and not layout.attention_point.fused_qkv and not fused_gate_up
+              and (arch.gated_mlp or arch.moe is not None)
+              and kernel in ("flash", "efficient") and spec.quantization == "none")
+    qk_norm = any(".q_norm." in t.name for t in arch.tensors)
     for layer in range(arch.num_layers):
+        tr.at(f"prefill layer {layer}", "input_layernorm")
+        if traced:
+            masked = masked_last if arch.layer_types[layer] == arch.layer_types[-1] else \
+                attention.needs_mask(arch, arch.layer_types[layer], n)
+            layer_kernel = kernel if kernel == "eager" else attention.sdpa_kernel(arch, layout, s, masked)
+            output, cache_kv = _traced_layer(tr, arch, layout, spec, layer, layer_kernel, masked, qk_norm,
+                                              generate, layer_input)
+            cache += cache_kv
+            if layer_input is not held_model[0]:
+                tr.drop(layer_input)
+            layer_input = output
+            continue
         normed = _norm(tr, hidden, s, rms) if pre_norm else None
         if layout.attention_point.fused_qkv:
-            fused = tr.new(b * n * (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim * s)
+            fused = tr.new(b * n * (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim * s, "self_attn.qkv_proj")
             q = k = v = None
         else:
             fused = None
-            q, k, v = tr.new(q_bytes), tr.new(kv_bytes), tr.new(kv_bytes)
+            q, k, v = (tr.new(q_bytes, "self_attn.q_proj"), tr.new(kv_bytes, "self_attn.k_proj"),
+                       tr.new(kv_bytes, "self_attn.v_proj"))
         if rotary_fraction:
+            tr.at(op="rotary embedding (query)")
             q_rot = _rope(tr, q_bytes, rotary_fraction)
+            tr.at(op="rotary embedding (key)")
             k_rot = _rope(tr, kv_bytes, rotary_fraction)
             tr.drop(q, k)
         else:
             q_rot, k_rot = q, k
         current = []
         if generate:
-            kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="key"))
+            kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="key"), "KV cache keys (torch.cat)")
             tr.drop(k_rot)
-            vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="value"))
+            vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="value"), "KV cache values (torch.cat)")
             tr.drop(v)
             cache += [kc, vc]
         else:
             current = [k_rot, v]
-        repeats = [tr.new(b * arch.num_heads * n * arch.head_dim * s) for _ in range(2)] \
+        tr.at(op=f"attention ({kernel})")
+        repeats = [tr.new(b * arch.num_heads * n * arch.head_dim * s, "repeat_kv") for _ in range(2)] \
             if attention.repeats_kv(arch, layout, kernel, masked_last) else []
         out, weights = _attention(tr, arch, layout, kernel, b, n, s, masked_last)
         tr.drop(*repeats, q_rot, fused, *current)
-        merged = tr.new(q_bytes)  # transpose(1, 2).contiguous()
+        merged = tr.new(q_bytes, "attention output (contiguous)")  # transpose(1, 2).contiguous()
         tr.drop(out)
-        projected = tr.new(hidden)
+        projected = tr.new(hidden, "self_attn.o_proj")
         tr.drop(merged)
-        residual = tr.new(hidden)
+        residual = tr.new(hidden, "residual add")
         tr.drop(projected, normed)
+        tr.at(op="post_attention_layernorm")
         normed_mlp = _norm(tr, hidden, s, rms)
+        tr.at(op="mlp")
         if arch.moe is not None and layer in arch.moe.sparse_layers and layout.experts is not None:
+            tr.at(op="experts (grouped_mm)")
             down = _moe_block(tr, arch, layout, b * n, s, grouped=True)
             tr.drop(normed_mlp)
         else:
             intermediates = _mlp(tr, layout.mlp_point.intermediate, inter, fused_gate_up, arch.gated_mlp)
-            down = tr.new(hidden)
+            down = tr.new(hidden, "mlp.down_proj")
             tr.drop(*intermediates, normed_mlp)
-        output = tr.new(hidden)
+        output = tr.new(hidden, "residual add")
         tr.drop(down, residual, previous_weights)
         if layout.eager_scores.weights_held == "next_layer":
             previous_weights = weights
@@ -191,7 +255,9 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
     tr.drop(previous_weights)
 
     vocab = arch.vocab_size if arch.computes_logits else 0
+    tr.at("prefill", "final norm")
     final = tr.new(hidden)
+    tr.at(op="lm_head (logits)")
     if generate:
         logits = tr.new(b * vocab * s)
         tr.drop(final)
@@ -205,7 +271,143 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
     if generate and spec.new_tokens > 1:
         _decode(tr, arch, layout, spec, cache)
     return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
-                        reserved_before_run=reserved_before)
+                        reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries)
+
+
+def _traced_norm(tr: _Tracer, hidden_bytes: int, rows: int, s: int) -> int:
+    """RMSNorm as transformers 5.17 runs it: x.float(), pow(2), mean, + eps, rsqrt, x * rsqrt,
+    .to(dtype), weight * x; each temporary goes when the next expression no longer needs it."""
+    if s >= 4:
+        squared = tr.new(hidden_bytes)
+        mean = tr.new(rows * 4)
+        tr.drop(squared)
+        tr.temp(rows * 4)
+        out = tr.new(hidden_bytes)
+        tr.drop(mean)
+        return out
+    wide = hidden_bytes * 4 // s
+    upcast = tr.new(wide, "RMSNorm upcast")
+    squared = tr.new(wide, "RMSNorm pow(2)")
+    mean = tr.new(rows * 4)
+    tr.drop(squared)
+    shifted = tr.new(rows * 4)
+    root = tr.new(rows * 4)
+    tr.drop(shifted)
+    scaled = tr.new(wide, "RMSNorm x * rsqrt")
+    tr.drop(root, upcast)
+    cast = tr.new(hidden_bytes, "RMSNorm cast")
+    out = tr.new(hidden_bytes, "RMSNorm weight *")
+    tr.drop(cast, scaled, mean)
+    return out
+
+
+def _traced_rope(tr: _Tracer, nbytes: int) -> int:
+    """q * cos + rotate_half(q) * sin: the product, -x2, the cat (then -x2 goes), its product
+    (then the cat goes), the sum (then both products go)."""
+    product = tr.new(nbytes)
+    negated = tr.new(nbytes // 2)
+    rotated = tr.new(nbytes)
+    tr.drop(negated)
+    rotated_product = tr.new(nbytes)
+    tr.drop(rotated)
+    out = tr.new(nbytes)
+    tr.drop(product, rotated_product)
+    return out
+
+
+def _traced_layer(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+                  kernel: str, masked: bool, qk_norm: bool, generate: bool,
+                  layer_input: int | None) -> tuple[int | None, list[int | None]]:
+    """One decoder layer of the llama-shaped families in the order transformers 5.17 allocates
+    and frees (LlamaDecoderLayer / Qwen3DecoderLayer, sdpa_attention_forward,
+    eager_attention_forward, DynamicLayer.update); returns the layer output and the cache."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    heads, kv_heads, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    tokens = b * n
+    hidden = tokens * arch.hidden_size * s
+    q_bytes, kv_bytes = tokens * heads * d * s, tokens * kv_heads * d * s
+    normed = _traced_norm(tr, hidden, tokens, s)
+    if qk_norm:  # q_norm(q_proj(x).view(...)): the projection goes once normed
+        q = tr.new(q_bytes, "self_attn.q_proj")
+        tr.at(op="self_attn.q_norm")
+        q_normed = _traced_norm(tr, q_bytes, tokens * heads, s)
+        tr.drop(q)
+        k = tr.new(kv_bytes, "self_attn.k_proj")
+        tr.at(op="self_attn.k_norm")
+        k_normed = _traced_norm(tr, kv_bytes, tokens * kv_heads, s)
+        tr.drop(k)
+        q, k = q_normed, k_normed
+        v = tr.new(kv_bytes, "self_attn.v_proj")
+    else:
+        q, k, v = (tr.new(q_bytes, "self_attn.q_proj"), tr.new(kv_bytes, "self_attn.k_proj"),
+                   tr.new(kv_bytes, "self_attn.v_proj"))
+    tr.at(op="rotary embedding (query)")
+    q_rot = _traced_rope(tr, q_bytes)
+    tr.at(op="rotary embedding (key)")
+    k_rot = _traced_rope(tr, kv_bytes)
+    tr.drop(q, k)
+    cache: list[int | None] = []
+    if generate:  # torch.cat onto the empty cache: keys, values, then the states they copy go
+        kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="key"), "KV cache keys (torch.cat)")
+        vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="value"), "KV cache values (torch.cat)")
+        tr.drop(k_rot, v)
+        cache = [kc, vc]
+        k_rot = v = None
+    tr.at(op=f"attention ({kernel})")
+    repeats = [tr.new(b * heads * n * d * s, "repeat_kv") for _ in range(2)] \
+        if attention.repeats_kv(arch, layout, kernel, masked) else []
+    weights = None
+    if kernel == "eager":
+        scores = b * heads * n * n
+        query_copy = tr.new(q_bytes, "query copy for q @ k^T")  # the rotated query is not contiguous
+        chain = tr.new(scores * s, "q @ k^T")
+        tr.drop(query_copy)
+        scaled = tr.new(scores * s, "scores * scaling")
+        tr.drop(chain)
+        chain = tr.new(scores * s, "scores + mask")
+        tr.drop(scaled)
+        upcast = tr.new(scores * 4, "softmax upcast") if s < 4 else None
+        soft = tr.new(scores * 4, "softmax")
+        tr.drop(upcast)
+        weights = tr.new(scores * s, "softmax .to(dtype)") if s < 4 else soft
+        if weights is not soft:
+            tr.drop(soft)
+        tr.drop(chain)
+        raw = tr.new(q_bytes, "weights @ v")
+        out = tr.new(q_bytes, "attention output (contiguous)")  # transpose(1, 2).contiguous()
+        tr.drop(raw)
+    else:
+        # SDPA makes a boolean mask additive in the query's dtype; flash and efficient write
+        # their output in (batch, tokens, heads, dim) order, so transformers' transpose back is free
+        additive = tr.new(b * n * n * s, "SDPA additive mask") if masked else None
+        out = tr.new(q_bytes, "SDPA output")
+        tr.temp(b * heads * (-(-n // 32) * 32) * 4)  # log-sum-exp
+        tr.drop(additive)
+    tr.drop(*repeats, k_rot, v)
+    projected = tr.new(hidden, "self_attn.o_proj")
+    tr.drop(out, q_rot, normed)
+    residual = tr.new(hidden, "residual add")
+    tr.drop(projected)
+    tr.at(op="post_attention_layernorm")
+    normed_mlp = _traced_norm(tr, hidden, tokens, s)
+    tr.at(op="mlp")
+    if arch.moe is not None and layer in arch.moe.sparse_layers and layout.experts is not None:
+        tr.at(op="experts (grouped_mm)")
+        down = _moe_block(tr, arch, layout, tokens, s, grouped=True)
+    else:
+        inter = tokens * arch.intermediate_size * s
+        gate = tr.new(inter, "mlp.gate_proj")
+        act = tr.new(inter, "mlp.act_fn")
+        tr.drop(gate)
+        up = tr.new(inter, "mlp.up_proj")
+        product = tr.new(inter, "mlp act * up")
+        tr.drop(act, up)
+        down = tr.new(hidden, "mlp.down_proj")
+        tr.drop(product)
+    tr.drop(normed_mlp)
+    output = tr.new(hidden, "residual add")
+    tr.drop(down, residual, weights)
+    return output, cache
 
 
 def _attention(tr: _Tracer, arch: Architecture, layout: FamilyLayout, kernel: str, b: int, n: int,
@@ -258,8 +460,8 @@ def _score_chain(tr: _Tracer, nbytes: int) -> int:
     """q @ k^T, then one new tensor replacing it. The code reads `* scale` then `+ mask`, but
     a single replacement is what reproduces the measured reserve of the llama-shaped eager
     rows (llama-3.2-1b, mistral-7b at b8 n960 and b1 n2048: within 30 MiB of 0.6-1.5 GiB)."""
-    current = tr.new(nbytes)
-    following = tr.new(nbytes)
+    current = tr.new(nbytes, "q @ k^T")
+    following = tr.new(nbytes, "scores * scaling + mask")
     tr.drop(current)
     return following
 
@@ -287,11 +489,11 @@ def _mlp(tr: _Tracer, copies: int, inter: int, fused_gate_up: bool, gated: bool)
         tr.drop(act)
         return [product, both]
     if copies >= 3:  # gated: gate, act(gate), up, act*up (gelu_new: fc and its temporaries)
-        first = tr.new(inter)
-        act = tr.new(inter)
+        first = tr.new(inter, "mlp.gate_proj")
+        act = tr.new(inter, "mlp.act_fn")
         tr.drop(first)
-        extra = [tr.new(inter) for _ in range(copies - 2)]
-        product = tr.new(inter)
+        extra = [tr.new(inter, "mlp.up_proj") for _ in range(copies - 2)]
+        product = tr.new(inter, "mlp act * up")
         tr.drop(act, *extra)
         return [product]
     fc = tr.new(inter)
@@ -306,8 +508,10 @@ def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     steps = spec.new_tokens - 1
     vocab = arch.vocab_size if arch.computes_logits else 0
     for step in range(1, min(steps, MAX_REPLAYED_DECODE_STEPS) + 1):
+        tr.at(f"decode step {step}", "input_ids (torch.cat)")
         ids = tr.new(b * (n + step) * 8)
         for index, kind in enumerate(arch.layer_types):
+            tr.at(f"decode step {step} layer {index}", "KV cache (torch.cat)")
             length = kv_cache.stored_length(kind, arch.sliding_window, n, step)
             for j, part in enumerate(("key", "value")):
                 slot = 2 * index + j
@@ -315,7 +519,9 @@ def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
                 tr.drop(cache[slot])
                 cache[slot] = fresh
             if arch.moe is not None and index in arch.moe.sparse_layers and layout.experts is not None:
+                tr.at(op="experts (batched_mm)")
                 tr.drop(_moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False))
+        tr.at(f"decode step {step}", "lm_head (logits)")
         logits = tr.new(b * vocab * spec.activation_bytes)
         copy = tr.new(b * vocab * 4)
         tr.drop(logits, copy, ids)

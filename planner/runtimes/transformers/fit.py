@@ -1,0 +1,185 @@
+"""Will it run? The run replayed at the GPU's capacity, and the largest batch or prompt that does.
+
+The point model says how much the run allocates; whether it runs is decided by the caching
+allocator at the edge of the GPU: a request that finds no cached block and no room for a new
+segment makes it release its free segments and retry, and then fail. `replay_at_capacity`
+replays the run's requests (sequence.py) through the allocator with the GPU's torch-usable
+memory; `largest_fit` bisects the largest batch or prompt length whose replay completes.
+
+The capacity is what the driver can still hand to torch when the run needs it: the GPU's
+memory less what is outside torch's reserve by then (the CUDA context, the kernels the first
+matmul and attention load, the driver's last 3.125 MiB), from calibration.yaml's `<GPU>-edge`
+entry (fitted from the committed edge rows by scripts/calibrate.py).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ...base import Frozen
+from ...catalog import Calibration, Gpu, RuntimeProfile, calibration, runtime_profile
+from ...errors import WorkloadError
+from ...model.spec import Architecture
+from ...request import MAX_BATCH, MAX_TOKENS, AllocatorMode, PrecisionChoice, Workload
+from ...weights import allocation_sizes, resolve_precision, weight_breakdown
+from . import overhead, sequence
+from .sequence import SimulatedRun
+
+FitAxis = Literal["batch", "prompt_len"]
+EDGE_SUFFIX = "-edge"
+
+
+class Capacity(Frozen):
+    bytes: int
+    why: str
+
+
+def capacity(gpu: Gpu, fitted: Calibration | None = None, bitsandbytes: bool = False) -> Capacity:
+    """The most the caching allocator can reserve on `gpu` during a run."""
+    fitted = fitted or calibration()
+    extra = fitted.bitsandbytes_outside_torch_bytes if bitsandbytes else 0
+    edge = fitted.outside_torch.get(gpu.outside_torch_key + EDGE_SUFFIX)
+    if edge is not None:
+        why = (f"{gpu.memory_bytes / 2**20:,.0f} MiB less {edge.bytes / 2**20:,.1f} MiB outside torch at the edge "
+               f"(median of {edge.samples} {gpu.outside_torch_key} edge rows)")
+        return Capacity(bytes=gpu.memory_bytes - edge.bytes - extra, why=why)
+    # no edge rows for this GPU: its outside-torch figure plus what the measured GPU's edge rows
+    # show beyond that same figure (memory the driver does not attribute to the process, its slack)
+    measured = next((k.removesuffix(EDGE_SUFFIX) for k in fitted.outside_torch if k.endswith(EDGE_SUFFIX)), None)
+    outside, _ = overhead.outside_torch(fitted, gpu.outside_torch_key, False)
+    beyond = 0
+    if measured is not None and measured in fitted.outside_torch:
+        beyond = fitted.outside_torch[measured + EDGE_SUFFIX].bytes - fitted.outside_torch[measured].bytes
+    why = (f"{gpu.memory_bytes / 2**20:,.0f} MiB less {(outside + beyond) / 2**20:,.1f} MiB outside torch: an "
+           f"assumption ({gpu.name} has no edge rows; its outside-torch figure plus the "
+           f"{beyond / 2**20:.1f} MiB the {measured or 'measured'} edge rows show beyond it)")
+    return Capacity(bytes=gpu.memory_bytes - outside - beyond - extra, why=why)
+
+
+class _Run:
+    """What a replay needs that does not depend on the batch or the prompt: computed once."""
+
+    def __init__(self, arch: Architecture, workload: Workload, choice: PrecisionChoice,
+                 profile: RuntimeProfile) -> None:
+        from .estimate import _family_layout, check_workload, resolve_attention, run_spec
+
+        self.arch = arch
+        self.workload = resolve_attention(arch, workload)
+        check_workload(arch, self.workload)
+        self.chosen, self.compute, self.choice = resolve_precision(arch, choice)
+        self.weights = weight_breakdown(arch, self.chosen, self.compute, self.choice.double_quant)
+        self.layout = _family_layout(arch, profile)
+        self.allocations = allocation_sizes(arch, self.chosen, self.compute, self.choice.double_quant)
+        self.workspace = overhead.cublas_workspace(arch, profile)
+        self._run_spec = run_spec
+        self.bitsandbytes = self.chosen.kind.startswith("bnb")
+
+    def replay(self, workload: Workload, capacity: int | None, allocator: AllocatorMode) -> SimulatedRun:
+        spec = self._run_spec(self.arch, workload, self.weights, self.chosen, self.compute)
+        return sequence.simulate(self.arch, self.layout, spec, self.allocations, self.workspace,
+                                 capacity=capacity, expandable=allocator == "expandable")
+
+
+def replay_at_capacity(arch: Architecture, workload: Workload, choice: PrecisionChoice, gpu: Gpu,
+                       allocator: AllocatorMode | None = None, profile: RuntimeProfile | None = None,
+                       fitted: Calibration | None = None) -> SimulatedRun:
+    run = _Run(arch, workload, choice, profile or runtime_profile())
+    cap = capacity(gpu, fitted, run.bitsandbytes)
+    return run.replay(run.workload, cap.bytes, allocator or workload.allocator)
+
+
+class LargestFit(Frozen):
+    what: FitAxis
+    value: int  # 0: not even 1 fits
+    allocator: AllocatorMode
+    capacity_bytes: int
+    capacity_why: str
+    replays: int
+    limit: int
+    # the smallest value tried that did not fit, and where its replay failed
+    fails_from: int | None = None
+    fails_at: str | None = None
+
+
+def largest_fit_detail(arch: Architecture, model: str, workload: Workload | None, choice: PrecisionChoice | None,
+                       gpu: Gpu, what: FitAxis = "batch", allocator: AllocatorMode | None = None,
+                       limit: int | None = None, profile: RuntimeProfile | None = None,
+                       fitted: Calibration | None = None) -> LargestFit:
+    """The largest `what` whose replay at `gpu`'s capacity completes (0 when none does)."""
+    if what not in ("batch", "prompt_len"):
+        raise WorkloadError(f"the largest fit is over batch or prompt_len, not {what!r}.")
+    workload = workload or Workload()
+    choice = choice or PrecisionChoice()
+    mode = allocator or workload.allocator
+    run = _Run(arch, workload, choice, profile or runtime_profile())
+    cap = capacity(gpu, fitted, run.bitsandbytes)
+    top = limit or (MAX_BATCH if what == "batch" else MAX_TOKENS)
+    if what == "prompt_len" and arch.max_positions is not None and arch.encoder is None:
+        top = min(top, arch.max_positions - run.workload.new_tokens)
+    failures: dict[int, SimulatedRun] = {}
+    replays = 0
+
+    def fits(value: int) -> bool:
+        nonlocal replays
+        replays += 1
+        result = run.replay(run.workload.model_copy(update={what: value}), cap.bytes, mode)
+        if not result.completed:
+            failures[value] = result
+        return result.completed
+
+    low, high = _bracket(fits, _first_guess(run, what, cap.bytes, top), top)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    fail = failures.get(high)
+    return LargestFit(what=what, value=low, allocator=mode, capacity_bytes=cap.bytes, capacity_why=cap.why,
+                      replays=replays, limit=top, fails_from=high if high <= top else None,
+                      fails_at=fail.failed_at if fail else None)
+
+
+def largest_fit(arch: Architecture, model: str, workload: Workload | None, choice: PrecisionChoice | None,
+                gpu: Gpu, what: FitAxis = "batch", **options) -> int:
+    """The largest batch or prompt length whose replay completes on `gpu` (0: none does)."""
+    return largest_fit_detail(arch, model, workload, choice, gpu, what, **options).value
+
+
+def _bracket(fits, guess: int, top: int) -> tuple[int, int]:
+    """(a value that fits or 0, a larger one that does not or top + 1), stepping out from the
+    guess by a growing step."""
+    step = max(1, guess // 16)
+    if fits(guess):
+        low = guess
+        while low < top:
+            value = min(top, low + step)
+            if not fits(value):
+                return low, value
+            low, step = value, step * 2
+        return top, top + 1
+    high = guess
+    while high > 1:
+        value = max(1, high - step)
+        if fits(value):
+            return value, high
+        high, step = value, step * 2
+    return 0, 1
+
+
+def _first_guess(run: _Run, what: FitAxis, capacity: int, top: int) -> int:
+    """Where the allocated peak of the point model reaches the capacity, scaling linearly from
+    value 1 (a start for the bracket: the allocator's reserve moves the edge below it)."""
+    from .estimate import candidate_points
+
+    def allocated(value: int) -> int:
+        spec = run._run_spec(run.arch, run.workload.model_copy(update={what: value}), run.weights, run.chosen,
+                             run.compute)
+        peak = max(candidate_points(run.arch, run.layout, spec), key=lambda p: p.total).total
+        return run.weights.weight_bytes + peak
+
+    one, two = allocated(1), allocated(2)
+    slope = max(1, two - one)
+    guess = 1 + (capacity - one) // slope
+    return max(1, min(top, int(guess * 0.9)))
+
+
+__all__ = ["Capacity", "LargestFit", "capacity", "largest_fit", "largest_fit_detail",
+           "replay_at_capacity"]
