@@ -9,6 +9,13 @@ Writes profiles/calibration.yaml (never edit it by hand; run this script again):
   library is loaded (median of bitsandbytes rows minus the median above).
 * outside_torch_growth_bytes: the median above minus the process's device memory right after
   torch initialized CUDA (before any model): what a first run adds outside torch.
+* outside_torch["<GPU>"] for a GPU measured only at the edge (h200-edge.jsonl): the same NVML
+  figure, from its edge trials.
+* outside_torch["<GPU>-edge"], per GPU with edge trials: what the driver no longer has for torch
+  when a run reaches the edge, total_memory less the allocator's capacity: what was in use at
+  CUDA initialisation (total - free, which includes memory the driver does not attribute to the
+  process), what the run loaded outside torch since (NVML's figure at the end less at init: the
+  first matmul's and attention's kernels), and the driver's last DRIVER_SLACK_BYTES.
 
 The allocator's reserve is not fitted: the engine replays each run through a simulation of the
 caching allocator (vramplan/runtime/allocator.py).
@@ -31,6 +38,10 @@ from vramplan.validate.compare import gpu_key, measurement_files, read_rows
 
 OUT = Path(__file__).resolve().parent.parent / "profiles" / "calibration.yaml"
 BNB = {"int8", "nf4", "fp4"}
+# cudaMalloc (and torch, either allocator mode) could take at most free-after-init - 3.125 MiB
+# on the lent H200 (driver 580.159.04, torch 2.11): filled with 1 GiB, 20 MiB, 2 MiB and 512 B
+# tensors until each OOMed (/work/notes/allocator.md section 5). Not in the rows themselves.
+DRIVER_SLACK_BYTES = 3 * 2**20 + 2**17
 
 
 def fit() -> dict:
@@ -51,6 +62,7 @@ def fit() -> dict:
     # GPUs never measured get the measured GPU's figure: the best evidence there is
     reference = fitted_outside.get("H100") or next(iter(fitted_outside.values()))
     fitted_outside["default"] = dict(reference)
+    fitted_outside.update(_edge_outside(read_rows(files), fitted_outside))
     bnb_extra = [statistics.median(v) - fitted_outside[k]["bytes"] for k, v in outside_bnb.items()
                  if k in fitted_outside]
     # loading through bitsandbytes: the peak above the loaded model, per scheme, as a multiple of
@@ -85,6 +97,32 @@ def fit() -> dict:
     }
 
 
+def _edge_outside(rows, already: dict) -> dict:
+    """Per GPU with edge trials: its NVML outside-torch figure (when no inference rows gave one)
+    and what is unavailable to the allocator at the edge (the `-edge` entry)."""
+    nvml: dict[str, list[int]] = defaultdict(list)
+    unavailable: dict[str, list[int]] = defaultdict(list)
+    for row in rows:
+        if row.get("kind") != "edge" or row.get("status") not in ("ok", "oom") or not row.get("device_bytes"):
+            continue
+        if row["case"]["precision"] in BNB:
+            continue
+        key = gpu_key(row["env"]["gpu"])
+        outside = row["device_bytes"] - row["reserved_at_end_bytes"]
+        if row["status"] == "ok":
+            nvml[key].append(outside)
+        at_init = row["gpu_total_bytes"] - row["free_at_init_bytes"]
+        unavailable[key].append(at_init + outside - row["device_at_init_bytes"] + DRIVER_SLACK_BYTES)
+
+    def summary(values: list[int]) -> dict:
+        return {"bytes": int(statistics.median(values)), "samples": len(values), "low": min(values),
+                "high": max(values)}
+
+    out = {key: summary(values) for key, values in sorted(nvml.items()) if key not in already}
+    out.update({f"{key}-edge": summary(values) for key, values in sorted(unavailable.items())})
+    return out
+
+
 def _largest_linear(case: dict) -> int | None:
     """The largest Linear's elements; None for a mixture of experts, whose load peak is set by
     merging the per-expert checkpoint tensors, not by quantizing a Linear."""
@@ -101,7 +139,10 @@ def _largest_linear(case: dict) -> int | None:
 HEADER = """\
 # Written by scripts/calibrate.py from the committed measurements; do not edit by hand.
 # outside_torch: NVML's process memory minus torch's reserved memory, per GPU ("default" is
-# the measured GPU's figure, used for GPUs with no rows); bitsandbytes_outside_torch_bytes:
+# the measured GPU's figure, used for GPUs with no rows); "<GPU>-edge": what the allocator cannot
+# have when a run reaches the edge (memory at CUDA init, kernels loaded by the run, the driver's
+# last 3.125 MiB), from that GPU's edge trials: the allocator's capacity is the GPU's
+# memory_bytes less it (runtimes/transformers/fit.py); bitsandbytes_outside_torch_bytes:
 # what loading bitsandbytes' CUDA library adds to it. bnb_load_transient: the largest peak seen
 # while bitsandbytes quantizes a model at load, above the loaded model, in units of the
 # largest Linear's bf16 size.

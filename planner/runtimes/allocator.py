@@ -35,6 +35,9 @@ import bisect
 import itertools
 from dataclasses import dataclass, field
 
+from ..base import Frozen
+from ..catalog import Calibration, Gpu, calibration
+
 MIN_BLOCK = 512
 SMALL_SIZE = 1 << 20
 SMALL_BUFFER = 2 << 20  # small-pool segment, and small-pool page when expandable
@@ -44,6 +47,37 @@ ROUND_LARGE = 2 << 20
 # the virtual range of an expandable segment: 1.125 x the device; any range larger than the
 # device behaves the same, since mapping fails at capacity first
 EXPANDABLE_RANGE = 1 << 50
+
+
+EDGE_SUFFIX = "-edge"  # calibration.yaml's outside_torch entry for what is unavailable at the edge
+
+
+class Capacity(Frozen):
+    bytes: int
+    why: str
+
+
+def capacity(gpu: Gpu, fitted: Calibration | None = None, bitsandbytes: bool = False) -> Capacity:
+    """The most the caching allocator can reserve on `gpu` during a run."""
+    fitted = fitted or calibration()
+    extra = fitted.bitsandbytes_outside_torch_bytes if bitsandbytes else 0
+    edge = fitted.outside_torch.get(gpu.outside_torch_key + EDGE_SUFFIX)
+    if edge is not None:
+        why = (f"{gpu.memory_bytes / 2**20:,.0f} MiB less {edge.bytes / 2**20:,.1f} MiB outside torch at the edge "
+               f"(median of {edge.samples} {gpu.outside_torch_key} edge rows)")
+        return Capacity(bytes=gpu.memory_bytes - edge.bytes - extra, why=why)
+    # no edge rows for this GPU: its outside-torch figure plus what the measured GPU's edge rows
+    # show beyond that same figure (memory the driver does not attribute to the process, its slack)
+    measured = next((k.removesuffix(EDGE_SUFFIX) for k in fitted.outside_torch if k.endswith(EDGE_SUFFIX)), None)
+    own = fitted.outside_torch.get(gpu.outside_torch_key) or fitted.outside_torch["default"]
+    outside = own.bytes
+    beyond = 0
+    if measured is not None and measured in fitted.outside_torch:
+        beyond = fitted.outside_torch[measured + EDGE_SUFFIX].bytes - fitted.outside_torch[measured].bytes
+    why = (f"{gpu.memory_bytes / 2**20:,.0f} MiB less {(outside + beyond) / 2**20:,.1f} MiB outside torch: an "
+           f"assumption ({gpu.name} has no edge rows; its outside-torch figure plus the "
+           f"{beyond / 2**20:.1f} MiB the {measured or 'measured'} edge rows show beyond it)")
+    return Capacity(bytes=gpu.memory_bytes - outside - beyond - extra, why=why)
 
 
 def round_size(size: int) -> int:
