@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ..base import Frozen
-from ..request import PlanRequest, RuntimeName, Workload
+from ..request import AllocatorMode, PlanRequest, RuntimeName, Workload
 from .vllm import VllmStartup
 
 # what a term belongs to: the loaded model (after load and warm-up), the run's inputs, the
@@ -28,8 +28,13 @@ class BreakdownTerm(Frozen):
 class Verdict(Frozen):
     gpu: str
     memory_bytes: int
-    fits: bool
-    headroom_bytes: int
+    fits: bool  # the run's requests, replayed through the caching allocator at capacity, all succeed
+    headroom_bytes: int  # capacity less the reserved peak; when it does not fit, minus the failed request's shortfall
+    allocator: AllocatorMode = "default"
+    capacity_bytes: int | None = None  # what torch can reserve: memory_bytes less what is outside torch
+    fails_at: str | None = None  # the request that ran out of memory: phase, layer, tensor, size
+    reserved_unusable_bytes: int | None = None  # reserved but unallocated when it failed
+    fits_with_expandable_segments: bool | None = None  # under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
 
 class Estimate(Frozen):

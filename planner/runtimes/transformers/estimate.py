@@ -25,6 +25,7 @@ from ...model.spec import Architecture
 from ...request import PrecisionChoice, Workload
 from ...result import BreakdownTerm, Estimate, Verdict
 from ...weights import WeightBreakdown, allocation_sizes, resolve_precision, weight_breakdown
+from ..allocator import capacity
 from . import kv_cache, overhead, sequence
 from .activations import Point, RunSpec, decode_point, prefill_points
 from .kv_cache import KvFormat
@@ -151,6 +152,32 @@ def candidate_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) ->
     return points
 
 
+def _completes(run: sequence.SimulatedRun, capacity: int, allocated: int, load_peak: int) -> bool:
+    """The replay completed, and the point model's peak and the load fit too (families whose
+    layers are not replayed request by request are held by those)."""
+    return run.completed and max(allocated, load_peak) <= capacity
+
+
+def _verdict(gpu: Gpu, capacity: int, mode: str, runs: dict[str, sequence.SimulatedRun], allocated: int,
+             load_peak: int) -> Verdict:
+    run = runs[mode]
+    fits = _completes(run, capacity, allocated, load_peak)
+    if fits:
+        headroom = capacity - max(run.peak_reserved, allocated, load_peak)
+    elif not run.completed:
+        headroom = -(run.shortfall_bytes or 0)
+    else:
+        headroom = capacity - max(allocated, load_peak)
+    fails_at = run.failed_at if not run.completed else (
+        None if fits else "the allocated peak itself (the point model's) exceeds the capacity")
+    expandable = runs.get("expandable")
+    return Verdict(gpu=gpu.name, memory_bytes=gpu.memory_bytes, fits=fits, headroom_bytes=headroom,
+                   allocator=mode, capacity_bytes=capacity, fails_at=fails_at,
+                   reserved_unusable_bytes=run.reserved_unusable_bytes,
+                   fits_with_expandable_segments=(_completes(expandable, capacity, allocated, load_peak)
+                                                  if expandable is not None else None))
+
+
 def estimate_architecture(arch: Architecture, model: str, workload: Workload | None = None,
                           choice: PrecisionChoice | None = None, gpu: Gpu | None = None,
                           profile: RuntimeProfile | None = None,
@@ -199,10 +226,21 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     allocated = sum(t.bytes for t in fixed) + peak.total
     outside, outside_why = overhead.outside_torch(
         fitted, gpu.outside_torch_key if gpu else "H100", chosen.kind.startswith("bnb"))
-    simulated = sequence.simulate(arch, layout, spec,
-                                  allocation_sizes(arch, chosen, compute, choice.double_quant),
-                                  overhead.cublas_workspace(arch, profile))
-    reserve = simulated.run_reserve
+    allocations = allocation_sizes(arch, chosen, compute, choice.double_quant)
+    workspace = overhead.cublas_workspace(arch, profile)
+    at_capacity: dict[str, sequence.SimulatedRun] = {}
+    limit = None
+    if gpu is not None:
+        # the verdict: the requests replayed at the GPU's capacity, in both allocator modes
+        limit = capacity(gpu, fitted, chosen.kind.startswith("bnb"))
+        for mode in (workload.allocator, *({"default", "expandable"} - {workload.allocator})):
+            at_capacity[mode] = sequence.simulate(arch, layout, spec, allocations, workspace,
+                                                  capacity=limit.bytes, expandable=mode == "expandable")
+    replayed = at_capacity.get(workload.allocator)
+    if replayed is None or not replayed.completed:  # the reserve the run would have with room to spare
+        replayed = sequence.simulate(arch, layout, spec, allocations, workspace,
+                                     expandable=workload.allocator == "expandable")
+    reserve = replayed.run_reserve
     device_terms = [
         BreakdownTerm(name="allocator reserve", group="device", bytes=reserve, scope="outside",
                       why="segments the caching allocator keeps beyond live tensors, from "
@@ -228,11 +266,9 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
         largest_expert = max(t.elements_each for t in arch.tensors if t.kind == "expert")
         transient = max(transient, largest_expert * DTYPE_BYTES[compute])
     load_peak = loaded + transient
-    needed = max(device, load_peak + outside)
     verdict = None
-    if gpu is not None:
-        verdict = Verdict(gpu=gpu.name, memory_bytes=gpu.memory_bytes, fits=needed <= gpu.memory_bytes,
-                          headroom_bytes=gpu.memory_bytes - needed)
+    if gpu is not None and limit is not None:
+        verdict = _verdict(gpu, limit.bytes, workload.allocator, at_capacity, allocated, load_peak)
     notes = list(arch.notes)
     notes += _precision_notes(arch, chosen, choice)
     notes += _moe_notes(arch, chosen, peak.kind)

@@ -9,7 +9,7 @@ memory; `largest_fit` bisects the largest batch or prompt length whose replay co
 The capacity is what the driver can still hand to torch when the run needs it: the GPU's
 memory less what is outside torch's reserve by then (the CUDA context, the kernels the first
 matmul and attention load, the driver's last 3.125 MiB), from calibration.yaml's `<GPU>-edge`
-entry (fitted from the committed edge rows by scripts/calibrate.py).
+entry (fitted from the committed edge rows by scripts/calibrate.py; allocator.capacity).
 """
 
 from __future__ import annotations
@@ -17,43 +17,16 @@ from __future__ import annotations
 from typing import Literal
 
 from ...base import Frozen
-from ...catalog import Calibration, Gpu, RuntimeProfile, calibration, runtime_profile
+from ...catalog import Calibration, Gpu, RuntimeProfile, runtime_profile
 from ...errors import WorkloadError
 from ...model.spec import Architecture
 from ...request import MAX_BATCH, MAX_TOKENS, AllocatorMode, PrecisionChoice, Workload
 from ...weights import allocation_sizes, resolve_precision, weight_breakdown
+from ..allocator import capacity
 from . import overhead, sequence
 from .sequence import SimulatedRun
 
 FitAxis = Literal["batch", "prompt_len"]
-EDGE_SUFFIX = "-edge"
-
-
-class Capacity(Frozen):
-    bytes: int
-    why: str
-
-
-def capacity(gpu: Gpu, fitted: Calibration | None = None, bitsandbytes: bool = False) -> Capacity:
-    """The most the caching allocator can reserve on `gpu` during a run."""
-    fitted = fitted or calibration()
-    extra = fitted.bitsandbytes_outside_torch_bytes if bitsandbytes else 0
-    edge = fitted.outside_torch.get(gpu.outside_torch_key + EDGE_SUFFIX)
-    if edge is not None:
-        why = (f"{gpu.memory_bytes / 2**20:,.0f} MiB less {edge.bytes / 2**20:,.1f} MiB outside torch at the edge "
-               f"(median of {edge.samples} {gpu.outside_torch_key} edge rows)")
-        return Capacity(bytes=gpu.memory_bytes - edge.bytes - extra, why=why)
-    # no edge rows for this GPU: its outside-torch figure plus what the measured GPU's edge rows
-    # show beyond that same figure (memory the driver does not attribute to the process, its slack)
-    measured = next((k.removesuffix(EDGE_SUFFIX) for k in fitted.outside_torch if k.endswith(EDGE_SUFFIX)), None)
-    outside, _ = overhead.outside_torch(fitted, gpu.outside_torch_key, False)
-    beyond = 0
-    if measured is not None and measured in fitted.outside_torch:
-        beyond = fitted.outside_torch[measured + EDGE_SUFFIX].bytes - fitted.outside_torch[measured].bytes
-    why = (f"{gpu.memory_bytes / 2**20:,.0f} MiB less {(outside + beyond) / 2**20:,.1f} MiB outside torch: an "
-           f"assumption ({gpu.name} has no edge rows; its outside-torch figure plus the "
-           f"{beyond / 2**20:.1f} MiB the {measured or 'measured'} edge rows show beyond it)")
-    return Capacity(bytes=gpu.memory_bytes - outside - beyond - extra, why=why)
 
 
 class _Run:
@@ -181,5 +154,4 @@ def _first_guess(run: _Run, what: FitAxis, capacity: int, top: int) -> int:
     return max(1, min(top, int(guess * 0.9)))
 
 
-__all__ = ["Capacity", "LargestFit", "capacity", "largest_fit", "largest_fit_detail",
-           "replay_at_capacity"]
+__all__ = ["LargestFit", "capacity", "largest_fit", "largest_fit_detail", "replay_at_capacity"]

@@ -19,7 +19,7 @@ from ...base import Frozen
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from ..allocator import CachingAllocator, OutOfMemory
-from . import attention, kv_cache
+from . import attention, kv_cache, layer_replay
 from .activations import RunSpec
 
 # Decode steps replayed one by one; later steps repeat the same pattern on slightly longer
@@ -27,7 +27,7 @@ from .activations import RunSpec
 MAX_REPLAYED_DECODE_STEPS = 16
 
 # Families whose decoder layer is replayed request by request in transformers 5.17's order
-# (_traced_layer), read from a dispatch-level trace of generate() on CPU (every tensor's
+# (layer_replay.traced_layer), read from a dispatch-level trace of generate() on CPU (every tensor's
 # allocation and the moment its last reference goes). The others keep the coarser order below.
 TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe"})
 
@@ -41,6 +41,7 @@ class SimulatedRun(Frozen):
     failed_at: str | None = None  # "prefill layer 12, mlp.up_proj (9.19 GiB)"
     failed_request_bytes: int | None = None  # what torch's message says it tried to allocate
     reserved_unusable_bytes: int | None = None  # reserved but unallocated when it failed
+    shortfall_bytes: int | None = None  # the failed segment less what the driver still had free
     alloc_retries: int = 0  # times the allocator released its cache and retried
 
     @property
@@ -130,6 +131,7 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
                             reserved_before_run=0, completed=False,
                             failed_at=f"{oom.label} ({oom.requested / 2**30:.2f} GiB)",
                             failed_request_bytes=oom.tried, reserved_unusable_bytes=oom.reserved_unusable,
+                            shortfall_bytes=oom.tried - (oom.capacity - oom.reserved),
                             alloc_retries=tr.alloc.num_alloc_retries)
 
 
@@ -189,7 +191,7 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
             masked = masked_last if arch.layer_types[layer] == arch.layer_types[-1] else \
                 attention.needs_mask(arch, arch.layer_types[layer], n)
             layer_kernel = kernel if kernel == "eager" else attention.sdpa_kernel(arch, layout, s, masked)
-            output, cache_kv = _traced_layer(tr, arch, layout, spec, layer, layer_kernel, masked, qk_norm,
+            output, cache_kv = layer_replay.traced_layer(tr, arch, layout, spec, layer, layer_kernel, masked, qk_norm,
                                               generate, layer_input)
             cache += cache_kv
             if layer_input is not held_model[0]:
@@ -237,7 +239,7 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
         tr.at(op="mlp")
         if arch.moe is not None and layer in arch.moe.sparse_layers and layout.experts is not None:
             tr.at(op="experts (grouped_mm)")
-            down = _moe_block(tr, arch, layout, b * n, s, grouped=True)
+            down = layer_replay.moe_block(tr, arch, layout, b * n, s, grouped=True)
             tr.drop(normed_mlp)
         else:
             intermediates = _mlp(tr, layout.mlp_point.intermediate, inter, fused_gate_up, arch.gated_mlp)
@@ -272,142 +274,6 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
         _decode(tr, arch, layout, spec, cache)
     return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
                         reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries)
-
-
-def _traced_norm(tr: _Tracer, hidden_bytes: int, rows: int, s: int) -> int:
-    """RMSNorm as transformers 5.17 runs it: x.float(), pow(2), mean, + eps, rsqrt, x * rsqrt,
-    .to(dtype), weight * x; each temporary goes when the next expression no longer needs it."""
-    if s >= 4:
-        squared = tr.new(hidden_bytes)
-        mean = tr.new(rows * 4)
-        tr.drop(squared)
-        tr.temp(rows * 4)
-        out = tr.new(hidden_bytes)
-        tr.drop(mean)
-        return out
-    wide = hidden_bytes * 4 // s
-    upcast = tr.new(wide, "RMSNorm upcast")
-    squared = tr.new(wide, "RMSNorm pow(2)")
-    mean = tr.new(rows * 4)
-    tr.drop(squared)
-    shifted = tr.new(rows * 4)
-    root = tr.new(rows * 4)
-    tr.drop(shifted)
-    scaled = tr.new(wide, "RMSNorm x * rsqrt")
-    tr.drop(root, upcast)
-    cast = tr.new(hidden_bytes, "RMSNorm cast")
-    out = tr.new(hidden_bytes, "RMSNorm weight *")
-    tr.drop(cast, scaled, mean)
-    return out
-
-
-def _traced_rope(tr: _Tracer, nbytes: int) -> int:
-    """q * cos + rotate_half(q) * sin: the product, -x2, the cat (then -x2 goes), its product
-    (then the cat goes), the sum (then both products go)."""
-    product = tr.new(nbytes)
-    negated = tr.new(nbytes // 2)
-    rotated = tr.new(nbytes)
-    tr.drop(negated)
-    rotated_product = tr.new(nbytes)
-    tr.drop(rotated)
-    out = tr.new(nbytes)
-    tr.drop(product, rotated_product)
-    return out
-
-
-def _traced_layer(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
-                  kernel: str, masked: bool, qk_norm: bool, generate: bool,
-                  layer_input: int | None) -> tuple[int | None, list[int | None]]:
-    """One decoder layer of the llama-shaped families in the order transformers 5.17 allocates
-    and frees (LlamaDecoderLayer / Qwen3DecoderLayer, sdpa_attention_forward,
-    eager_attention_forward, DynamicLayer.update); returns the layer output and the cache."""
-    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
-    heads, kv_heads, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
-    tokens = b * n
-    hidden = tokens * arch.hidden_size * s
-    q_bytes, kv_bytes = tokens * heads * d * s, tokens * kv_heads * d * s
-    normed = _traced_norm(tr, hidden, tokens, s)
-    if qk_norm:  # q_norm(q_proj(x).view(...)): the projection goes once normed
-        q = tr.new(q_bytes, "self_attn.q_proj")
-        tr.at(op="self_attn.q_norm")
-        q_normed = _traced_norm(tr, q_bytes, tokens * heads, s)
-        tr.drop(q)
-        k = tr.new(kv_bytes, "self_attn.k_proj")
-        tr.at(op="self_attn.k_norm")
-        k_normed = _traced_norm(tr, kv_bytes, tokens * kv_heads, s)
-        tr.drop(k)
-        q, k = q_normed, k_normed
-        v = tr.new(kv_bytes, "self_attn.v_proj")
-    else:
-        q, k, v = (tr.new(q_bytes, "self_attn.q_proj"), tr.new(kv_bytes, "self_attn.k_proj"),
-                   tr.new(kv_bytes, "self_attn.v_proj"))
-    tr.at(op="rotary embedding (query)")
-    q_rot = _traced_rope(tr, q_bytes)
-    tr.at(op="rotary embedding (key)")
-    k_rot = _traced_rope(tr, kv_bytes)
-    tr.drop(q, k)
-    cache: list[int | None] = []
-    if generate:  # torch.cat onto the empty cache: keys, values, then the states they copy go
-        kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="key"), "KV cache keys (torch.cat)")
-        vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="value"), "KV cache values (torch.cat)")
-        tr.drop(k_rot, v)
-        cache = [kc, vc]
-        k_rot = v = None
-    tr.at(op=f"attention ({kernel})")
-    repeats = [tr.new(b * heads * n * d * s, "repeat_kv") for _ in range(2)] \
-        if attention.repeats_kv(arch, layout, kernel, masked) else []
-    weights = None
-    if kernel == "eager":
-        scores = b * heads * n * n
-        query_copy = tr.new(q_bytes, "query copy for q @ k^T")  # the rotated query is not contiguous
-        chain = tr.new(scores * s, "q @ k^T")
-        tr.drop(query_copy)
-        scaled = tr.new(scores * s, "scores * scaling")
-        tr.drop(chain)
-        chain = tr.new(scores * s, "scores + mask")
-        tr.drop(scaled)
-        upcast = tr.new(scores * 4, "softmax upcast") if s < 4 else None
-        soft = tr.new(scores * 4, "softmax")
-        tr.drop(upcast)
-        weights = tr.new(scores * s, "softmax .to(dtype)") if s < 4 else soft
-        if weights is not soft:
-            tr.drop(soft)
-        tr.drop(chain)
-        raw = tr.new(q_bytes, "weights @ v")
-        out = tr.new(q_bytes, "attention output (contiguous)")  # transpose(1, 2).contiguous()
-        tr.drop(raw)
-    else:
-        # SDPA makes a boolean mask additive in the query's dtype; flash and efficient write
-        # their output in (batch, tokens, heads, dim) order, so transformers' transpose back is free
-        additive = tr.new(b * n * n * s, "SDPA additive mask") if masked else None
-        out = tr.new(q_bytes, "SDPA output")
-        tr.temp(b * heads * (-(-n // 32) * 32) * 4)  # log-sum-exp
-        tr.drop(additive)
-    tr.drop(*repeats, k_rot, v)
-    projected = tr.new(hidden, "self_attn.o_proj")
-    tr.drop(out, q_rot, normed)
-    residual = tr.new(hidden, "residual add")
-    tr.drop(projected)
-    tr.at(op="post_attention_layernorm")
-    normed_mlp = _traced_norm(tr, hidden, tokens, s)
-    tr.at(op="mlp")
-    if arch.moe is not None and layer in arch.moe.sparse_layers and layout.experts is not None:
-        tr.at(op="experts (grouped_mm)")
-        down = _moe_block(tr, arch, layout, tokens, s, grouped=True)
-    else:
-        inter = tokens * arch.intermediate_size * s
-        gate = tr.new(inter, "mlp.gate_proj")
-        act = tr.new(inter, "mlp.act_fn")
-        tr.drop(gate)
-        up = tr.new(inter, "mlp.up_proj")
-        product = tr.new(inter, "mlp act * up")
-        tr.drop(act, up)
-        down = tr.new(hidden, "mlp.down_proj")
-        tr.drop(product)
-    tr.drop(normed_mlp)
-    output = tr.new(hidden, "residual add")
-    tr.drop(down, residual, weights)
-    return output, cache
 
 
 def _attention(tr: _Tracer, arch: Architecture, layout: FamilyLayout, kernel: str, b: int, n: int,
@@ -520,137 +386,8 @@ def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
                 cache[slot] = fresh
             if arch.moe is not None and index in arch.moe.sparse_layers and layout.experts is not None:
                 tr.at(op="experts (batched_mm)")
-                tr.drop(_moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False))
+                tr.drop(layer_replay.moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False))
         tr.at(f"decode step {step}", "lm_head (logits)")
         logits = tr.new(b * vocab * spec.activation_bytes)
         copy = tr.new(b * vocab * 4)
         tr.drop(logits, copy, ids)
-
-
-def _gated_mlp(tr: _Tracer, tokens: int, width: int, hidden: int, s: int) -> int:
-    """down(act(gate(x)) * up(x)): returns the output."""
-    gate = tr.new(tokens * width * s)
-    act = tr.new(tokens * width * s)
-    tr.drop(gate)
-    up = tr.new(tokens * width * s)
-    product = tr.new(tokens * width * s)
-    tr.drop(act, up)
-    out = tr.new(tokens * hidden * s)
-    tr.drop(product)
-    return out
-
-
-def _router(tr: _Tracer, arch: Architecture, tokens: int, s: int) -> list[int | None]:
-    """The router's requests; returns what the block keeps (logits, top-k weights, indices)."""
-    moe = arch.moe
-    assert moe is not None
-    e, k, h = moe.num_experts, moe.top_k, arch.hidden_size
-    if moe.all_experts:  # Llama-4: top-k of the logits, scattered into -inf scores, sigmoid in fp32
-        logits = tr.new(tokens * e * s)
-        top = [tr.new(tokens * k * s), tr.new(tokens * k * 8)]
-        scores = tr.new(tokens * e * s)
-        wide = tr.new(tokens * e * 4)
-        sig = tr.new(tokens * e * 4)
-        tr.drop(wide)
-        cast = tr.new(tokens * e * s)
-        tr.drop(sig, scores, *top)
-        return [logits, cast]
-    if moe.router_fp32:  # DeepSeek: inputs and weight upcast, fp32 logits and scores
-        upcast = [tr.new(tokens * h * 4), tr.new(e * h * 4)]
-        logits = tr.new(tokens * e * 4)
-        tr.drop(*upcast)
-        probs = tr.new(tokens * e * 4)
-    else:
-        logits = tr.new(tokens * e * s)
-        probs = tr.new(tokens * e * 4)
-    weights = tr.new(tokens * k * 4)
-    indices = tr.new(tokens * k * 8)
-    if not moe.routing_fp32:
-        cast = tr.new(tokens * k * s)
-        tr.drop(weights)
-        weights = cast
-    tr.drop(probs)
-    return [logits, weights, indices]
-
-
-def _moe_block(tr: _Tracer, arch: Architecture, layout: FamilyLayout, tokens: int, s: int,
-               grouped: bool) -> int:
-    """One sparse MLP in the order transformers runs it (experts.py describes the kernels);
-    returns its output (tokens x hidden)."""
-    moe, experts = arch.moe, layout.experts
-    assert moe is not None and experts is not None
-    h, i, k = arch.hidden_size, moe.expert_intermediate, moe.top_k
-    shared_first = None
-    if moe.shared_first and moe.shared_intermediate:
-        shared_first = _gated_mlp(tr, tokens, moe.shared_intermediate, h, s)
-    kept = _router(tr, arch, tokens, s)
-    if moe.all_experts:
-        e = moe.num_experts
-        routed_in = tr.new(e * tokens * h * s)
-        scaled = tr.new(e * tokens * h * s)
-        tr.drop(routed_in)
-        gate_up = tr.new(e * tokens * 2 * i * s)
-        act = tr.new(e * tokens * i * s)
-        product = tr.new(e * tokens * i * s)
-        tr.drop(act)
-        routed_out = tr.new(e * tokens * h * s)
-        tr.drop(product, gate_up, scaled)
-    else:
-        routed = tokens * k
-        r = 4 if moe.routing_fp32 else s
-        bias = moe.expert_bias
-        if grouped:
-            order = [tr.new(routed * 8), tr.new(routed * 8)]  # sorted ids, permutation
-            rows = tr.new(routed * h * s)
-            order += [tr.new(routed * r), tr.new(routed)]  # sorted weights, sentinel mask
-            up_bias = tr.new(routed * 2 * i * s) if bias else None
-            up = tr.new(routed * 2 * i * s)
-            masked = tr.new(routed * 2 * i * s)
-            tr.drop(up)
-        else:  # batched_mm: each routed token gets a copy of its expert's weights
-            order = [tr.new(routed * 8)]
-            rows = tr.new(routed * h * s)
-            gathered_up = tr.new(routed * 2 * i * h * s)
-            up_bias = tr.new(routed * 2 * i * s) if bias else None
-            masked = tr.new(routed * 2 * i * s)
-        temps = [tr.new(routed * i * s) for _ in range(max(experts.gate_copies - 1, 0))]
-        gated = tr.new(routed * i * s)
-        tr.drop(*temps, masked)
-        if not grouped:
-            gathered_down = tr.new(routed * h * i * s)
-            tr.drop(gathered_up)
-        down_bias = tr.new(routed * h * s) if bias else None
-        tr.drop(up_bias)
-        down = tr.new(routed * h * s)
-        tr.drop(gated)
-        if not grouped:
-            tr.drop(gathered_down)
-        if grouped:
-            masked_down = tr.new(routed * h * s)
-            tr.drop(down)
-            down = masked_down
-        weighted = tr.new(routed * h * r)
-        if grouped:
-            order.append(tr.new(routed * 8))  # inverse permutation
-            tr.temp(routed * 8)
-            reordered = tr.new(routed * h * r)
-            tr.drop(weighted)
-            weighted = reordered
-        summed = tr.new(tokens * h * r)
-        tr.drop(weighted, down, rows, down_bias, *order)
-        routed_out = summed
-        if r != s:
-            routed_out = tr.new(tokens * h * s)
-            tr.drop(summed)
-    out = routed_out
-    if moe.shared_intermediate and not moe.shared_first:
-        shared = _gated_mlp(tr, tokens, moe.shared_intermediate, h, s)
-        out = tr.new(tokens * h * s)  # routed + shared
-        tr.drop(shared, routed_out)
-    if shared_first is not None:
-        scaled_shared = tr.new(tokens * h * s)  # sigmoid(shared_expert_gate(x)) * shared
-        tr.drop(shared_first)
-        out = tr.new(tokens * h * s)
-        tr.drop(scaled_shared, routed_out)
-    tr.drop(*kept)
-    return out
