@@ -42,13 +42,18 @@ class ReportLine(Frozen):
         return self.predicted_bytes / self.measured_bytes - 1
 
 
-class ValidationReport(Frozen):
+class Report(Frozen):
+    """One measured case against its estimate: what `validate` and `validate --train` print."""
+
     model: str
     case: dict[str, Any]
     status: str  # ok, oom, error
     detail: str | None = None
     gpu: str | None = None
     lines: list[ReportLine] = Field(default_factory=list)
+
+
+class ValidationReport(Report):
     estimate: Estimate | None = None
 
     def totals(self) -> list[ReportLine]:

@@ -25,16 +25,10 @@ from ..runtimes.training import estimate_training
 from ..runtimes.transformers.estimate import estimate_architecture, resolve_attention
 from ..source import load_dtype, resolve
 from . import compare, findmax
-from .runner import ReportLine, _require_gpu_stack
+from .runner import Report, ReportLine, _require_gpu_stack
 
 
-class TrainingReport(Frozen):
-    model: str
-    case: dict[str, Any]
-    status: str  # ok, oom, error
-    detail: str | None = None
-    gpu: str | None = None
-    lines: list[ReportLine] = Field(default_factory=list)
+class TrainingReport(Report):
     estimate: TrainingEstimate | None = None
 
     def within(self, tolerance_pct: float) -> bool:
