@@ -13,11 +13,13 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .base import Frozen
 from .errors import SourceError
@@ -114,29 +116,45 @@ def stored_float_dtype(stored: dict[str, StoredTensor] | None) -> str | None:
     return max(totals, key=lambda k: totals[k]) if totals else None
 
 
-def read_regular_file(path: Path, limit: int, what: str) -> bytes:
-    """At most `limit` bytes of a regular file; anything else (a FIFO, a device, a directory, a
-    dangling link, a file larger than `limit`) is a SourceError, never a hang or a whole read."""
+def _stat_regular(path: Path, label: str, expected: str, shown: str | None = None) -> os.stat_result:
+    """`path`'s stat when it is a regular file; a dangling link, a directory, a FIFO or a device
+    is a SourceError naming it as `label` (`shown` where the path may be unprintable)."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise SourceError(f"{what} {path} does not exist (or is a dangling link).") from None
+        raise SourceError(f"{label} does not exist (or is a dangling link).") from None
     except (OSError, ValueError) as exc:
-        raise SourceError(f"Cannot read {what} {_short(str(path))}: {_reason(exc)}.") from None
+        raise SourceError(f"Cannot read {shown or label}: {_reason(exc)}.") from None
     if not stat.S_ISREG(info.st_mode):
-        raise SourceError(f"{what} {path} is {_file_kind(info.st_mode)}, not a regular file.")
-    if info.st_size > limit:
-        raise SourceError(f"{what} {path} is {info.st_size:,} bytes, more than the {limit // 2**20} MiB "
-                          "vramplan reads from such a file.")
+        raise SourceError(f"{label} is {_file_kind(info.st_mode)}, not {expected}.")
+    return info
+
+
+@contextmanager
+def _open_regular(path: Path, label: str) -> Iterator[BinaryIO]:
+    """`path` open for reading, still a regular file once opened; an OSError while it is read
+    is a SourceError naming it as `label`."""
     try:
         # O_NONBLOCK: should the path become a FIFO between stat and open, open() must not wait
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(fd, "rb") as fh:
             if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise SourceError(f"{what} {path} is not a regular file.")
-            data = fh.read(limit + 1)
+                raise SourceError(f"{label} is not a regular file.")
+            yield fh
     except OSError as exc:
-        raise SourceError(f"Cannot read {what} {path}: {_reason(exc)}.") from None
+        raise SourceError(f"Cannot read {label}: {_reason(exc)}.") from None
+
+
+def read_regular_file(path: Path, limit: int, what: str) -> bytes:
+    """At most `limit` bytes of a regular file; anything else (a FIFO, a device, a directory, a
+    dangling link, a file larger than `limit`) is a SourceError, never a hang or a whole read."""
+    label = f"{what} {path}"
+    info = _stat_regular(path, label, "a regular file", shown=f"{what} {_short(str(path))}")
+    if info.st_size > limit:
+        raise SourceError(f"{label} is {info.st_size:,} bytes, more than the {limit // 2**20} MiB "
+                          "vramplan reads from such a file.")
+    with _open_regular(path, label) as fh:
+        data = fh.read(limit + 1)
     if len(data) > limit:
         raise SourceError(f"{what} {path} is larger than the {limit // 2**20} MiB vramplan reads from such a file.")
     return data
@@ -227,28 +245,15 @@ def _depth(data: Any) -> int:
 
 def read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
     """Names, dtypes and shapes from a .safetensors file's header; the tensor data is not read."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise SourceError(f"{path} does not exist (or is a dangling link).") from None
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"Cannot read {path}: {_reason(exc)}.") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise SourceError(f"{path} is {_file_kind(info.st_mode)}, not a safetensors file.")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise SourceError(f"{path} is not a regular file.")
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise SourceError(f"{path} is too short to be a safetensors file.")
-            (length,) = struct.unpack("<Q", raw)
-            if length > SAFETENSORS_HEADER_LIMIT or length > info.st_size - 8:
-                raise SourceError(f"{path} has an implausible safetensors header size ({length} bytes).")
-            body = fh.read(length)
-    except OSError as exc:
-        raise SourceError(f"Cannot read {path}: {_reason(exc)}.") from None
+    info = _stat_regular(path, str(path), "a safetensors file")
+    with _open_regular(path, str(path)) as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise SourceError(f"{path} is too short to be a safetensors file.")
+        (length,) = struct.unpack("<Q", raw)
+        if length > SAFETENSORS_HEADER_LIMIT or length > info.st_size - 8:
+            raise SourceError(f"{path} has an implausible safetensors header size ({length} bytes).")
+        body = fh.read(length)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
