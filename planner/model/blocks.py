@@ -8,6 +8,7 @@ compare an adapter's inventory with transformers' instantiation name by name.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from ..base import Frozen
 from ..config import MAX_LAYERS, RawConfig
@@ -82,6 +83,43 @@ def rope_buffers(prefix: str, rotary_dim: int, name: str = "rotary_emb") -> list
             BufferSpec(name=f"{prefix}{name}.original_inv_freq", shape=(half,), dtype="fp32", why=why)]
 
 
+class HeadShape(NamedTuple):
+    """A decoder's widths, the first thing every adapter reads from its config."""
+
+    hidden: int
+    layers: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    def arch_fields(self) -> dict[str, int]:
+        """The Architecture fields these widths fill."""
+        return {"hidden_size": self.hidden, "num_layers": self.layers, "vocab_size": self.vocab,
+                "num_heads": self.heads, "num_kv_heads": self.kv_heads, "head_dim": self.head_dim}
+
+
+def read_head_shape(raw: RawConfig, hidden_keys: tuple[str, ...] = ("hidden_size",),
+                    layer_keys: tuple[str, ...] = ("num_hidden_layers",),
+                    head_keys: tuple[str, ...] = ("num_attention_heads",)) -> HeadShape:
+    """GPT-style widths under the family's own key names: as many key/value heads as query
+    heads, each hidden / heads wide (a family with fewer key/value heads replaces kv_heads)."""
+    hidden = raw.int(*hidden_keys)
+    layers = raw.int(*layer_keys, maximum=MAX_LAYERS)
+    heads = raw.int(*head_keys)
+    head_dim = raw.divides(hidden, heads, f"{hidden_keys[0]} / {head_keys[0]}")
+    return HeadShape(hidden, layers, raw.int("vocab_size"), heads, heads, head_dim)
+
+
+def read_decoder_shape(raw: RawConfig) -> HeadShape:
+    """Llama-style widths: hidden_size, num_hidden_layers, vocab_size, then grouped key/value
+    heads and head_dim as `read_heads` reads them."""
+    hidden = raw.int("hidden_size")
+    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
+    vocab = raw.int("vocab_size")
+    return HeadShape(hidden, layers, vocab, *read_heads(raw, hidden))
+
+
 def read_heads(raw: RawConfig, hidden: int, heads_keys: tuple[str, ...] = ("num_attention_heads",),
            kv_keys: tuple[str, ...] = ("num_key_value_heads",)) -> tuple[int, int, int]:
     heads = raw.int(*heads_keys)
@@ -129,6 +167,51 @@ def read_tied(raw: RawConfig, default: bool) -> bool:
 
 
 
+def gated_mlp(inv: Inventory, prefix: str, hidden: int, width: int, bias: bool,
+              layers: tuple[int, ...] | None = None) -> None:
+    """act(gate_proj(x)) * up_proj(x), then down_proj: the GLU MLP of llama and its kin."""
+    inv.linear(f"{prefix}.gate_proj", width, hidden, bias, layers=layers)
+    inv.linear(f"{prefix}.up_proj", width, hidden, bias, layers=layers)
+    inv.linear(f"{prefix}.down_proj", hidden, width, bias, layers=layers)
+
+
+def attention_block(inv: Inventory, prefix: str, shape: HeadShape, bias: bool, layers: tuple[int, ...],
+                    gated_query: bool = False) -> None:
+    """Separate q/k/v/o projections on the given layers; `gated_query`: q_proj also yields the
+    output gate of a gated attention, twice the query width."""
+    hidden, heads, kv_heads, head_dim = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim
+    inv.linear(f"{prefix}.q_proj", (2 if gated_query else 1) * heads * head_dim, hidden, bias, layers=layers)
+    inv.linear(f"{prefix}.k_proj", kv_heads * head_dim, hidden, bias, layers=layers)
+    inv.linear(f"{prefix}.v_proj", kv_heads * head_dim, hidden, bias, layers=layers)
+    inv.linear(f"{prefix}.o_proj", hidden, heads * head_dim, bias, layers=layers)
+
+
+def attention_and_mixer_layers(kinds: tuple[LayerKind, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A hybrid's attention layers and its recurrent-mixer layers (kind "none"), by position."""
+    return (tuple(i for i, k in enumerate(kinds) if k != "none"),
+            tuple(i for i, k in enumerate(kinds) if k == "none"))
+
+
+def layer_norms_and_head(raw: RawConfig, inv: Inventory, shape: HeadShape, norms: tuple[str, ...],
+                         final: str) -> bool:
+    """Each layer's `norms` and the `final` norm (weights only: RMS norms), then lm_head unless
+    the config ties it (untied by default). Returns whether it is tied."""
+    for name in norms:
+        inv.norm(f"model.layers.{{i}}.{name}", shape.hidden, False)
+    inv.norm(final, shape.hidden, False, per_layer=False)
+    tied = read_tied(raw, False)
+    inv.head("lm_head", shape.vocab, shape.hidden, tied)
+    return tied
+
+
+def torch_fallback_note(mixer: str) -> str:
+    """What a recurrent family's estimate assumes about the mixer's kernels."""
+    return (f"{mixer} layers keep a fixed-size state (conv1d window + scan state, the scan state in fp32) "
+            "instead of a KV cache. Runtime terms follow transformers' torch fallback (no mamba-ssm / "
+            "causal-conv1d / flash-linear-attention kernels installed), as measured; with those kernels the "
+            "prefill transient is far smaller.")
+
+
 def llama_like(raw: RawConfig, *, family: str, tied_default: bool, qkv_bias: bool = False,
                 o_bias: bool = False, mlp_bias: bool = False, qk_norm: str = "none",
                 norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm"),
@@ -140,10 +223,7 @@ def llama_like(raw: RawConfig, *, family: str, tied_default: bool, qkv_bias: boo
                 intermediate_keys: tuple[str, ...] = ("intermediate_size",),
                 moe: MoeSpec | None = None, moe_layout: MoeLayout | None = None,
                 mla: MlaSpec | None = None, mlp_module: str = "mlp") -> Architecture:
-    hidden = raw.int("hidden_size")
-    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
-    vocab = raw.int("vocab_size")
-    heads, kv_heads, head_dim = read_heads(raw, hidden)
+    hidden, layers, vocab, heads, kv_heads, head_dim = read_decoder_shape(raw)
     intermediate = raw.int(*intermediate_keys)
     tied = read_tied(raw, tied_default)
     inv = Inventory(layers)
@@ -170,9 +250,7 @@ def llama_like(raw: RawConfig, *, family: str, tied_default: bool, qkv_bias: boo
     if moe is not None:
         moe_mlp(inv, m, moe, moe_layout or MoeLayout(), hidden)
     if mlp == "gated":
-        inv.linear(f"{m}.gate_proj", intermediate, hidden, mlp_bias, layers=dense_layers)
-        inv.linear(f"{m}.up_proj", intermediate, hidden, mlp_bias, layers=dense_layers)
-        inv.linear(f"{m}.down_proj", hidden, intermediate, mlp_bias, layers=dense_layers)
+        gated_mlp(inv, m, hidden, intermediate, mlp_bias, dense_layers)
     elif mlp == "gate_up_fused":
         inv.linear(f"{m}.gate_up_proj", 2 * intermediate, hidden, mlp_bias)
         inv.linear(f"{m}.down_proj", hidden, intermediate, mlp_bias)
@@ -241,10 +319,7 @@ def moe_mlp(inv: Inventory, module: str, moe: MoeSpec, layout: MoeLayout, hidden
     if moe.expert_bias:
         inv.per_layer(f"{module}.experts.down_proj_bias", (experts, hidden), "expert", layers=layers)
     if moe.shared_intermediate and layout.shared:
-        shared = f"{module}.{layout.shared}"
-        inv.linear(f"{shared}.gate_proj", moe.shared_intermediate, hidden, False, layers=layers)
-        inv.linear(f"{shared}.up_proj", moe.shared_intermediate, hidden, False, layers=layers)
-        inv.linear(f"{shared}.down_proj", hidden, moe.shared_intermediate, False, layers=layers)
+        gated_mlp(inv, f"{module}.{layout.shared}", hidden, moe.shared_intermediate, False, layers)
     if layout.shared_gate:
         inv.linear(f"{module}.shared_expert_gate", 1, hidden, False, layers=layers)
 

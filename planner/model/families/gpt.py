@@ -3,81 +3,57 @@ Falcon, BLOOM, GPT-NeoX, GPT-J and MPT."""
 
 from __future__ import annotations
 
-from ...config import MAX_LAYERS, RawConfig
+from ...config import RawConfig
 from ...errors import ConfigError, UnsupportedModelError
-from ..blocks import Inventory, read_rotary_dim, read_tied, rope_buffers, whole_model_arch
+from ..blocks import Inventory, read_head_shape, read_rotary_dim, read_tied, rope_buffers, whole_model_arch
 from ..registry import adapter
 from ..spec import ALL_ATTENTION, Architecture, BufferSpec
 
+GPT2_KEYS = (("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"), ("n_head", "num_attention_heads"))
 
-@adapter("gpt2")
+
+def _learned_positions(positions: int) -> dict:
+    """A learned position table of `positions` rows and no rotary embedding: past it is an
+    index out of range."""
+    return {"rotary_dim": 0, "positions": "learned", "max_positions": positions}
+
+
+@adapter("gpt2", "gpt_bigcode")
 def _gpt2(raw: RawConfig) -> Architecture:
-    hidden = raw.int("n_embd", "hidden_size")
-    layers = raw.int("n_layer", "num_hidden_layers", maximum=MAX_LAYERS)
-    heads = raw.int("n_head", "num_attention_heads")
-    head_dim = raw.divides(hidden, heads, "n_embd / n_head")
-    vocab = raw.int("vocab_size")
+    """GPT-2's module names; GPT-BigCode has nn.Linear where GPT-2 has Conv1D, one key/value
+    head when multi_query, and a causal-mask buffer."""
+    bigcode = raw.str("model_type") == "gpt_bigcode"
+    shape = read_head_shape(raw, *GPT2_KEYS)
+    if bigcode and raw.bool("multi_query", default=True):
+        shape = shape._replace(kv_heads=1)
+    hidden, vocab = shape.hidden, shape.vocab
     positions = raw.int("n_positions", "max_position_embeddings")
     inner = raw.int("n_inner", default=None) or 4 * hidden
     tied = read_tied(raw, True)
-    inv = Inventory(layers)
+    inv = Inventory(shape.layers)
     inv.one("transformer.wte.weight", (vocab, hidden), "embedding")
     inv.one("transformer.wpe.weight", (positions, hidden), "position_embedding")
-    h = "transformer.h.{i}"
+    h, conv1d = "transformer.h.{i}", not bigcode
     inv.norm(f"{h}.ln_1", hidden, True)
-    inv.linear(f"{h}.attn.c_attn", 3 * hidden, hidden, True, conv1d=True)
-    inv.linear(f"{h}.attn.c_proj", hidden, hidden, True, conv1d=True)
+    inv.linear(f"{h}.attn.c_attn", hidden + 2 * shape.kv_heads * shape.head_dim, hidden, True, conv1d=conv1d)
+    inv.linear(f"{h}.attn.c_proj", hidden, hidden, True, conv1d=conv1d)
     inv.norm(f"{h}.ln_2", hidden, True)
-    inv.linear(f"{h}.mlp.c_fc", inner, hidden, True, conv1d=True)
-    inv.linear(f"{h}.mlp.c_proj", hidden, inner, True, conv1d=True)
-    inv.norm("transformer.ln_f", hidden, True, per_layer=False)
-    inv.head("lm_head", vocab, hidden, tied)
-    return whole_model_arch(
-        raw, inv, family="gpt2", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
-        num_heads=heads, num_kv_heads=heads, head_dim=head_dim, intermediate_size=inner,
-        rotary_dim=0, positions="learned", max_positions=positions, tie_word_embeddings=tied,
-        attention_implementations=ALL_ATTENTION)
-
-
-@adapter("gpt_bigcode")
-def _gpt_bigcode(raw: RawConfig) -> Architecture:
-    hidden = raw.int("n_embd", "hidden_size")
-    layers = raw.int("n_layer", "num_hidden_layers", maximum=MAX_LAYERS)
-    heads = raw.int("n_head", "num_attention_heads")
-    head_dim = raw.divides(hidden, heads, "n_embd / n_head")
-    kv_heads = 1 if raw.bool("multi_query", default=True) else heads
-    vocab = raw.int("vocab_size")
-    positions = raw.int("n_positions", "max_position_embeddings")
-    inner = raw.int("n_inner", default=None) or 4 * hidden
-    tied = read_tied(raw, True)
-    inv = Inventory(layers)
-    inv.one("transformer.wte.weight", (vocab, hidden), "embedding")
-    inv.one("transformer.wpe.weight", (positions, hidden), "position_embedding")
-    h = "transformer.h.{i}"
-    inv.norm(f"{h}.ln_1", hidden, True)
-    inv.linear(f"{h}.attn.c_attn", hidden + 2 * kv_heads * head_dim, hidden, True)
-    inv.linear(f"{h}.attn.c_proj", hidden, hidden, True)
-    inv.norm(f"{h}.ln_2", hidden, True)
-    inv.linear(f"{h}.mlp.c_fc", inner, hidden, True)
-    inv.linear(f"{h}.mlp.c_proj", hidden, inner, True)
+    inv.linear(f"{h}.mlp.c_fc", inner, hidden, True, conv1d=conv1d)
+    inv.linear(f"{h}.mlp.c_proj", hidden, inner, True, conv1d=conv1d)
     inv.norm("transformer.ln_f", hidden, True, per_layer=False)
     inv.head("lm_head", vocab, hidden, tied)
     mask = BufferSpec(name="transformer.bias", shape=(positions, positions), dtype="bool",
                       why="GPT-BigCode's causal-mask table, n_positions^2 booleans")
     return whole_model_arch(
-        raw, inv, family="gpt_bigcode", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
-        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=inner,
-        rotary_dim=0, positions="learned", max_positions=positions, tie_word_embeddings=tied,
-        attention_implementations=ALL_ATTENTION, buffers=(mask,))
+        raw, inv, **shape.arch_fields(), family="gpt_bigcode" if bigcode else "gpt2", intermediate_size=inner,
+        **_learned_positions(positions), tie_word_embeddings=tied, attention_implementations=ALL_ATTENTION,
+        buffers=(mask,) if bigcode else ())
 
 
 @adapter("opt")
 def _opt(raw: RawConfig) -> Architecture:
-    hidden = raw.int("hidden_size")
-    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
-    heads = raw.int("num_attention_heads")
-    head_dim = raw.divides(hidden, heads, "hidden_size / num_attention_heads")
-    vocab = raw.int("vocab_size")
+    shape = read_head_shape(raw)
+    hidden, vocab = shape.hidden, shape.vocab
     ffn = raw.int("ffn_dim")
     positions = raw.int("max_position_embeddings")
     proj = raw.int("word_embed_proj_dim", default=hidden)
@@ -86,7 +62,7 @@ def _opt(raw: RawConfig) -> Architecture:
     before = raw.bool("do_layer_norm_before", default=True)
     final_norm = before and not raw.bool("_remove_final_layer_norm", default=False)
     tied = read_tied(raw, True)
-    inv = Inventory(layers)
+    inv = Inventory(shape.layers)
     d = "model.decoder"
     inv.one(f"{d}.embed_tokens.weight", (vocab, proj), "embedding")
     # OPT's learned positions are offset by 2 rows
@@ -107,19 +83,14 @@ def _opt(raw: RawConfig) -> Architecture:
         inv.norm(f"{lay}.final_layer_norm", hidden, True)
     inv.head("lm_head", vocab, proj, tied)
     return whole_model_arch(
-        raw, inv, family="opt", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
-        num_heads=heads, num_kv_heads=heads, head_dim=head_dim, intermediate_size=ffn,
-        rotary_dim=0, positions="learned", max_positions=positions, tie_word_embeddings=tied,
-        attention_implementations=ALL_ATTENTION)
+        raw, inv, **shape.arch_fields(), family="opt", intermediate_size=ffn, **_learned_positions(positions),
+        tie_word_embeddings=tied, attention_implementations=ALL_ATTENTION)
 
 
 @adapter("falcon")
 def _falcon(raw: RawConfig) -> Architecture:
-    hidden = raw.int("hidden_size")
-    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
-    heads = raw.int("num_attention_heads")
-    head_dim = raw.divides(hidden, heads, "hidden_size / num_attention_heads")
-    vocab = raw.int("vocab_size")
+    shape = read_head_shape(raw)
+    hidden, heads, head_dim = shape.hidden, shape.heads, shape.head_dim
     new_arch = raw.bool("new_decoder_architecture", default=False)
     multi_query = raw.bool("multi_query", default=True)
     # transformers' Falcon: the new decoder layout uses num_kv_heads; the old one uses ONE kv
@@ -134,8 +105,8 @@ def _falcon(raw: RawConfig) -> Architecture:
     ffn = raw.int("ffn_hidden_size", default=None) or 4 * hidden
     parallel = raw.bool("parallel_attn", default=True)
     tied = read_tied(raw, True)
-    inv = Inventory(layers)
-    inv.one("transformer.word_embeddings.weight", (vocab, hidden), "embedding")
+    inv = Inventory(shape.layers)
+    inv.one("transformer.word_embeddings.weight", (shape.vocab, hidden), "embedding")
     h = "transformer.h.{i}"
     qkv_out = (heads + 2 * kv_heads) * head_dim
     inv.linear(f"{h}.self_attention.query_key_value", qkv_out, hidden, bias)
@@ -150,11 +121,10 @@ def _falcon(raw: RawConfig) -> Architecture:
         if not new_arch and not parallel:
             inv.norm(f"{h}.post_attention_layernorm", hidden, True)
     inv.norm("transformer.ln_f", hidden, True, per_layer=False)
-    inv.head("lm_head", vocab, hidden, tied)
+    inv.head("lm_head", shape.vocab, hidden, tied)
     family = "falcon_mqa" if kv_heads != heads and not new_arch else "falcon"
     return whole_model_arch(
-        raw, inv, family=family, hidden_size=hidden, num_layers=layers,
-        vocab_size=vocab, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        raw, inv, **shape._replace(kv_heads=kv_heads).arch_fields(), family=family,
         # the new decoder layout broadcasts K and V to every query head before caching them
         # (FalconAttention: num_kv_heads = num_heads if new_decoder_architecture)
         cache_heads=heads if new_arch else None,
@@ -166,14 +136,11 @@ def _falcon(raw: RawConfig) -> Architecture:
 
 @adapter("bloom")
 def _bloom(raw: RawConfig) -> Architecture:
-    hidden = raw.int("hidden_size", "n_embed")
-    layers = raw.int("n_layer", "num_hidden_layers", maximum=MAX_LAYERS)
-    heads = raw.int("n_head", "num_attention_heads")
-    head_dim = raw.divides(hidden, heads, "hidden_size / n_head")
-    vocab = raw.int("vocab_size")
+    shape = read_head_shape(raw, ("hidden_size", "n_embed"), *GPT2_KEYS[1:])
+    hidden = shape.hidden
     tied = read_tied(raw, True)
-    inv = Inventory(layers)
-    inv.one("transformer.word_embeddings.weight", (vocab, hidden), "embedding")
+    inv = Inventory(shape.layers)
+    inv.one("transformer.word_embeddings.weight", (shape.vocab, hidden), "embedding")
     inv.norm("transformer.word_embeddings_layernorm", hidden, True, per_layer=False)
     h = "transformer.h.{i}"
     inv.norm(f"{h}.input_layernorm", hidden, True)
@@ -183,12 +150,10 @@ def _bloom(raw: RawConfig) -> Architecture:
     inv.linear(f"{h}.mlp.dense_h_to_4h", 4 * hidden, hidden, True)
     inv.linear(f"{h}.mlp.dense_4h_to_h", hidden, 4 * hidden, True)
     inv.norm("transformer.ln_f", hidden, True, per_layer=False)
-    inv.head("lm_head", vocab, hidden, tied)
+    inv.head("lm_head", shape.vocab, hidden, tied)
     return whole_model_arch(
-        raw, inv, family="bloom", hidden_size=hidden, num_layers=layers,
-        vocab_size=vocab, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
-        intermediate_size=4 * hidden, rotary_dim=0, positions="alibi", max_positions=None,
-        tie_word_embeddings=tied,
+        raw, inv, **shape.arch_fields(), family="bloom", intermediate_size=4 * hidden, rotary_dim=0,
+        positions="alibi", max_positions=None, tie_word_embeddings=tied,
         # transformers 5.17 raises for bloom with sdpa: only its own (eager) attention exists
         attention_implementations=("eager",),
     )
@@ -196,19 +161,16 @@ def _bloom(raw: RawConfig) -> Architecture:
 
 @adapter("gpt_neox")
 def _gpt_neox(raw: RawConfig) -> Architecture:
-    hidden = raw.int("hidden_size")
-    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
-    heads = raw.int("num_attention_heads")
-    head_dim = raw.divides(hidden, heads, "hidden_size / num_attention_heads")
-    vocab = raw.int("vocab_size")
+    shape = read_head_shape(raw)
+    hidden = shape.hidden
     inner = raw.int("intermediate_size")
     bias = raw.bool("attention_bias", default=True)
     # parallel residual (attention and MLP read the same input) or GPT-2-like sequential
     family = "gpt_neox" if raw.bool("use_parallel_residual", default=True) else "gpt_neox_sequential"
-    rotary = read_rotary_dim(raw, head_dim, ("rotary_pct", "partial_rotary_factor"))
+    rotary = read_rotary_dim(raw, shape.head_dim, ("rotary_pct", "partial_rotary_factor"))
     tied = read_tied(raw, False)
-    inv = Inventory(layers)
-    inv.one("gpt_neox.embed_in.weight", (vocab, hidden), "embedding")
+    inv = Inventory(shape.layers)
+    inv.one("gpt_neox.embed_in.weight", (shape.vocab, hidden), "embedding")
     lay = "gpt_neox.layers.{i}"
     inv.norm(f"{lay}.input_layernorm", hidden, True)
     inv.norm(f"{lay}.post_attention_layernorm", hidden, True)
@@ -217,29 +179,24 @@ def _gpt_neox(raw: RawConfig) -> Architecture:
     inv.linear(f"{lay}.mlp.dense_h_to_4h", inner, hidden, True)
     inv.linear(f"{lay}.mlp.dense_4h_to_h", hidden, inner, True)
     inv.norm("gpt_neox.final_layer_norm", hidden, True, per_layer=False)
-    inv.head("lm_head", vocab, hidden, tied)
+    inv.head("lm_head", shape.vocab, hidden, tied)
     return whole_model_arch(
-        raw, inv, family=family, hidden_size=hidden, num_layers=layers,
-        vocab_size=vocab, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
-        intermediate_size=inner, rotary_dim=rotary, positions="rope", max_positions=None,
-        tie_word_embeddings=tied, attention_implementations=ALL_ATTENTION,
+        raw, inv, **shape.arch_fields(), family=family, intermediate_size=inner, rotary_dim=rotary,
+        positions="rope", max_positions=None, tie_word_embeddings=tied, attention_implementations=ALL_ATTENTION,
         buffers=tuple(rope_buffers("gpt_neox.", rotary)),
     )
 
 
 @adapter("gptj")
 def _gptj(raw: RawConfig) -> Architecture:
-    hidden = raw.int("n_embd", "hidden_size")
-    layers = raw.int("n_layer", "num_hidden_layers", maximum=MAX_LAYERS)
-    heads = raw.int("n_head", "num_attention_heads")
-    head_dim = raw.divides(hidden, heads, "n_embd / n_head")
-    vocab = raw.int("vocab_size")
+    shape = read_head_shape(raw, *GPT2_KEYS)
+    hidden = shape.hidden
     positions = raw.int("n_positions", "max_position_embeddings")
     inner = raw.int("n_inner", default=None) or 4 * hidden
-    rotary = raw.int("rotary_dim", default=None) or head_dim
+    rotary = raw.int("rotary_dim", default=None) or shape.head_dim
     tied = read_tied(raw, False)
-    inv = Inventory(layers)
-    inv.one("transformer.wte.weight", (vocab, hidden), "embedding")
+    inv = Inventory(shape.layers)
+    inv.one("transformer.wte.weight", (shape.vocab, hidden), "embedding")
     h = "transformer.h.{i}"
     inv.norm(f"{h}.ln_1", hidden, True)
     for name in ("k_proj", "v_proj", "q_proj", "out_proj"):
@@ -247,14 +204,13 @@ def _gptj(raw: RawConfig) -> Architecture:
     inv.linear(f"{h}.mlp.fc_in", inner, hidden, True)
     inv.linear(f"{h}.mlp.fc_out", hidden, inner, True)
     inv.norm("transformer.ln_f", hidden, True, per_layer=False)
-    inv.head("lm_head", vocab, hidden, tied, bias=True)
+    inv.head("lm_head", shape.vocab, hidden, tied, bias=True)
     table = BufferSpec(name="transformer.h.{i}.attn.embed_positions", shape=(positions, rotary),
-                       dtype="fp32", layers=tuple(range(layers)),
+                       dtype="fp32", layers=tuple(range(shape.layers)),
                        why="GPT-J's sin/cos table, n_positions x rotary_dim fp32, one per layer")
     return whole_model_arch(
-        raw, inv, family="gptj", hidden_size=hidden, num_layers=layers,
-        vocab_size=vocab, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
-        intermediate_size=inner, rotary_dim=rotary, positions="rope",
+        raw, inv, **shape.arch_fields(), family="gptj", intermediate_size=inner, rotary_dim=rotary,
+        positions="rope",
         # positions index the sin/cos table: past it is an out-of-range index on the GPU
         max_positions=positions, tie_word_embeddings=tied,
         # transformers 5.17 raises for GPT-J with sdpa
@@ -264,11 +220,9 @@ def _gptj(raw: RawConfig) -> Architecture:
 
 @adapter("mpt")
 def _mpt(raw: RawConfig) -> Architecture:
-    hidden = raw.int("d_model", "hidden_size")
-    layers = raw.int("n_layers", "num_hidden_layers", maximum=MAX_LAYERS)
-    heads = raw.int("n_heads", "num_attention_heads")
-    head_dim = raw.divides(hidden, heads, "d_model / n_heads")
-    vocab = raw.int("vocab_size")
+    shape = read_head_shape(raw, ("d_model", "hidden_size"), ("n_layers", "num_hidden_layers"),
+                            ("n_heads", "num_attention_heads"))
+    hidden = shape.hidden
     ratio = raw.int("expansion_ratio", default=4)
     no_bias = raw.bool("no_bias", default=True)
     attn_config = raw.raw("attn_config", default={}) or {}
@@ -277,8 +231,8 @@ def _mpt(raw: RawConfig) -> Architecture:
     if attn_config.get("alibi", True) is not True:
         raise UnsupportedModelError(f"{raw.where}: mpt without alibi is not modelled.")
     tied = read_tied(raw, True)
-    inv = Inventory(layers)
-    inv.one("transformer.wte.weight", (vocab, hidden), "embedding")
+    inv = Inventory(shape.layers)
+    inv.one("transformer.wte.weight", (shape.vocab, hidden), "embedding")
     b = "transformer.blocks.{i}"
     inv.norm(f"{b}.norm_1", hidden, not no_bias)
     inv.linear(f"{b}.attn.Wqkv", 3 * hidden, hidden, not no_bias)
@@ -287,11 +241,8 @@ def _mpt(raw: RawConfig) -> Architecture:
     inv.linear(f"{b}.ffn.up_proj", ratio * hidden, hidden, not no_bias)
     inv.linear(f"{b}.ffn.down_proj", hidden, ratio * hidden, not no_bias)
     inv.norm("transformer.norm_f", hidden, not no_bias, per_layer=False)
-    inv.head("lm_head", vocab, hidden, tied)
+    inv.head("lm_head", shape.vocab, hidden, tied)
     return whole_model_arch(
-        raw, inv, family="mpt", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
-        num_heads=heads, num_kv_heads=heads, head_dim=head_dim, intermediate_size=ratio * hidden,
-        rotary_dim=0, positions="alibi", max_positions=None, tie_word_embeddings=tied,
-        attention_implementations=("eager",),
+        raw, inv, **shape.arch_fields(), family="mpt", intermediate_size=ratio * hidden, rotary_dim=0,
+        positions="alibi", max_positions=None, tie_word_embeddings=tied, attention_implementations=("eager",),
     )
-

@@ -17,23 +17,22 @@ from ...errors import ConfigError
 from ..blocks import (
     Inventory,
     MoeLayout,
+    attention_and_mixer_layers,
+    attention_block,
+    gated_mlp,
+    layer_norms_and_head,
     moe_mlp,
     qwen_sparse_layers,
-    read_heads,
+    read_decoder_shape,
     read_layer_types,
     read_rotary_dim,
     read_tied,
     rope_buffers,
+    torch_fallback_note,
     whole_model_arch,
 )
 from ..registry import adapter
 from ..spec import ALL_ATTENTION, Architecture, BufferSpec, LayerKind, MoeSpec, RecurrentSpec
-
-
-def _attention_and_mixer_layers(kinds: tuple[LayerKind, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """A hybrid's attention layers and its mixer layers (kind "none"), by position."""
-    return (tuple(i for i, k in enumerate(kinds) if k != "none"),
-            tuple(i for i, k in enumerate(kinds) if k == "none"))
 
 
 def _dt_rank(raw: RawConfig, key: str, hidden: int) -> int:
@@ -88,28 +87,6 @@ def _mamba2_spec(layers: tuple[int, ...], inner: int, heads: int, head_dim: int,
                          in_proj=inner + conv_dim + heads, chunk_size=chunk)
 
 
-def _attention(inv: Inventory, prefix: str, hidden: int, heads: int, kv_heads: int, head_dim: int,
-               bias: bool, layers: tuple[int, ...], gated_query: bool = False) -> None:
-    inv.linear(f"{prefix}.q_proj", (2 if gated_query else 1) * heads * head_dim, hidden, bias, layers=layers)
-    inv.linear(f"{prefix}.k_proj", kv_heads * head_dim, hidden, bias, layers=layers)
-    inv.linear(f"{prefix}.v_proj", kv_heads * head_dim, hidden, bias, layers=layers)
-    inv.linear(f"{prefix}.o_proj", hidden, heads * head_dim, bias, layers=layers)
-
-
-def _gated_mlp(inv: Inventory, prefix: str, hidden: int, width: int, bias: bool,
-               layers: tuple[int, ...]) -> None:
-    inv.linear(f"{prefix}.gate_proj", width, hidden, bias, layers=layers)
-    inv.linear(f"{prefix}.up_proj", width, hidden, bias, layers=layers)
-    inv.linear(f"{prefix}.down_proj", hidden, width, bias, layers=layers)
-
-
-def _note(kind: str) -> str:
-    return (f"{kind} layers keep a fixed-size state (conv1d window + scan state, the scan state in fp32) "
-            "instead of a KV cache. Runtime terms follow transformers' torch fallback (no mamba-ssm / "
-            "causal-conv1d / flash-linear-attention kernels installed), as measured; with those kernels the "
-            "prefill transient is far smaller.")
-
-
 @adapter("mamba")
 def _mamba(raw: RawConfig) -> Architecture:
     hidden = raw.int("hidden_size", "d_model")
@@ -162,16 +139,14 @@ def _recurrent_only(raw: RawConfig, hidden: int, layers: int, vocab: int, inner:
         vocab_size=vocab, num_heads=1, num_kv_heads=1, head_dim=1, intermediate_size=inner,
         rotary_dim=0, positions="none", max_positions=None, layer_types=("none",) * layers,
         tie_word_embeddings=tied, attention_implementations=("eager",), recurrent=spec, mlp_free=True,
-        notes=(_note("Mamba" if spec.kind == "mamba" else "Mamba-2"),),
+        notes=(torch_fallback_note("Mamba" if spec.kind == "mamba" else "Mamba-2"),),
     )
 
 
 @adapter("jamba")
 def _jamba(raw: RawConfig) -> Architecture:
-    hidden = raw.int("hidden_size")
-    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
-    vocab = raw.int("vocab_size")
-    heads, kv_heads, head_dim = read_heads(raw, hidden)
+    shape = read_decoder_shape(raw)
+    hidden, layers = shape.hidden, shape.layers
     width = raw.int("intermediate_size")
     attn_period = raw.int("attn_layer_period", default=8)
     attn_offset = raw.int("attn_layer_offset", default=4, minimum=0)
@@ -179,45 +154,38 @@ def _jamba(raw: RawConfig) -> Architecture:
     exp_offset = raw.int("expert_layer_offset", default=1, minimum=0)
     experts = raw.int("num_experts", default=16)
     kinds: tuple[LayerKind, ...] = tuple("full" if i % attn_period == attn_offset else "none" for i in range(layers))
-    attention_layers, mamba_layers = _attention_and_mixer_layers(kinds)
+    attention_layers, mamba_layers = attention_and_mixer_layers(kinds)
     sparse = tuple(i for i in range(layers) if experts > 1 and i % exp_period == exp_offset)
     dense = tuple(i for i in range(layers) if i not in sparse)
     inner = int(raw.float("mamba_expand", default=2) * hidden)
     state, kernel = raw.int("mamba_d_state", default=16), raw.int("mamba_d_conv", default=4)
     rank = _dt_rank(raw, "mamba_dt_rank", hidden)
     inv = Inventory(layers)
-    inv.one("model.embed_tokens.weight", (vocab, hidden), "embedding")
+    inv.one("model.embed_tokens.weight", (shape.vocab, hidden), "embedding")
     _mamba_mixer(inv, "model.layers.{i}.mamba", hidden, inner, state, rank, kernel,
                  raw.bool("mamba_conv_bias", default=True), raw.bool("mamba_proj_bias", default=False),
                  mamba_layers, bc_norms=True)
-    _attention(inv, "model.layers.{i}.self_attn", hidden, heads, kv_heads, head_dim, False, attention_layers)
-    _gated_mlp(inv, "model.layers.{i}.feed_forward", hidden, width, False, dense)
+    attention_block(inv, "model.layers.{i}.self_attn", shape, False, attention_layers)
+    gated_mlp(inv, "model.layers.{i}.feed_forward", hidden, width, False, dense)
     moe = None
     if sparse:
         moe = MoeSpec(num_experts=experts, top_k=raw.int("num_experts_per_tok", default=2),
                       expert_intermediate=width, sparse_layers=sparse)
         moe_mlp(inv, "model.layers.{i}.feed_forward", moe, MoeLayout(router="router"), hidden)
-    inv.norm("model.layers.{i}.input_layernorm", hidden, False)
-    inv.norm("model.layers.{i}.pre_ff_layernorm", hidden, False)
-    inv.norm("model.final_layernorm", hidden, False, per_layer=False)
-    tied = read_tied(raw, False)
-    inv.head("lm_head", vocab, hidden, tied)
+    tied = layer_norms_and_head(raw, inv, shape, ("input_layernorm", "pre_ff_layernorm"), "model.final_layernorm")
     spec = RecurrentSpec(kind="mamba", layers=mamba_layers, inner=inner, state_size=state,
                          conv_kernel=kernel, conv_dim=inner, in_proj=2 * inner, dt_rank=rank, gate_copies=3)
     return whole_model_arch(
-        raw, inv, family="hybrid", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
-        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=width,
-        rotary_dim=0, positions="none", max_positions=None, layer_types=kinds, tie_word_embeddings=tied,
-        attention_implementations=ALL_ATTENTION, moe=moe, recurrent=spec, notes=(_note("Jamba's Mamba"),),
+        raw, inv, **shape.arch_fields(), family="hybrid", intermediate_size=width, rotary_dim=0, positions="none",
+        max_positions=None, layer_types=kinds, tie_word_embeddings=tied, attention_implementations=ALL_ATTENTION,
+        moe=moe, recurrent=spec, notes=(torch_fallback_note("Jamba's Mamba"),),
     )
 
 
 @adapter("falcon_h1")
 def _falcon_h1(raw: RawConfig) -> Architecture:
-    hidden = raw.int("hidden_size")
-    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
-    vocab = raw.int("vocab_size")
-    heads, kv_heads, head_dim = read_heads(raw, hidden)
+    shape = read_decoder_shape(raw)
+    hidden, layers = shape.hidden, shape.layers
     width = raw.int("intermediate_size")
     everywhere = tuple(range(layers))
     inner = raw.int("mamba_d_ssm", default=None) or int(raw.float("mamba_expand", default=2) * hidden)
@@ -228,39 +196,31 @@ def _falcon_h1(raw: RawConfig) -> Architecture:
                         raw.int("mamba_d_state", default=256), raw.int("mamba_d_conv", default=4),
                         raw.int("mamba_chunk_size", default=256))
     inv = Inventory(layers)
-    inv.one("model.embed_tokens.weight", (vocab, hidden), "embedding")
-    _gated_mlp(inv, "model.layers.{i}.feed_forward", hidden, width, raw.bool("mlp_bias", default=False), everywhere)
+    inv.one("model.embed_tokens.weight", (shape.vocab, hidden), "embedding")
+    gated_mlp(inv, "model.layers.{i}.feed_forward", hidden, width, raw.bool("mlp_bias", default=False), everywhere)
     _mamba2_mixer(inv, "model.layers.{i}.mamba", hidden, spec, raw.bool("mamba_conv_bias", default=True),
                   raw.bool("projectors_bias", "mamba_proj_bias", default=False),
                   gated_norm=raw.bool("mamba_rms_norm", default=False))
-    _attention(inv, "model.layers.{i}.self_attn", hidden, heads, kv_heads, head_dim,
-               raw.bool("attention_bias", default=False), everywhere)
-    inv.norm("model.layers.{i}.input_layernorm", hidden, False)
-    inv.norm("model.layers.{i}.pre_ff_layernorm", hidden, False)
-    inv.norm("model.final_layernorm", hidden, False, per_layer=False)
-    tied = read_tied(raw, False)
-    inv.head("lm_head", vocab, hidden, tied)
-    rotary = read_rotary_dim(raw, head_dim)
+    attention_block(inv, "model.layers.{i}.self_attn", shape, raw.bool("attention_bias", default=False), everywhere)
+    tied = layer_norms_and_head(raw, inv, shape, ("input_layernorm", "pre_ff_layernorm"), "model.final_layernorm")
+    rotary = read_rotary_dim(raw, shape.head_dim)
     mup = BufferSpec(name="model.layers.{i}.mamba.mup_vector", shape=(1, 1, spec.in_proj), dtype="activation",
                      layers=everywhere, why="Falcon-H1's muP multipliers of the mixer's input projection")
     return whole_model_arch(
-        raw, inv, family="hybrid", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
-        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=width,
-        rotary_dim=rotary, positions="rope", max_positions=None, tie_word_embeddings=tied,
-        attention_implementations=ALL_ATTENTION, buffers=(mup, *rope_buffers("model.", rotary)),
-        recurrent=spec, notes=(_note("Falcon-H1's Mamba-2 (beside attention in every layer)"),),
+        raw, inv, **shape.arch_fields(), family="hybrid", intermediate_size=width, rotary_dim=rotary,
+        positions="rope", max_positions=None, tie_word_embeddings=tied, attention_implementations=ALL_ATTENTION,
+        buffers=(mup, *rope_buffers("model.", rotary)), recurrent=spec,
+        notes=(torch_fallback_note("Falcon-H1's Mamba-2 (beside attention in every layer)"),),
     )
 
 
 @adapter("granitemoehybrid")
 def _granite_hybrid(raw: RawConfig) -> Architecture:
-    hidden = raw.int("hidden_size")
-    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
-    vocab = raw.int("vocab_size")
-    heads, kv_heads, head_dim = read_heads(raw, hidden)
+    shape = read_decoder_shape(raw)
+    hidden, layers = shape.hidden, shape.layers
     names = raw.list("layer_types", "layers_block_type", default=None) or ["mamba"] * layers
     kinds = read_layer_types(RawConfig({"layer_types": names}, raw.where), layers, lambda i: "none")
-    attention_layers, mamba_layers = _attention_and_mixer_layers(kinds)
+    attention_layers, mamba_layers = attention_and_mixer_layers(kinds)
     everywhere = tuple(range(layers))
     inner = int(raw.float("mamba_expand", default=2) * hidden)
     mamba_heads = raw.int("mamba_n_heads", default=128)
@@ -271,7 +231,7 @@ def _granite_hybrid(raw: RawConfig) -> Architecture:
     shared = raw.int("shared_intermediate_size", default=1024, minimum=0)
     width = raw.int("intermediate_size")
     inv = Inventory(layers)
-    inv.one("model.embed_tokens.weight", (vocab, hidden), "embedding")
+    inv.one("model.embed_tokens.weight", (shape.vocab, hidden), "embedding")
     inv.norm("model.layers.{i}.input_layernorm", hidden, False)
     inv.norm("model.layers.{i}.post_attention_layernorm", hidden, False)
     moe = None
@@ -284,31 +244,26 @@ def _granite_hybrid(raw: RawConfig) -> Architecture:
     inv.linear("model.layers.{i}.shared_mlp.output_linear", hidden, shared, False)
     _mamba2_mixer(inv, "model.layers.{i}.mamba", hidden, spec, raw.bool("mamba_conv_bias", default=True),
                   raw.bool("mamba_proj_bias", default=False), gated_norm=True)
-    _attention(inv, "model.layers.{i}.self_attn", hidden, heads, kv_heads, head_dim,
-               raw.bool("attention_bias", default=False), attention_layers)
-    inv.norm("model.norm", hidden, False, per_layer=False)
-    tied = read_tied(raw, False)
-    inv.head("lm_head", vocab, hidden, tied)
+    attention_block(inv, "model.layers.{i}.self_attn", shape, raw.bool("attention_bias", default=False),
+                    attention_layers)
+    tied = layer_norms_and_head(raw, inv, shape, (), "model.norm")
     rope = raw.str("position_embedding_type", default=None) == "rope"
     return whole_model_arch(
-        raw, inv, family="hybrid", hidden_size=hidden, num_layers=layers,
-        vocab_size=vocab, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-        intermediate_size=shared if not experts else width, rotary_dim=head_dim if rope else 0,
-        positions="rope" if rope else "none", max_positions=None, layer_types=kinds, tie_word_embeddings=tied,
-        attention_implementations=ALL_ATTENTION, buffers=rope_buffers("model.", head_dim) if rope else (),
-        moe=moe, recurrent=spec, notes=(_note("Granite-4.0-H's Mamba-2"),),
+        raw, inv, **shape.arch_fields(), family="hybrid", intermediate_size=shared if not experts else width,
+        rotary_dim=shape.head_dim if rope else 0, positions="rope" if rope else "none", max_positions=None,
+        layer_types=kinds, tie_word_embeddings=tied, attention_implementations=ALL_ATTENTION,
+        buffers=rope_buffers("model.", shape.head_dim) if rope else (), moe=moe, recurrent=spec,
+        notes=(torch_fallback_note("Granite-4.0-H's Mamba-2"),),
     )
 
 
 @adapter("qwen3_next")
 def _qwen3_next(raw: RawConfig) -> Architecture:
-    hidden = raw.int("hidden_size")
-    layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
-    vocab = raw.int("vocab_size")
-    heads, kv_heads, head_dim = read_heads(raw, hidden)
+    shape = read_decoder_shape(raw)
+    hidden, layers = shape.hidden, shape.layers
     interval = raw.int("full_attention_interval", default=4)
     kinds = read_layer_types(raw, layers, lambda i: "full" if (i + 1) % interval == 0 else "none")
-    attention_layers, linear_layers = _attention_and_mixer_layers(kinds)
+    attention_layers, linear_layers = attention_and_mixer_layers(kinds)
     key_heads, key_dim = raw.int("linear_num_key_heads", default=16), raw.int("linear_key_head_dim", default=128)
     value_heads = raw.int("linear_num_value_heads", default=32)
     value_dim = raw.int("linear_value_head_dim", default=128)
@@ -323,7 +278,7 @@ def _qwen3_next(raw: RawConfig) -> Architecture:
     sparse = qwen_sparse_layers(raw, layers) if raw.int("num_experts", default=512, minimum=0) else ()
     dense = tuple(i for i in range(layers) if i not in sparse)
     inv = Inventory(layers)
-    inv.one("model.embed_tokens.weight", (vocab, hidden), "embedding")
+    inv.one("model.embed_tokens.weight", (shape.vocab, hidden), "embedding")
     la = "model.layers.{i}.linear_attn"
     inv.per_layer(f"{la}.dt_bias", (value_heads,), "other", layers=linear_layers)
     inv.per_layer(f"{la}.A_log", (value_heads,), "other", layers=linear_layers)
@@ -339,25 +294,21 @@ def _qwen3_next(raw: RawConfig) -> Architecture:
                       shared_intermediate=raw.int("shared_expert_intermediate_size", default=512, minimum=0),
                       sparse_layers=sparse, shared_first=True)
         moe_mlp(inv, "model.layers.{i}.mlp", moe, MoeLayout(shared="shared_expert", shared_gate=True), hidden)
-    _gated_mlp(inv, "model.layers.{i}.mlp", hidden, raw.int("intermediate_size"), False, dense)
+    gated_mlp(inv, "model.layers.{i}.mlp", hidden, raw.int("intermediate_size"), False, dense)
     inv.norm("model.layers.{i}.input_layernorm", hidden, False)
     inv.norm("model.layers.{i}.post_attention_layernorm", hidden, False)
-    bias = raw.bool("attention_bias", default=False)
-    _attention(inv, "model.layers.{i}.self_attn", hidden, heads, kv_heads, head_dim, bias, attention_layers,
-               gated_query=True)
-    inv.per_layer("model.layers.{i}.self_attn.q_norm.weight", (head_dim,), "norm", layers=attention_layers)
-    inv.per_layer("model.layers.{i}.self_attn.k_norm.weight", (head_dim,), "norm", layers=attention_layers)
-    inv.norm("model.norm", hidden, False, per_layer=False)
-    tied = read_tied(raw, False)
-    inv.head("lm_head", vocab, hidden, tied)
-    rotary = read_rotary_dim(raw, head_dim)
-    notes = [_note("Qwen3-Next's gated DeltaNet")]
+    attention_block(inv, "model.layers.{i}.self_attn", shape, raw.bool("attention_bias", default=False),
+                    attention_layers, gated_query=True)
+    inv.per_layer("model.layers.{i}.self_attn.q_norm.weight", (shape.head_dim,), "norm", layers=attention_layers)
+    inv.per_layer("model.layers.{i}.self_attn.k_norm.weight", (shape.head_dim,), "norm", layers=attention_layers)
+    tied = layer_norms_and_head(raw, inv, shape, (), "model.norm")
+    rotary = read_rotary_dim(raw, shape.head_dim)
+    notes = [torch_fallback_note("Qwen3-Next's gated DeltaNet")]
     if raw.int("num_nextn_predict_layers", "mtp_num_hidden_layers", default=0, minimum=0):
         notes.append("the checkpoint's multi-token-prediction layers are not loaded by transformers "
                      "and are not counted.")
     return whole_model_arch(
-        raw, inv, family="hybrid", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
-        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=raw.int("intermediate_size"),
+        raw, inv, **shape.arch_fields(), family="hybrid", intermediate_size=raw.int("intermediate_size"),
         rotary_dim=rotary, positions="rope", max_positions=None, layer_types=kinds, tie_word_embeddings=tied,
         attention_implementations=ALL_ATTENTION, buffers=rope_buffers("model.", rotary), moe=moe,
         recurrent=spec, notes=tuple(notes),

@@ -14,13 +14,18 @@ from ..registry import adapter
 from ..spec import Architecture, BufferSpec, MlaSpec, MoeSpec, TensorSpec
 
 
+def _experts_in_every_layer(raw: RawConfig, layers: int, **options: bool) -> MoeSpec:
+    """Mixtral's and gpt-oss's mixture: every layer's MLP, experts of intermediate_size."""
+    return MoeSpec(num_experts=raw.int("num_local_experts", "num_experts"), top_k=raw.int("num_experts_per_tok"),
+                   expert_intermediate=raw.int("intermediate_size"), sparse_layers=tuple(range(layers)), **options)
+
+
 @adapter("mixtral")
 def _mixtral(raw: RawConfig) -> Architecture:
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     window = read_window(raw)
-    moe = MoeSpec(num_experts=raw.int("num_local_experts", "num_experts"), top_k=raw.int("num_experts_per_tok"),
-                  expert_intermediate=raw.int("intermediate_size"), sparse_layers=tuple(range(layers)),
-                  routing_fp32=True)  # MixtralTopKRouter returns its fp32 softmax values
+    # MixtralTopKRouter returns its fp32 softmax values
+    moe = _experts_in_every_layer(raw, layers, routing_fp32=True)
     return llama_like(raw, family="moe", tied_default=False, window=window, moe=moe,
                        layer_rule=sliding_everywhere(window))
 
@@ -101,9 +106,7 @@ def _deepseek_v3(raw: RawConfig) -> Architecture:
 def _gpt_oss(raw: RawConfig) -> Architecture:
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     window = read_window(raw)
-    moe = MoeSpec(num_experts=raw.int("num_local_experts", "num_experts"), top_k=raw.int("num_experts_per_tok"),
-                  expert_intermediate=raw.int("intermediate_size"), sparse_layers=tuple(range(layers)),
-                  expert_bias=True, stored_per_expert=False)
+    moe = _experts_in_every_layer(raw, layers, expert_bias=True, stored_per_expert=False)
     arch = llama_like(raw, family="gpt_oss", tied_default=False, qkv_bias=True, o_bias=True, moe=moe,
                        moe_layout=MoeLayout(router="router", router_bias=True, transposed=True), window=window,
                        layer_rule=lambda i: "sliding" if i % 2 == 0 else "full",
