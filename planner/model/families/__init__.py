@@ -1,5 +1,12 @@
-"""One module per group of config families; importing this package registers every adapter."""
+"""One module per group of config families; importing this package registers every adapter.
 
-from . import gpt, hybrid, llama, moe, seq2seq, vision
+Every module in this package is imported here, so a new family's module registers itself with
+`@adapter` and needs no edit elsewhere.
+"""
 
-__all__ = ["gpt", "hybrid", "llama", "moe", "seq2seq", "vision"]
+import importlib
+import pkgutil
+
+__all__ = sorted(module.name for module in pkgutil.iter_modules(__path__))
+for _name in __all__:
+    importlib.import_module(f"{__name__}.{_name}")

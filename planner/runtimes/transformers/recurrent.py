@@ -24,6 +24,8 @@ the last mixer layer's scan. The tensors alive there, counted from the measured 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ...base import block_bytes
 from ...model.spec import Architecture, RecurrentSpec
 
@@ -60,11 +62,7 @@ def scan_terms(arch: Architecture, b: int, n: int, s: int) -> Terms:
     spec = _spec(arch)
     projected = [("mixer input projection", block_bytes(b * n * spec.in_proj * s),
                   "in_proj output (gate, conv input, time steps)")]
-    if spec.kind == "mamba":
-        return projected + _mamba_terms(spec, b, n, s)
-    if spec.kind == "mamba2":
-        return projected + _mamba2_terms(spec, b, n, s)
-    return projected + _gated_delta_terms(spec, b, n, s)
+    return projected + SCAN_TERMS[spec.kind](spec, b, n, s)
 
 
 def _mamba_terms(spec: RecurrentSpec, b: int, n: int, s: int) -> Terms:
@@ -116,6 +114,12 @@ def _gated_delta_terms(spec: RecurrentSpec, b: int, n: int, s: int) -> Terms:
         ("scan state and steps", block_bytes(b * hv * dk * dv * 4) + 2 * block_bytes(b * hv * cs * dv * 4)
          + 3 * block_bytes(b * hv * p * 4), "the running state, one chunk's step tensors, decays"),
     ]
+
+
+# each mixer kind (RecurrentSpec.kind) and the tensors its torch-fallback scan holds
+SCAN_TERMS: dict[str, Callable[[RecurrentSpec, int, int, int], Terms]] = {
+    "mamba": _mamba_terms, "mamba2": _mamba2_terms, "gated_delta": _gated_delta_terms,
+}
 
 
 def scan_hidden_copies(arch: Architecture, generate: bool) -> tuple[int, int]:
