@@ -17,13 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from .catalog import gpu_catalog, runtime_profile
+from .api_training import estimate_training, plan_training, training_maximum
+from .catalog import gpu_catalog
 from .catalog import precision as known_precision
 from .catalog import precisions as precision_catalog
-from .errors import ConfigError, VramplanError, WorkloadError
-from .model import Architecture, architecture_from_config
+from .errors import VramplanError, WorkloadError
+from .loading import _architecture, _load
+from .model import Architecture
 from .parallel import shard
 from .planning import (
     LayoutMaximum,
@@ -36,15 +36,39 @@ from .planning import (
     make_plans,
 )
 from .request import MAX_TOKENS, PlanRequest, PrecisionChoice, Training, Workload
-from .result import Estimate, PlanResult
-from .result.training import TrainingEstimate, TrainingMaximum, TrainingPlan, TrainingPlanResult
+from .result import Estimate, EstimateMaximum, PlanResult
+from .result.training import TrainingEstimate, TrainingMaximum, TrainingPlanResult
 from .runtimes.transformers.estimate import estimate_architecture, resolve_attention
-from .source import ModelEntry, ModelSource, bundled_names, load_bundled, load_dtype, resolve, stored_sizes
+from .source import ModelEntry, ModelSource, bundled_names, load_bundled, stored_sizes
 
-__all__ = ["Architecture", "Estimate", "MaximumReport", "MemorySeries", "ModelEntry", "ModelSource", "PlanReport",
-           "PlanRequest", "PlanResult", "PrecisionChoice", "Training", "TrainingEstimate", "TrainingMaximum",
-           "Workload", "bundled_models", "estimate", "estimate_precisions", "estimate_training", "load_model",
-           "memory_series", "plan", "plan_maximum", "plan_training", "training_maximum"]
+__all__ = [
+    "Architecture",
+    "Estimate",
+    "MaximumReport",
+    "MemorySeries",
+    "ModelEntry",
+    "ModelSource",
+    "PlanReport",
+    "PlanRequest",
+    "PlanResult",
+    "PrecisionChoice",
+    "Training",
+    "TrainingEstimate",
+    "TrainingMaximum",
+    "TrainingPlanResult",
+    "Workload",
+    "bundled_models",
+    "estimate",
+    "estimate_maximum",
+    "estimate_precisions",
+    "estimate_training",
+    "load_model",
+    "memory_series",
+    "plan",
+    "plan_maximum",
+    "plan_training",
+    "training_maximum",
+]
 
 # `--precision all`: the comparison of the seed post, for any model
 ALL_PRECISIONS = (("fp32", False), ("fp16", False), ("bf16", False), ("int8", False), ("nf4", False),
@@ -57,33 +81,6 @@ MULTI_GPU_CAVEAT = ("tensor/pipeline layouts, NCCL buffers and CUDA-graph consta
 VLLM_ONLY = {"gpu_memory_utilization": "--gpu-memory-utilization", "max_num_batched_tokens": "--max-num-batched-tokens",
              "max_num_seqs": "--max-num-seqs", "vllm_version": "--vllm-version", "entrypoint": "--entrypoint",
              "sampler": "--sampler"}
-
-
-def _load(model: str, revision: str | None = None) -> tuple[ModelSource, Architecture, str | None]:
-    """The source, its architecture with the dtype from_pretrained would load it in, and a note
-    when that dtype was not named by the config."""
-    source = resolve(model, revision)
-    arch = _architecture(source)
-    dtype, note = load_dtype(arch.config_dtype, arch.quantization is not None, source.stored_tensors)
-    if dtype != arch.config_dtype:
-        arch = arch.model_copy(update={"config_dtype": dtype})
-    return source, arch, note
-
-
-def _architecture(source: ModelSource) -> Architecture:
-    """The config -> Architecture step, where a config from the wild meets our types: a field of
-    the wrong type that slipped past the lenient reader is still the config's fault, said in
-    one sentence that names the field where it is known."""
-    try:
-        return architecture_from_config(source.config, source.name)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "a field"
-        raise ConfigError(f"{source.name}: the config does not describe a model vramplan can size "
-                          f"({exc.title}.{field}: {first['msg']}).") from None
-    except (TypeError, AttributeError, ValueError, ZeroDivisionError, RecursionError) as exc:
-        raise ConfigError(f"{source.name}: a config field has the wrong type or value "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}).") from None
 
 
 def load_model(model: str, revision: str | None = None) -> tuple[ModelSource, Architecture]:
@@ -182,7 +179,7 @@ def _plan_request(arch: Architecture, positions: int | None, *, context: int | N
                   gpu_memory_utilization: float | None = None, max_num_batched_tokens: int | None = None,
                   max_num_seqs: int | None = None, kv_cache_dtype: str = "auto", max_gpus: int = 64,
                   multi_node: bool = False, vllm_version: str | None = None, entrypoint: str | None = None,
-                  sampler: str | None = None) -> PlanRequest:
+                  sampler: str | None = None, allocator: str = "default") -> PlanRequest:
     """A PlanRequest, or the one sentence that says why the request is invalid."""
     if runtime not in ("transformers", "vllm"):
         raise WorkloadError(f"Unknown runtime {runtime[:40]!r}; choose transformers or vllm.")
@@ -232,7 +229,8 @@ def _plan_request(arch: Architecture, positions: int | None, *, context: int | N
                        gpu_memory_utilization=gpu_memory_utilization if runtime == "vllm" else None,
                        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                        kv_cache_dtype=kv, max_gpus=max_gpus, allow_multi_node=multi_node,
-                       vllm_version=vllm_version, entrypoint=entrypoint or "serve", sampler=sampler or "auto")
+                       vllm_version=vllm_version, entrypoint=entrypoint or "serve", sampler=sampler or "auto",
+                       allocator=allocator)
 
 
 def _plan_notes(arch: Architecture, model: str, request: PlanRequest, report: PlanReport,
@@ -270,7 +268,7 @@ def plan(model: str, gpus: list[str] | None = None, *, top: int = 10, sort: Sort
          tp: int | None = None, pp: int | None = None, gpu_memory_utilization: float | None = None,
          max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None, kv_cache_dtype: str = "auto",
          max_gpus: int = 64, multi_node: bool = False, vllm_version: str | None = None,
-         entrypoint: str | None = None, sampler: str | None = None) -> PlanReport:
+         entrypoint: str | None = None, sampler: str | None = None, allocator: str = "default") -> PlanReport:
     """Ranked plans (GPU kind, count, tp x pp layout, replicas) that serve the workload. The
     default context is min(4096, the model's positions)."""
     if not 1 <= top <= 1000:
@@ -286,7 +284,7 @@ def plan(model: str, gpus: list[str] | None = None, *, top: int = 10, sort: Sort
                             gpu_memory_utilization=gpu_memory_utilization,
                             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                             kv_cache_dtype=kv_cache_dtype, max_gpus=max_gpus, multi_node=multi_node,
-                            vllm_version=vllm_version, entrypoint=entrypoint, sampler=sampler)
+                            vllm_version=vllm_version, entrypoint=entrypoint, sampler=sampler, allocator=allocator)
     report = make_plans(arch, source.name, kinds, request, top=top, sort=sort)
     return report.model_copy(update={"notes": _plan_notes(arch, source.name, request, report, positions, note)})
 
@@ -387,103 +385,23 @@ def bundled_models() -> list[ModelEntry]:
     return entries
 
 
-def _training_choice(arch: Architecture, training: Training, precision: str, double_quant: bool,
-                     compute_dtype: str) -> PrecisionChoice:
-    """--precision for a training step names the weights' precision; auto is the load dtype for
-    full and LoRA fine-tuning and nf4 for QLoRA."""
-    if precision == "auto":
-        precision = "nf4" if training.method == "qlora" else (arch.config_dtype or "bf16")
-    return PrecisionChoice(name=precision, double_quant=double_quant or training.double_quant,
-                           compute_dtype=compute_dtype)  # type: ignore[arg-type]
-
-
-def estimate_training(model: str, training: Training | None = None, precision: str = "auto",
-                      gpu: str | None = None, *, double_quant: bool = False, compute_dtype: str = "bf16",
-                      revision: str | None = None, gpu_catalog_file: Path | None = None) -> TrainingEstimate:
-    """Estimate two default fine-tuning steps of `model` (full, LoRA or QLoRA), term by term."""
-    from .runtimes.training import estimate_training as estimate_step
-
-    source, arch, note = _load(model, revision)
-    training = training or Training()
-    catalog = gpu_catalog(gpu_catalog_file) if gpu is not None or gpu_catalog_file is not None else None
-    chosen_gpu = catalog.find(gpu) if catalog is not None and gpu is not None else None
-    est = estimate_step(arch, source.name, training,
-                        _training_choice(arch, training, precision, double_quant, compute_dtype), chosen_gpu)
-    return est.model_copy(update={"notes": [note, *est.notes]}) if note and precision == "auto" else est
-
-
-def training_maximum(model: str, training: Training, what: str, gpu: str, precision: str = "auto", *,
+def estimate_maximum(model: str, workload: Workload, what: str, gpu: str, precision: str = "auto", *,
                      double_quant: bool = False, compute_dtype: str = "bf16", revision: str | None = None,
-                     gpu_catalog_file: Path | None = None) -> TrainingMaximum:
-    """The largest batch or seq_len whose two steps fit `gpu` (device memory, as the verdict)."""
-    from .runtimes.training import estimate_training as estimate_step
+                     gpu_catalog_file: Path | None = None) -> EstimateMaximum:
+    """`estimate --max batch|prompt-len`: the largest value whose run, replayed through the caching
+    allocator at `gpu`'s capacity (workload.allocator's mode), completes."""
+    from .runtimes.transformers.fit import largest_fit_detail
 
-    if what not in ("batch", "seq_len"):
-        raise WorkloadError(f"--max for a training step is batch or seq-len, not {what!r}.")
+    if what not in ("batch", "prompt_len"):
+        raise WorkloadError(f"--max is batch or prompt-len, not {what!r}.")
     source, arch, _ = _load(model, revision)
     kind = gpu_catalog(gpu_catalog_file).find(gpu)
-    choice = _training_choice(arch, training, precision, double_quant, compute_dtype)
-    limit = (1 << 16) if what == "batch" else min(arch.max_positions or MAX_TOKENS, MAX_TOKENS)
-    low_value = 1 if what == "batch" else 2
-
-    def step(value: int) -> TrainingEstimate:
-        return estimate_step(arch, source.name, training.model_copy(update={what: value}), choice, kind)
-
-    def fits(value: int) -> bool:
-        verdict = step(value).verdict
-        return verdict is not None and verdict.fits
-
-    if not fits(low_value):
-        return TrainingMaximum(model=source.name, gpu=kind.name, what=what, largest=0)
-    low, high = low_value, low_value * 2
-    while high <= limit and fits(high):
-        low, high = high, high * 2
-    high = min(high, limit + 1)
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return TrainingMaximum(model=source.name, gpu=kind.name, what=what, largest=low, estimate=step(low))
-
-
-def plan_training(model: str, training: Training, gpus: list[str] | None = None, *, sharding: str = "zero3",
-                  precision: str = "auto", max_gpus: int = 64, double_quant: bool = False,
-                  compute_dtype: str = "bf16", revision: str | None = None,
-                  gpu_catalog_file: Path | None = None) -> TrainingPlanResult:
-    """Per GPU kind, the fewest data-parallel ranks whose sharded step fits, ranked by GPU count,
-    then the smallest GPU, then cost. `training.batch` is the micro-batch of one rank."""
-    from .runtimes.training import estimate_training as estimate_step
-    from .runtimes.training.sharding import SHARDED, gathered_layer_bytes, rank_breakdown
-
-    if sharding not in SHARDED:
-        raise WorkloadError(f"--sharding is one of {', '.join(SHARDED)}, not {sharding!r}.")
-    if max_gpus < 1:
-        raise WorkloadError("--max-gpus must be at least 1.")
-    source, arch, _ = _load(model, revision)
-    catalog = gpu_catalog(gpu_catalog_file)
-    kinds = [catalog.find(g) for g in gpus] if gpus else list(catalog.gpus)
-    choice = _training_choice(arch, training, precision, double_quant, compute_dtype)
-    comm = runtime_profile().serving["nccl_buffers_bytes"].value
-    plans = []
-    for kind in kinds:
-        est = estimate_step(arch, source.name, training, choice, kind)
-        gathered = gathered_layer_bytes(arch, 2 if est.compute_dtype != "fp32" else 4)
-        ranks = 1
-        while ranks <= max_gpus:
-            peak, terms = rank_breakdown(est, sharding, ranks, gathered, comm)  # type: ignore[arg-type]
-            if peak <= kind.memory_bytes:
-                plans.append(TrainingPlan(
-                    gpu=kind.name, gpus=ranks, sharding=sharding, per_gpu_peak_bytes=peak,
-                    gpu_memory_bytes=kind.memory_bytes, headroom_bytes=kind.memory_bytes - peak, breakdown=terms,
-                    cost_per_hour=kind.price_per_hour_usd * ranks if kind.price_per_hour_usd else None))
-                break
-            if sharding == "none":
-                break  # plain data parallelism holds the whole step on every rank
-            ranks *= 2
-    plans.sort(key=lambda p: (p.gpus, p.gpu_memory_bytes, p.cost_per_hour or float("inf")))
-    notes = [f"{sharding}: per-rank figures are the single-GPU step (42 measured H200 steps predicted within 0.1%) "
-             "with the scheme's partitioning applied; sharded and multi-GPU layouts are not measured yet."]
-    if not plans:
-        notes.append(f"no GPU kind fits one rank of this step within {max_gpus} GPUs with {sharding}; try "
-                     "--gradient-checkpointing, a smaller --batch or --seq-len, --train lora/qlora, or "
-                     "--sharding zero3.")
-    return TrainingPlanResult(model=source.name, training=training, sharding=sharding, plans=plans, notes=notes)
+    choice = PrecisionChoice(name=precision, double_quant=double_quant, compute_dtype=compute_dtype)  # type: ignore[arg-type]
+    workload = resolve_attention(arch, workload)
+    fit = largest_fit_detail(arch, source.name, workload, choice, kind, what)  # type: ignore[arg-type]
+    other = "expandable" if workload.allocator == "default" else "default"
+    alt = largest_fit_detail(arch, source.name, workload, choice, kind, what, allocator=other)  # type: ignore[arg-type]
+    return EstimateMaximum(model=source.name, gpu=kind.name, what=what, allocator=workload.allocator,  # type: ignore[arg-type]
+                           largest=fit.value, capacity_bytes=fit.capacity_bytes, capacity_why=fit.capacity_why,
+                           fails_from=fit.fails_from, fails_at=fit.fails_at, largest_other_allocator=alt.value,
+                           limit=fit.limit)

@@ -96,17 +96,20 @@ def workload_options(fn):
         click.option("--compute-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16",
                      show_default=True, help="bitsandbytes compute dtype."),
         click.option("--revision", default=None, help="Hub revision (branch, tag or commit)."),
+        click.option("--allocator", type=click.Choice(["default", "expandable"]), default="default",
+                     show_default=True, help="PyTorch's caching allocator as it starts by default, or with "
+                     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the verdict replays the run under it)."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _workload(batch, prompt_len, new_tokens, mode, attn, kv_cache_dtype):
+def _workload(batch, prompt_len, new_tokens, mode, attn, kv_cache_dtype, allocator="default"):
     from .request import Workload
 
     return Workload(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, mode=mode, attn=attn,
-                    kv_cache_dtype=kv_cache_dtype)
+                    kv_cache_dtype=kv_cache_dtype, allocator=allocator)
 
 
 def _catalog_option():
@@ -159,13 +162,14 @@ def _training(train, batch, seq_len, lora_rank, lora_targets, gradient_checkpoin
 @training_options
 @click.option("--gpu", default=None, help="Add a fits/does-not-fit verdict for this GPU (see profiles/gpus.yaml).")
 @_catalog_option()
-@click.option("--max", "maximize", type=click.Choice(["batch", "seq-len"]), default=None,
-              help="With --train and --gpu: the largest batch or sequence length whose steps fit.")
+@click.option("--max", "maximize", type=click.Choice(["batch", "prompt-len", "seq-len"]), default=None,
+              help="With --gpu: the largest batch or prompt length whose run completes at the GPU's capacity "
+                   "(with --train: batch or seq-len).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (see `vramplan schema`).")
 @friendly_errors
 def estimate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cache_dtype, double_quant,
-             compute_dtype, revision, train, seq_len, lora_rank, lora_targets, gradient_checkpointing, optimizer,
-             autocast, gpu, gpu_catalog, maximize, as_json):
+             compute_dtype, revision, allocator, train, seq_len, lora_rank, lora_targets, gradient_checkpointing,
+             optimizer, autocast, gpu, gpu_catalog, maximize, as_json):
     """Estimate the GPU memory of one run of MODEL (bundled name, local path or Hub id)."""
     from . import estimate as run_estimate
     from . import estimate_precisions
@@ -173,9 +177,20 @@ def estimate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cac
     if train:
         _estimate_training(model, locals())
         return
+    workload = _workload(batch, prompt_len, new_tokens, mode, attn, kv_cache_dtype, allocator)
     if maximize:
-        raise WorkloadError("--max batch|seq-len sizes a training step: give --train full|lora|qlora.")
-    workload = _workload(batch, prompt_len, new_tokens, mode, attn, kv_cache_dtype)
+        from . import estimate_maximum
+
+        if maximize == "seq-len":
+            raise WorkloadError("--max seq-len sizes a training step: give --train, or --max prompt-len.")
+        if not gpu:
+            raise WorkloadError("--max answers for one GPU: give --gpu.")
+        fit = estimate_maximum(model, workload, maximize.replace("-", "_"), gpu, precision, double_quant=double_quant,
+                               compute_dtype=compute_dtype, revision=revision, gpu_catalog_file=gpu_catalog)
+        click.echo(render.to_json("estimate-max", _request(), fit) if as_json else render.fit_text(fit))
+        if not fit.largest:
+            sys.exit(1)
+        return
     if precision == "all":
         results = estimate_precisions(model, workload, gpu, compute_dtype=compute_dtype, revision=revision,
                                       gpu_catalog_file=gpu_catalog)
@@ -198,6 +213,8 @@ def _estimate_training(model: str, o: dict) -> None:
                          o["gradient_checkpointing"], o["optimizer"], o["autocast"], o["attn"], o["double_quant"])
     common = dict(double_quant=o["double_quant"], compute_dtype=o["compute_dtype"], revision=o["revision"],
                   gpu_catalog_file=o["gpu_catalog"])
+    if o["maximize"] == "prompt-len":
+        raise WorkloadError("--max prompt-len sizes generate(); a training step takes --max batch or seq-len.")
     if o["maximize"]:
         if not o["gpu"]:
             raise WorkloadError("--max answers for one GPU: give --gpu.")
@@ -253,6 +270,8 @@ def models(as_json):
 @click.option("--multi-node", is_flag=True, help="Allow tensor parallelism across nodes.")
 @click.option("--max", "maximize", type=click.Choice(["context", "batch", "concurrency"]), default=None,
               help="Instead of plans: the largest context, or batch (= concurrency), each layout of --gpu fits.")
+@click.option("--allocator", type=click.Choice(["default", "expandable"]), default="default", show_default=True,
+              help="transformers: PyTorch's caching allocator by default, or with expandable_segments:True.")
 @click.option("--sort", type=click.Choice(["gpus", "memory", "cost", "headroom"]), default="gpus", show_default=True,
               help="gpus: fewest GPUs, then the smallest GPU that fits, then cost; memory: least total GPU "
                    "memory; cost: cheapest per hour where priced; headroom: most memory left.")
@@ -265,7 +284,7 @@ def models(as_json):
 @friendly_errors
 def plan(model, context, new_tokens, concurrency, gpus, gpu_catalog, precision, runtime, tp, pp,
          gpu_memory_utilization, max_num_batched_tokens, max_num_seqs, kv_cache_dtype, vllm_version, entrypoint,
-         sampler, max_gpus, multi_node, maximize, sort, top, train, seq_len, lora_rank, lora_targets,
+         sampler, max_gpus, multi_node, maximize, allocator, sort, top, train, seq_len, lora_rank, lora_targets,
          gradient_checkpointing, optimizer, autocast,
          batch, sharding, as_json):
     """How many of which GPU, in which tensor x pipeline layout, serve MODEL's workload (or, with
@@ -289,7 +308,8 @@ def plan(model, context, new_tokens, concurrency, gpus, gpu_catalog, precision, 
                    runtime=runtime, tp=tp, pp=pp, gpu_memory_utilization=gpu_memory_utilization,
                    max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                    kv_cache_dtype=kv_cache_dtype, max_gpus=max_gpus, multi_node=multi_node,
-                   vllm_version=vllm_version, entrypoint=entrypoint, sampler=sampler, gpu_catalog_file=gpu_catalog)
+                   vllm_version=vllm_version, entrypoint=entrypoint, sampler=sampler, allocator=allocator,
+                   gpu_catalog_file=gpu_catalog)
     if maximize:
         if len(gpus) != 1:
             raise WorkloadError("--max answers for one GPU kind: give exactly one --gpu.")
@@ -359,13 +379,11 @@ def schema():
 @training_options
 @click.option("--find-max", "find_max", type=click.Choice(["batch", "prompt-len"]), default=None,
               help="Bisect the largest batch or prompt length that runs here, one fresh process per trial.")
-@click.option("--allocator", type=click.Choice(["default", "expandable"]), default="default", show_default=True,
-              help="PyTorch's caching allocator as configured, or PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @friendly_errors
 def validate(model, batch, prompt_len, new_tokens, mode, attn, precision, kv_cache_dtype, double_quant,
-             compute_dtype, revision, weights, layers, tolerance, matrix, out, tp, pp, train, seq_len, lora_rank,
-             lora_targets, gradient_checkpointing, optimizer, autocast, find_max, allocator, as_json):
+             compute_dtype, revision, allocator, weights, layers, tolerance, matrix, out, tp, pp, train, seq_len,
+             lora_rank, lora_targets, gradient_checkpointing, optimizer, autocast, find_max, as_json):
     """Measure MODEL on this machine's GPU and compare with the estimate (needs CUDA)."""
     from .validate import runner, steps
 

@@ -18,7 +18,7 @@ from .errors import VramplanError
 from .model.spec import Architecture
 from .request import PlanRequest, Workload
 from .result import Plan, PlanResult
-from .runtimes import plan_layout
+from .runtimes import largest_value, plan_layout
 
 SortKey = Literal["gpus", "memory", "cost", "headroom"]
 INFINITY = float("inf")
@@ -154,6 +154,12 @@ def largest_fitting(arch: Architecture, model: str, gpu: Gpu, request: PlanReque
                     tp: int, pp: int, limit: int = 1 << 22) -> int:
     """`--max`: the largest context or concurrency one replica of tp x pp fits (0: none)."""
     precision = request.precisions[0]
+    try:
+        direct = largest_value(arch, model, request, precision, gpu, tp, pp, what, limit)
+    except VramplanError:
+        return 0
+    if direct is not None:
+        return direct
 
     def fits(value: int) -> bool:
         req = request.model_copy(update={what: value, "concurrency": value if what == "concurrency" else 1})

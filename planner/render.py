@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
 from .base import GIB
 from .planning import MaximumReport, MemorySeries, PlanReport
-from .result import Estimate
+from .result import Estimate, EstimateMaximum
 from .result.training import TrainingEstimate, TrainingMaximum, TrainingPlanResult
 from .result.vllm import VllmStartup
 from .source import ModelEntry
@@ -30,6 +30,7 @@ MIB = 2**20
 COMMAND_RESULTS: dict[str, Any] = {
     "estimate": Estimate,
     "estimate-precisions": list[Estimate],
+    "estimate-max": EstimateMaximum,
     "estimate-train": TrainingEstimate,
     "estimate-train-max": TrainingMaximum,
     "plan-train": TrainingPlanResult,
@@ -155,16 +156,50 @@ def estimate_text(est: Estimate) -> str:
     rows.append(["= peak on device", fmt(est.peak_device_bytes), "what nvidia-smi shows for the process"])
     lines += _table(["term", unit, "why"], rows, [False, True, False])
     if est.verdict:
-        v = est.verdict
-        vunit, vfmt = byte_unit([v.memory_bytes])
-        verdict = "fits" if v.fits else "does NOT fit"
-        lines += ["", f"{v.gpu} ({vfmt(v.memory_bytes)} {vunit} usable): {verdict}, "
-                      f"headroom {vfmt(v.headroom_bytes)} {vunit}"]
+        lines += ["", *_wrap(verdict_lines(est.verdict))]
     lines += _notes(est.notes)
     lines += _wrap([f"({unit} = 2^{30 if unit == 'GiB' else 20} bytes; runtime terms calibrated on "
                     f"{est.calibrated_with['gpu']}, torch {est.calibrated_with['torch']}, "
                     f"transformers {est.calibrated_with['transformers']})"])
     return "\n".join(lines)
+
+
+def verdict_lines(v) -> list[str]:
+    """Will it run: the replay of the run's requests through the caching allocator at the GPU's
+    capacity, where it fails, and whether expandable segments change the answer."""
+    vunit, vfmt = byte_unit([v.memory_bytes])
+    verdict = "fits" if v.fits else "does NOT fit"
+    capacity = f", capacity for torch {vfmt(v.capacity_bytes)} {vunit}" if v.capacity_bytes else ""
+    lines = [f"{v.gpu} ({vfmt(v.memory_bytes)} {vunit}{capacity}, {v.allocator} allocator): {verdict}, "
+             f"headroom {vfmt(v.headroom_bytes)} {vunit}"]
+    if not v.fits and v.fails_at:
+        unusable = (f", with {vfmt(v.reserved_unusable_bytes)} {vunit} reserved but unusable"
+                    if v.reserved_unusable_bytes else "")
+        lines.append(f"  the caching allocator runs out of memory at {v.fails_at}{unusable}")
+    if not v.fits and v.fits_with_expandable_segments:
+        lines.append("  it fits with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set it before CUDA starts)")
+    return lines
+
+
+def fit_text(fit: EstimateMaximum) -> str:
+    """`estimate --max`: the boundary under the chosen allocator mode, and under the other."""
+    what = fit.what.replace("_", " ")
+    unit, fmt = byte_unit([fit.capacity_bytes])
+    if not fit.largest:
+        head = f"{fit.model} on {fit.gpu}: not even a {what} of 1 completes at its capacity"
+    else:
+        head = f"{fit.model} on {fit.gpu}: the largest {what} that runs is {fit.largest}"
+        if fit.largest >= fit.limit:
+            head += f" (the search's bound: {fit.limit})"
+    lines = [head + f", {fit.allocator} allocator, capacity {fmt(fit.capacity_bytes)} {unit} ({fit.capacity_why})."]
+    if fit.fails_from is not None and fit.fails_at:
+        lines.append(f"At {fit.fails_from} the caching allocator runs out of memory at {fit.fails_at}.")
+    other = "expandable_segments:True" if fit.allocator == "default" else "the default allocator"
+    if fit.largest_other_allocator is not None and fit.largest_other_allocator != fit.largest:
+        advice = (" Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts to run the larger one."
+                  if fit.allocator == "default" and fit.largest_other_allocator > fit.largest else "")
+        lines.append(f"With {other}: {fit.largest_other_allocator}.{advice}")
+    return "\n".join(_wrap(lines))
 
 
 def training_text(est: TrainingEstimate) -> str:

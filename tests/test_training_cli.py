@@ -66,7 +66,7 @@ def test_max_batch_is_the_boundary_of_the_verdict():
     ["--train", "full", "--precision", "all"],
     ["--train", "full", "--mode", "forward"],
     ["--train", "full", "--max", "batch"],  # no --gpu
-    ["--max", "batch", "--gpu", "h100"],  # no --train
+    ["--max", "seq-len", "--gpu", "h100"],  # seq-len is a training axis
     ["--train", "lora", "--lora-rank", "0"],
     ["--train", "full", "--seq-len", "1"],
     ["--train", "lora", "--precision", "nf4"],  # 4-bit weights are qlora

@@ -93,3 +93,20 @@ class PlanResult(Frozen):
     plans: list[Plan]
     considered: int
     rejected: dict[str, int]  # reason -> how many layouts
+
+
+class EstimateMaximum(Frozen):
+    """`estimate --max batch|prompt-len`: the largest value whose run, replayed through the caching
+    allocator at the GPU's capacity, completes; and the same under the other allocator mode."""
+
+    model: str
+    gpu: str
+    what: Literal["batch", "prompt_len"]
+    allocator: Literal["default", "expandable"]
+    largest: int  # 0: not even 1 fits
+    capacity_bytes: int
+    capacity_why: str
+    fails_from: int | None = None  # the smallest value tried that did not fit
+    fails_at: str | None = None  # where its replay ran out of memory
+    largest_other_allocator: int | None = None  # under the other mode (expandable when default was asked)
+    limit: int  # the model's positions or the search's bound

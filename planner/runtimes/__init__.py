@@ -26,6 +26,17 @@ RUNTIMES: dict[RuntimeName, LayoutPlanner] = {
 }
 
 
+# runtimes that answer `plan --max` directly (the others are bisected through plan_layout)
+LARGEST = {"transformers": serve.largest_transformers}
+
+
+def largest_value(arch: Architecture, model: str, request: PlanRequest, precision: str, gpu: Gpu, tp: int, pp: int,
+                  what: str, limit: int) -> int | None:
+    """The runtime's own largest concurrency or context for one replica, or None to bisect."""
+    fn = LARGEST.get(request.runtime)
+    return None if fn is None else fn(arch, model, request, precision, gpu, tp, pp, what, limit)
+
+
 def plan_layout(arch: Architecture, model: str, request: PlanRequest, precision: str, gpu: Gpu,
                 tp: int, pp: int) -> Plan | str:
     """The request's runtime sizes one layout: a Plan, or the reason it does not fit."""
