@@ -260,18 +260,21 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     tr.at("prefill", "final norm")
     final = tr.new(hidden)
     tr.at(op="lm_head (logits)")
+    copy = None
     if generate:
         logits = tr.new(b * vocab * s)
         tr.drop(final)
-        copy = tr.new(b * vocab * 4)
-        tr.drop(logits, copy)
+        copy = tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
+        tr.drop(logits)
     else:
         logits = [tr.new(b * n * vocab * s) for _ in range(layout.forward_logit_copies)]
         tr.drop(final)
     tr.drop(layer_input, *held_model)
 
     if generate and spec.new_tokens > 1:
-        _decode(tr, arch, layout, spec, cache)
+        _decode(tr, arch, layout, spec, cache, copy)
+    else:
+        tr.drop(copy)
     return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
                         reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries)
 
@@ -369,13 +372,16 @@ def _mlp(tr: _Tracer, copies: int, inter: int, fused_gate_up: bool, gated: bool)
 
 
 def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
-            cache: list[int | None]) -> None:
+            cache: list[int | None], logits_copy: int | None) -> None:
+    """Decode steps in generate()'s order (CPU trace of transformers 5.17): the layers' cache
+    cats, the logits, then _update_model_kwargs_for_generation's position_ids and
+    attention_mask cats (the old ones go), the fp32 copy of the logits (the previous step's
+    goes only now), the input_ids cat; the bf16 logits go once the stopping criteria ran."""
     b, n = spec.batch, spec.prompt_len
     steps = spec.new_tokens - 1
     vocab = arch.vocab_size if arch.computes_logits else 0
+    positions = attention_mask = ids = None  # the prompt's own stay referenced by the caller
     for step in range(1, min(steps, MAX_REPLAYED_DECODE_STEPS) + 1):
-        tr.at(f"decode step {step}", "input_ids (torch.cat)")
-        ids = tr.new(b * (n + step) * 8)
         for index, kind in enumerate(arch.layer_types):
             tr.at(f"decode step {step} layer {index}", "KV cache (torch.cat)")
             length = kv_cache.stored_length(kind, arch.sliding_window, n, step)
@@ -389,5 +395,15 @@ def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
                 tr.drop(layer_replay.moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False))
         tr.at(f"decode step {step}", "lm_head (logits)")
         logits = tr.new(b * vocab * spec.activation_bytes)
-        copy = tr.new(b * vocab * 4)
-        tr.drop(logits, copy, ids)
+        grown = b * (n + step) * 8
+        fresh = tr.new(grown, "position_ids (torch.cat)")
+        tr.drop(positions)
+        positions = fresh
+        fresh_mask = tr.new(grown, "attention_mask (torch.cat)")
+        copy = tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
+        tr.drop(logits_copy)
+        logits_copy = copy
+        fresh = tr.new(grown, "input_ids (torch.cat)")
+        tr.drop(ids, attention_mask, logits)
+        ids, attention_mask = fresh, fresh_mask
+    tr.drop(logits_copy, positions, attention_mask, ids)
