@@ -11,7 +11,8 @@ from .conftest import committed_rows
 
 BNB_LOADS = []
 for _row in committed_rows():
-    if _row.get("status") == "ok" and _row["case"]["precision"] in ("int8", "nf4", "fp4"):
+    if (_row.get("kind", "inference") == "inference" and _row.get("status") == "ok"
+            and _row["case"]["precision"] in ("int8", "nf4", "fp4")):
         key = (_row["case"]["model"], _row["case"]["precision"], _row["case"].get("double_quant"))
         if key not in {k for k, _ in BNB_LOADS}:
             BNB_LOADS.append((key, _row))
