@@ -125,6 +125,18 @@ class _Block:
     mapped: bool = True
 
 
+def _split(block: _Block, size: int, mapped: bool = True) -> _Block:
+    """Cut `block` to `size` bytes; the rest becomes a free block after it in the same segment
+    (mapped or not, for an expandable segment's unmapped range). Returns the rest."""
+    rest = _Block(block.address + size, block.size - size, block.segment, block.small, True, block, block.next,
+                  mapped=mapped)
+    if block.next is not None:
+        block.next.prev = rest
+    block.next = rest
+    block.size = size
+    return rest
+
+
 def _absorb(left: _Block, right: _Block) -> _Block:
     """Merge `right` into its neighbour `left` (same segment, adjacent); returns `left`."""
     left.size += right.size
@@ -169,12 +181,7 @@ class CachingAllocator:
                                   self.capacity or 0)
         remaining = block.size - size
         if remaining >= MIN_BLOCK and (small or self.expandable or remaining > SMALL_SIZE):
-            rest = _Block(block.address + size, remaining, block.segment, small, True, block, block.next)
-            if block.next is not None:
-                block.next.prev = rest
-            block.next = rest
-            block.size = size
-            self._add_free(rest)
+            self._add_free(_split(block, size))
         block.free = False
         self.allocated += block.size
         self.peak_allocated = max(self.peak_allocated, self.allocated)
@@ -243,13 +250,7 @@ class CachingAllocator:
                 self._remove_free(start)
             unmapped.remove(hole)
             if need < hole.size:  # the rest of the range stays unmapped
-                tail = _Block(hole.address + need, hole.size - need, hole.segment, small, True, hole, hole.next,
-                              mapped=False)
-                if hole.next is not None:
-                    hole.next.prev = tail
-                hole.next = tail
-                hole.size = need
-                unmapped.append(tail)
+                unmapped.append(_split(hole, need, mapped=False))
             hole.mapped = True
             self._reserve(need)
             block = _absorb(start, hole) if start is not hole else hole
