@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from vramplan.config import shrink_config
-from vramplan.errors import WorkloadError
+from vramplan.errors import UnsupportedModelError, WorkloadError
 from vramplan.model import architecture_from_config
 from vramplan.parallel import shard
 from vramplan.request import Workload
@@ -20,8 +20,17 @@ DIAGNOSED = [r for r in committed_rows()
              and any(f in r["case"]["model"] for f in ("mamba", "jamba", "falcon-h1", "granite", "Qwen3-Next"))]
 
 
+def _modelled(config):
+    """The Architecture of a config, or a skip when this release does not model its family
+    (a row measured for a family removed or not yet added stays committed)."""
+    try:
+        return architecture_from_config(config)
+    except UnsupportedModelError as exc:
+        pytest.skip(f"refused on purpose: {exc}")
+
+
 def _arch(case):
-    return architecture_from_config(shrink_config(resolve(case["model"]).config, case.get("layers")))
+    return _modelled(shrink_config(resolve(case["model"]).config, case.get("layers")))
 
 
 def _groups(row, where: str) -> set[int]:
@@ -73,7 +82,7 @@ def test_pipeline_stages_split_the_mixer_layers():
 
 
 def test_tensor_parallel_mixers_are_refused_not_guessed():
-    arch = architecture_from_config(resolve("Qwen/Qwen3-Next-80B-A3B-Instruct").config)
+    arch = _modelled(resolve("Qwen/Qwen3-Next-80B-A3B-Instruct").config)
     with pytest.raises(WorkloadError, match="pipeline parallelism"):
         shard(arch, tp=2)
 
@@ -92,8 +101,6 @@ def test_use_cache_false_keeps_no_cache_and_says_so():
 
 
 def test_mbart_is_refused_clearly():
-    from vramplan.errors import UnsupportedModelError
-
     with pytest.raises(UnsupportedModelError, match="mBART"):
         architecture_from_config({"model_type": "mbart", "d_model": 1024})
 

@@ -1,5 +1,5 @@
-"""Adapters for state-space and hybrid families: Mamba, Mamba-2, Jamba, Falcon-H1,
-Granite-4.0-H (granitemoehybrid) and Qwen3-Next.
+"""Adapters for state-space and hybrid families: Mamba, Mamba-2, Jamba, Falcon-H1 and
+Granite-4.0-H (granitemoehybrid).
 
 Each lists its parameters under transformers 5.17's names (the exactness test compares them
 with transformers' own instantiation) and describes its recurrent mixer as a `RecurrentSpec`:
@@ -22,7 +22,6 @@ from ..blocks import (
     gated_mlp,
     layer_norms_and_head,
     moe_mlp,
-    qwen_sparse_layers,
     read_decoder_shape,
     read_layer_types,
     read_rotary_dim,
@@ -254,62 +253,4 @@ def _granite_hybrid(raw: RawConfig) -> Architecture:
         layer_types=kinds, tie_word_embeddings=tied, attention_implementations=ALL_ATTENTION,
         buffers=rope_buffers("model.", shape.head_dim) if rope else (), moe=moe, recurrent=spec,
         notes=(torch_fallback_note("Granite-4.0-H's Mamba-2"),),
-    )
-
-
-@adapter("qwen3_next")
-def _qwen3_next(raw: RawConfig) -> Architecture:
-    shape = read_decoder_shape(raw)
-    hidden, layers = shape.hidden, shape.layers
-    interval = raw.int("full_attention_interval", default=4)
-    kinds = read_layer_types(raw, layers, lambda i: "full" if (i + 1) % interval == 0 else "none")
-    attention_layers, linear_layers = attention_and_mixer_layers(kinds)
-    key_heads, key_dim = raw.int("linear_num_key_heads", default=16), raw.int("linear_key_head_dim", default=128)
-    value_heads = raw.int("linear_num_value_heads", default=32)
-    value_dim = raw.int("linear_value_head_dim", default=128)
-    if value_heads % key_heads:
-        raise ConfigError(f"{raw.where}: {value_heads} value heads cannot share {key_heads} key heads.")
-    kernel = raw.int("linear_conv_kernel_dim", default=4)
-    conv_dim = 2 * key_heads * key_dim + value_heads * value_dim
-    spec = RecurrentSpec(kind="gated_delta", layers=linear_layers, inner=value_heads * value_dim,
-                         state_size=key_dim, heads=value_heads, head_dim=value_dim, groups=key_heads,
-                         conv_kernel=kernel, conv_dim=conv_dim,
-                         in_proj=2 * key_heads * key_dim + 2 * value_heads * value_dim, chunk_size=64)
-    sparse = qwen_sparse_layers(raw, layers) if raw.int("num_experts", default=512, minimum=0) else ()
-    dense = tuple(i for i in range(layers) if i not in sparse)
-    inv = Inventory(layers)
-    inv.one("model.embed_tokens.weight", (shape.vocab, hidden), "embedding")
-    la = "model.layers.{i}.linear_attn"
-    inv.per_layer(f"{la}.dt_bias", (value_heads,), "other", layers=linear_layers)
-    inv.per_layer(f"{la}.A_log", (value_heads,), "other", layers=linear_layers)
-    inv.per_layer(f"{la}.conv1d.weight", (conv_dim, 1, kernel), "other", layers=linear_layers)
-    inv.linear(f"{la}.in_proj_qkvz", spec.in_proj, hidden, False, layers=linear_layers)
-    inv.linear(f"{la}.in_proj_ba", 2 * value_heads, hidden, False, layers=linear_layers)
-    inv.per_layer(f"{la}.norm.weight", (value_dim,), "norm", layers=linear_layers)
-    inv.linear(f"{la}.out_proj", hidden, value_heads * value_dim, False, layers=linear_layers)
-    moe = None
-    if sparse:
-        moe = MoeSpec(num_experts=raw.int("num_experts"), top_k=raw.int("num_experts_per_tok", default=10),
-                      expert_intermediate=raw.int("moe_intermediate_size", default=512),
-                      shared_intermediate=raw.int("shared_expert_intermediate_size", default=512, minimum=0),
-                      sparse_layers=sparse, shared_first=True)
-        moe_mlp(inv, "model.layers.{i}.mlp", moe, MoeLayout(shared="shared_expert", shared_gate=True), hidden)
-    gated_mlp(inv, "model.layers.{i}.mlp", hidden, raw.int("intermediate_size"), False, dense)
-    inv.norm("model.layers.{i}.input_layernorm", hidden, False)
-    inv.norm("model.layers.{i}.post_attention_layernorm", hidden, False)
-    attention_block(inv, "model.layers.{i}.self_attn", shape, raw.bool("attention_bias", default=False),
-                    attention_layers, gated_query=True)
-    inv.per_layer("model.layers.{i}.self_attn.q_norm.weight", (shape.head_dim,), "norm", layers=attention_layers)
-    inv.per_layer("model.layers.{i}.self_attn.k_norm.weight", (shape.head_dim,), "norm", layers=attention_layers)
-    tied = layer_norms_and_head(raw, inv, shape, (), "model.norm")
-    rotary = read_rotary_dim(raw, shape.head_dim)
-    notes = [torch_fallback_note("Qwen3-Next's gated DeltaNet")]
-    if raw.int("num_nextn_predict_layers", "mtp_num_hidden_layers", default=0, minimum=0):
-        notes.append("the checkpoint's multi-token-prediction layers are not loaded by transformers "
-                     "and are not counted.")
-    return whole_model_arch(
-        raw, inv, **shape.arch_fields(), family="hybrid", intermediate_size=raw.int("intermediate_size"),
-        rotary_dim=rotary, positions="rope", max_positions=None, layer_types=kinds, tie_word_embeddings=tied,
-        attention_implementations=ALL_ATTENTION, buffers=rope_buffers("model.", rotary), moe=moe,
-        recurrent=spec, notes=tuple(notes),
     )
