@@ -115,11 +115,13 @@ class RecurrentSpec(Frozen):
     mamba: Mamba-1's selective scan (Mamba, Jamba): `inner` channels, `state_size` each.
     mamba2: Mamba-2's chunked scan (Mamba2, Falcon-H1, Granite-4.0-H): `heads` x `head_dim`
     channels sharing `groups` B/C groups of `state_size`.
+    gated_delta: Qwen3-Next's gated DeltaNet: `heads` value heads of `head_dim`, `groups` key
+    heads of `state_size` (the key head width).
     """
 
-    kind: Literal["mamba", "mamba2"]
+    kind: Literal["mamba", "mamba2", "gated_delta"]
     layers: tuple[int, ...]  # the layers that have the mixer
-    inner: int  # channels on the scan path
+    inner: int  # channels on the scan path (value width for gated_delta)
     state_size: int
     heads: int = 0
     head_dim: int = 0
@@ -128,7 +130,7 @@ class RecurrentSpec(Frozen):
     conv_dim: int  # channels of the causal conv1d (and of its cached state)
     in_proj: int  # output features of the mixer's input projection(s)
     dt_rank: int = 0  # mamba: the time-step projection's rank
-    chunk_size: int = 0  # mamba2: the scan's chunk length
+    chunk_size: int = 0  # mamba2 / gated_delta: the scan's chunk length
     gate_copies: int = 4  # mamba: B x N x inner tensors alive beside the scan (gate, conv, masks)
 
     def conv_state_elements(self, batch: int) -> int:

@@ -2,8 +2,9 @@
 
 transformers 5.17 keeps a mixer layer's state in its cache (cache_utils.LinearAttentionLayer):
 the causal conv1d's last `conv_kernel` inputs (B x conv_dim x kernel, activation dtype) and the
-scan state (fp32: Mamba B x inner x N; Mamba-2 B x heads x head_dim x N). Both are allocated
-when the layer first runs and never grow.
+scan state (fp32: Mamba B x inner x N; Mamba-2 B x heads x head_dim x N; gated DeltaNet
+B x value_heads x key_dim x value_dim). Both are allocated when the layer first runs and never
+grow.
 
 Without the mamba-ssm, causal-conv1d and flash-linear-attention kernels, transformers runs
 torch fallbacks whose prefill materializes large fp32 tensors; the peak of a prefill sits in
@@ -16,6 +17,9 @@ the last mixer layer's scan. The tensors alive there, counted from the measured 
 * Mamba-2 (mamba2_chunk_scan): the C*B product before its sum over the state,
   B x padded_N x chunk x heads x N x 4 bytes, which dwarfs everything else (4 GiB for
   Mamba-Codestral at batch 1, prompt 128: one 256-token chunk).
+* Gated DeltaNet (torch_chunk_gated_delta_rule): ten padded fp32 copies of queries, keys and
+  values (chunked, beta-weighted, decayed, solved) and three B x heads x padded_N x 64 decay
+  and attention matrices.
 """
 
 from __future__ import annotations
@@ -93,9 +97,28 @@ def _mamba2_terms(spec: RecurrentSpec, b: int, n: int, s: int) -> Terms:
     ]
 
 
+def _gated_delta_terms(spec: RecurrentSpec, b: int, n: int, s: int) -> Terms:
+    hv, dk, dv, cs = spec.heads, spec.state_size, spec.head_dim, spec.chunk_size
+    p = _padded(n, cs)
+    repeated = 2 * block_bytes(b * n * hv * dk * s) if hv > spec.groups else 0
+    return [
+        ("chunked queries, keys, values", 5 * block_bytes(b * hv * p * dk * 4) + 5 * block_bytes(b * hv * p * dv * 4),
+         "padded fp32 values, beta-weighted keys and values, decayed keys, the solved systems, queries, keys "
+         "and the output"),
+        ("intra-chunk matrices", 3 * block_bytes(b * hv * p * cs * 4),
+         "pairwise decay, the UT system and intra-chunk attention, B x heads x padded_N x 64, fp32"),
+        ("repeated queries/keys", repeated, "key heads repeated to every value head"),
+        ("conv output and gates", block_bytes(b * n * spec.conv_dim * s) + block_bytes(b * n * hv * dv * s)
+         + block_bytes(b * n * 2 * hv * s) + 3 * block_bytes(b * n * hv * s) + block_bytes(b * n * hv * 4),
+         "act(conv1d), the output gate z, in_proj_ba, beta, a, b and the decay g"),
+        ("scan state and steps", block_bytes(b * hv * dk * dv * 4) + 2 * block_bytes(b * hv * cs * dv * 4)
+         + 3 * block_bytes(b * hv * p * 4), "the running state, one chunk's step tensors, decays"),
+    ]
+
+
 # each mixer kind (RecurrentSpec.kind) and the tensors its torch-fallback scan holds
 SCAN_TERMS: dict[str, Callable[[RecurrentSpec, int, int, int], Terms]] = {
-    "mamba": _mamba_terms, "mamba2": _mamba2_terms,
+    "mamba": _mamba_terms, "mamba2": _mamba2_terms, "gated_delta": _gated_delta_terms,
 }
 
 
