@@ -159,10 +159,12 @@ def _check_kv_dtype(runtime: str, kv_cache_dtype: str, chosen: tuple[str, ...]) 
     """--kv-cache-dtype means what it means for estimate; each runtime takes what it can hold."""
     if kv_cache_dtype == "auto":
         return "auto"
-    if runtime == "transformers":
-        raise WorkloadError(f"--kv-cache-dtype {kv_cache_dtype} is not planned for --runtime transformers yet "
-                            "(its per-GPU estimates use DynamicCache); size it for one GPU with `vramplan estimate "
-                            f"--kv-cache-dtype {kv_cache_dtype}`, or plan --runtime vllm with fp8.")
+    if runtime == "transformers":  # what estimate takes: DynamicCache in the activation dtype, or quantized
+        if kv_cache_dtype in ("fp16", "bf16", "fp32") and chosen != (kv_cache_dtype,):
+            raise WorkloadError(f"transformers' DynamicCache stores keys in the activation dtype: --kv-cache-dtype "
+                                f"{kv_cache_dtype} needs --precision {kv_cache_dtype} (or a quantized cache: "
+                                "int8/int4).")
+        return kv_cache_dtype
     if kv_cache_dtype.startswith("int"):
         raise WorkloadError(f"--kv-cache-dtype {kv_cache_dtype} is transformers' QuantizedCache; vLLM stores its KV "
                             "cache in the model dtype (auto) or fp8.")

@@ -71,7 +71,8 @@ class PlanRequest(Frozen):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # vllm; None: the version's default
     max_num_batched_tokens: int | None = None  # vllm; None: its default
     max_num_seqs: int | None = None  # vllm; None: its default
-    kv_cache_dtype: Literal["auto", "fp8"] = "auto"  # vllm stores fp8 when asked
+    # as for a Workload: vLLM takes auto or fp8, transformers also its QuantizedCache (int8/int4/int2)
+    kv_cache_dtype: Literal["auto", "fp16", "bf16", "fp32", "fp8", "int8", "int4", "int2"] = "auto"
     vllm_version: str | None = None  # vllm; None: the release the rules default to
     entrypoint: Literal["serve", "offline"] = "serve"  # vllm: `vllm serve` or the offline LLM class
     sampler: Literal["auto", "torch", "flashinfer", "triton"] = "auto"  # vllm's top-k/top-p path

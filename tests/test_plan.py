@@ -158,3 +158,14 @@ def test_vllm_plan_bounds_positions_per_request_not_per_profile_run():
         plan("gpt2", ["h100"], context=2048, runtime="vllm")
     refused = plan("gpt2", ["h100"], context=1024, runtime="vllm", max_num_seqs=2)  # 4096 tokens per request
     assert not refused.plans and any("1024 positions" in reason for reason in refused.rejected)
+
+
+def test_kv_cache_dtype_means_for_plan_what_it_means_for_estimate():
+    """--kv-cache-dtype int4 under the transformers runtime plans each rank with transformers'
+    QuantizedCache, as `estimate --kv-cache-dtype int4` sizes one GPU: a smaller cache per GPU."""
+    from vramplan import plan
+
+    def peak(kv: str) -> int:
+        report = plan("llama-3.1-8b", ["h100"], context=32768, concurrency=4, kv_cache_dtype=kv, tp=1, pp=1)
+        return report.plans[0].per_gpu_peak_bytes
+    assert peak("int4") < peak("auto")

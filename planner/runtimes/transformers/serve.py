@@ -59,7 +59,7 @@ def transformers_layout(arch: Architecture, model: str, request: PlanRequest, pr
     if prompt < 1:
         raise WorkloadError("--context must exceed --new-tokens.")
     workload = Workload(batch=batch, prompt_len=prompt, new_tokens=request.new_tokens, attn=request.attn,
-                        allocator=request.allocator)
+                        allocator=request.allocator, kv_cache_dtype=request.kv_cache_dtype)
     choice = PrecisionChoice(name=precision)
     return [_stage_estimate(arch, model, workload, choice, gpu, tp, pp, s, replicate_kv=False)
             for s in range(pp)]
