@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .base import largest_passing
 from .catalog import gpu_catalog, runtime_profile
 from .errors import WorkloadError
 from .loading import _load
@@ -59,16 +60,9 @@ def training_maximum(model: str, training: Training, what: str, gpu: str, precis
         verdict = step(value).verdict
         return verdict is not None and verdict.fits
 
-    if not fits(low_value):
-        return TrainingMaximum(model=source.name, gpu=kind.name, what=what, largest=0)
-    low, high = low_value, low_value * 2
-    while high <= limit and fits(high):
-        low, high = high, high * 2
-    high = min(high, limit + 1)
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return TrainingMaximum(model=source.name, gpu=kind.name, what=what, largest=low, estimate=step(low))
+    largest = largest_passing(fits, low_value, limit)
+    return TrainingMaximum(model=source.name, gpu=kind.name, what=what, largest=largest,
+                           estimate=step(largest) if largest else None)
 
 
 def plan_training(model: str, training: Training, gpus: list[str] | None = None, *, sharding: str = "zero3",

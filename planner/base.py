@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydantic import BaseModel, ConfigDict
 
 GIB = 2**30
@@ -27,3 +29,18 @@ def block_bytes(nbytes: int) -> int:
 
 def gib(nbytes: int) -> float:
     return nbytes / GIB
+
+
+def largest_passing(passes: Callable[[int], bool], low: int, limit: int) -> int:
+    """The largest value in [low, limit] for which `passes` holds, found by doubling from `low`
+    and then bisecting (0 when `low` itself fails); `passes` must be monotone (true, then false)."""
+    if low > limit or not passes(low):
+        return 0
+    high = low * 2
+    while high <= limit and passes(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if passes(middle) else (low, middle)
+    return low

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import Frozen
+from .base import Frozen, largest_passing
 from .catalog import Gpu
 from .errors import VramplanError
 from .model.spec import Architecture
@@ -172,17 +172,5 @@ def largest_fitting(arch: Architecture, model: str, gpu: Gpu, request: PlanReque
             return False
         return isinstance(result, Plan) and result.replicas == 1
 
-    low, high = (1, 2) if what == "concurrency" else (2, 4)
-    if low > limit or not fits(low):
-        return 0
-    while high <= limit and fits(high):
-        low, high = high, high * 2
-    high = min(high, limit + 1)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if fits(middle):
-            low = middle
-        else:
-            high = middle
-    return low
+    return largest_passing(fits, 1 if what == "concurrency" else 2, limit)
 

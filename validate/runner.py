@@ -147,9 +147,13 @@ def report_text(report: ValidationReport) -> str:
     head = f"{report.model}: {compare_label(report.case)}"
     if report.status != "ok":
         return f"{head}\nmeasurement {report.status}: {report.detail}"
-    out = [head, f"on {report.gpu}; peak at {report.estimate.peak_phase}", "",
-           f"{'':26s}{'predicted':>12s}{'measured':>12s}{'error':>9s}"]
-    for line in report.lines:
+    return lines_table(head, f"on {report.gpu}; peak at {report.estimate.peak_phase}", report.lines)
+
+
+def lines_table(head: str, where: str, lines: list[ReportLine]) -> str:
+    """Prediction against measurement, one line per total (every validate report prints this)."""
+    out = [head, where, "", f"{'':26s}{'predicted':>12s}{'measured':>12s}{'error':>9s}"]
+    for line in lines:
         measured = f"{gib(line.measured_bytes):10.2f} G" if line.measured_bytes else f"{'n/a':>12s}"
         error = f"{line.error * 100:+8.2f}%" if line.error is not None else f"{'':>9s}"
         out.append(f"{line.name:26s}{gib(line.predicted_bytes):10.2f} G{measured}{error}")

@@ -25,7 +25,7 @@ from ..runtimes.training import estimate_training
 from ..runtimes.transformers.estimate import estimate_architecture, resolve_attention
 from ..source import load_dtype, resolve
 from . import compare, findmax
-from .runner import Report, ReportLine, _require_gpu_stack
+from .runner import Report, ReportLine, _require_gpu_stack, lines_table
 
 
 class TrainingReport(Report):
@@ -92,16 +92,7 @@ def training_report_text(report: TrainingReport) -> str:
             f"sequence {c['seq_len']}" + (", gradient checkpointing" if c["gradient_checkpointing"] else ""))
     if report.status != "ok":
         return f"{head}\nmeasurement {report.status}: {report.detail}"
-    return _lines_text(head, f"on {report.gpu}; peak at {report.estimate.peak_phase}", report.lines)
-
-
-def _lines_text(head: str, where: str, lines: list[ReportLine]) -> str:
-    out = [head, where, "", f"{'':26s}{'predicted':>12s}{'measured':>12s}{'error':>9s}"]
-    for line in lines:
-        measured = f"{line.measured_bytes / 2**30:10.2f} G" if line.measured_bytes else f"{'n/a':>12s}"
-        error = f"{line.error * 100:+8.2f}%" if line.error is not None else ""
-        out.append(f"{line.name:26s}{line.predicted_bytes / 2**30:10.2f} G{measured}{error}")
-    return "\n".join(out)
+    return lines_table(head, f"on {report.gpu}; peak at {report.estimate.peak_phase}", report.lines)
 
 
 class EdgeReport(Frozen):
