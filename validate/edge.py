@@ -49,13 +49,46 @@ def _where(exc: BaseException) -> list[str]:
     return picked[-4:]
 
 
-def trial(config: dict[str, Any], case: dict[str, Any], workdir: str | None = None) -> dict[str, Any]:
-    """Run one case in this (fresh) process. PYTORCH_CUDA_ALLOC_CONF must already be set."""
+def compact_trace(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The allocator's event trace, small enough to commit: one [action, block, bytes, label]
+    per event, blocks numbered in order of allocation (addresses mean nothing off the GPU),
+    labels the innermost transformers/torch/bitsandbytes frames, stored once."""
+    from vramplan.validate import measure
+
+    labels: dict[str, int] = {}
+    blocks: dict[int, int] = {}
+    events: list[list[Any]] = []
+    allocated = 0
+    for event in snapshot.get("device_traces", [[]])[0]:
+        action = event.get("action")
+        if action not in ("alloc", "free_completed", "segment_alloc", "segment_free",
+                          "segment_map", "segment_unmap", "oom"):
+            continue
+        addr = int(event.get("addr", 0))
+        if action == "alloc":
+            block = blocks[addr] = allocated
+            allocated += 1
+        elif action == "free_completed":
+            block = blocks.pop(addr, -1)
+        else:
+            block = -1
+        label = measure._frame_label(event.get("frames", [])) if action in ("alloc", "oom") else ""
+        events.append([action, block, int(event.get("size", 0)), labels.setdefault(label, len(labels))])
+    return {"labels": list(labels), "events": events}
+
+
+def trial(config: dict[str, Any], case: dict[str, Any], workdir: str | None = None,
+          trace_path: str | None = None) -> dict[str, Any]:
+    """Run one case in this (fresh) process. PYTORCH_CUDA_ALLOC_CONF must already be set.
+    With `trace_path`, the allocator's history from CUDA's start to the end of the run (or the
+    out-of-memory) is appended there as one gzipped JSON line (compact_trace)."""
     import torch
     from vramplan.validate import measure
 
     started = time.perf_counter()
     torch.cuda.init()
+    if trace_path:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     free_at_init, total = torch.cuda.mem_get_info()
     fraction = case.get("memory_fraction")
     if fraction:
@@ -107,6 +140,14 @@ def trial(config: dict[str, Any], case: dict[str, Any], workdir: str | None = No
         "seconds": round(time.perf_counter() - started, 2),
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
     })
+    if trace_path:
+        import gzip
+
+        trace = compact_trace(torch.cuda.memory._snapshot())
+        torch.cuda.memory._record_memory_history(enabled=None)
+        row["trace_events"] = len(trace["events"])
+        with gzip.open(trace_path, "at") as fh:
+            fh.write(json.dumps({"case": case, "status": row["status"], **trace}) + "\n")
     return row
 
 

@@ -2,7 +2,7 @@
 process per trial, and record every trial.
 
 Torch-free: the trials run in `vramplan.validate.edge` workers. `search` brackets the boundary
-from a first guess (growing or shrinking by STEP), then bisects until the gap is at most the
+from a first guess (stepping away from it by a doubling step), then bisects until the gap is at most the
 resolution (exact below 50, else 2% of the value, rounded to a multiple of `quantum`). Every
 trial is kept, so a committed search shows what ran and what ran out of memory.
 """
@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-STEP = 1.12  # growth while bracketing
 ALLOC_CONF = {"default": "", "expandable": "expandable_segments:True"}
 FIELD = {"batch": "batch", "prompt-len": "prompt_len"}
 
@@ -31,13 +30,17 @@ def resolution(value: int, quantum: int = 1) -> int:
 
 def search(trial: Callable[[int], dict[str, Any]], guess: int, *, quantum: int = 1, low_limit: int = 1,
            high_limit: int = 1 << 22, deadline: float | None = None) -> dict[str, Any]:
-    """Largest value whose trial runs, smallest that runs out of memory, and every trial."""
+    """Largest value whose trial runs, smallest that runs out of memory, and every trial.
+
+    Brackets from the guess with a step that starts at the resolution and doubles (a good guess
+    costs two trials: it runs, one step more does not), then bisects the bracket down to the
+    resolution. A trial that neither runs nor runs out of memory ends the search."""
     trials: list[dict[str, Any]] = []
 
-    def run(value: int) -> bool:
+    def run(value: int) -> str:
         row = trial(value)
         trials.append(row)
-        return row.get("status") == "ok"
+        return row.get("status", "error")
 
     def snap(value: float) -> int:
         return max(low_limit, min(high_limit, round(value / quantum) * quantum or quantum))
@@ -45,30 +48,32 @@ def search(trial: Callable[[int], dict[str, Any]], guess: int, *, quantum: int =
     def out_of_time() -> bool:
         return deadline is not None and time.time() > deadline
 
-    ok, oom = None, None
-    value = snap(guess)
+    ok: int | None = None
+    oom: int | None = None
+    value, step = snap(guess), resolution(snap(guess), quantum)
     while (ok is None or oom is None) and not out_of_time():
-        if run(value):
+        status = run(value)
+        if status == "ok":
             ok = value
-            if value >= high_limit:
+            if oom is not None or value >= high_limit:
                 break
-            value = snap(max(value * STEP, value + quantum)) if oom is None else value
-        else:
-            if trials[-1].get("status") != "oom":
-                break  # an error, not a boundary: stop and report it
+            value = snap(value + step)
+        elif status == "oom":
             oom = value
-            if value <= low_limit:
+            if ok is not None or value <= low_limit:
                 break
-            value = snap(min(value / STEP, value - quantum)) if ok is None else value
-        if ok is not None and oom is not None:
-            break
+            value = snap(value - step)
+        else:
+            break  # an error, not a boundary: stop and report it
+        step *= 2
     while ok is not None and oom is not None and oom - ok > resolution(ok, quantum) and not out_of_time():
         middle = snap((ok + oom) / 2)
         if middle in (ok, oom):
             break
-        if run(middle):
+        status = run(middle)
+        if status == "ok":
             ok = middle
-        elif trials[-1].get("status") == "oom":
+        elif status == "oom":
             oom = middle
         else:
             break
