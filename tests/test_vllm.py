@@ -59,7 +59,8 @@ def predict(row: dict) -> VllmStartup:
                           entrypoint=spec.get("entrypoint", "serve"),
                           gpu_memory_utilization=spec.get("gpu_memory_utilization"),
                           max_num_batched_tokens=spec.get("max_num_batched_tokens"),
-                          max_num_seqs=spec.get("max_num_seqs"), kv_cache_dtype=spec.get("kv_cache_dtype", "auto"))
+                          max_num_seqs=spec.get("max_num_seqs"), kv_cache_dtype=spec.get("kv_cache_dtype", "auto"),
+                          sampler=spec.get("sampler", "auto"))
     tp = spec.get("tp", 1)
     return vllm_startup(shard(arch, tp, 1, 0, replicate_kv=True), logged_gpu(spec), request, "auto", tp)
 
@@ -94,7 +95,7 @@ def drift(row: dict, startup: VllmStartup) -> list[str]:
 
 
 def test_enough_rows_are_replayed():
-    assert len(TESTABLE) >= 15
+    assert len(TESTABLE) >= 20
     gpus = {r["predict"].get("gpu") or "logged" for r in TESTABLE}
     versions = {r["predict"]["rules"] for r in TESTABLE}
     tps = {r["predict"].get("tp", 1) for r in TESTABLE}
