@@ -1,14 +1,18 @@
 """A simulation of PyTorch's CUDA caching allocator (torch 2.11), with the GPU's capacity.
 
 The rules are those of c10/cuda/CUDACachingAllocator.cpp with the default configuration
-(no max_split_size, no garbage collection, one stream); /work/notes/allocator.md reads them
-line by line, and the reference cases there were measured on an H200:
+(no max_split_size, no garbage collection, one stream), and the reference cases in
+tests/test_edge.py were measured on an H200:
 
 * a request is rounded up to 512 bytes; up to 1 MiB it is served from the small pool,
   above from the large pool;
 * a free block is looked up best-fit (the smallest free block of the pool that is large
-  enough, lowest address first among equals); a large-pool block is split when more than
-  1 MiB would be left over, a small-pool block when at least 512 bytes would;
+  enough, lowest address first among equals); the driver places each new segment below the
+  ones before it, so among free blocks of one size the newest segment's wins (this alone
+  decides whether a layer's 16 GiB temporary reuses a free segment or needs a new one: the
+  GPU traces in profiles/measurements/h200-edge-traces.jsonl.gz, replayed, show it);
+* a large-pool block is split when more than 1 MiB would be left over, a small-pool block
+  when at least 512 bytes would;
 * when no free block fits, a new segment is reserved: 2 MiB for small requests, 20 MiB for
   requests under 10 MiB, else the request rounded up to 2 MiB;
 * a freed block merges with free neighbours of its segment; nothing is returned to the
@@ -25,8 +29,10 @@ that grows at its end in pages (20 MiB large, 2 MiB small), blocks always split,
 retry every page lying entirely inside a free block is unmapped, so free memory separated by
 live blocks is reusable after the retry.
 
-Reserved memory is the sum of the segments (the mapped pages). The simulation is exact for a
-given sequence of requests; how well it predicts a real run depends on the sequence.
+Reserved memory is the sum of the segments (the mapped pages). Fed the requests of 16 edge
+trials as the H200 recorded them (tests/test_edge_traces.py), the simulation reserves what
+the GPU reserved after every request, and runs out of memory at the request the GPU ran out
+at; how well it predicts a run the planner replays depends on the planner's request sequence.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ ROUND_LARGE = 2 << 20
 # the virtual range of an expandable segment: 1.125 x the device; any range larger than the
 # device behaves the same, since mapping fails at capacity first
 EXPANDABLE_RANGE = 1 << 50
+TOP_OF_ADDRESS_SPACE = 1 << 62
 
 
 EDGE_SUFFIX = "-edge"  # calibration.yaml's outside_torch entry for what is unavailable at the edge
@@ -162,7 +169,7 @@ class CachingAllocator:
     _by_key: dict[tuple[int, int], _Block] = field(default_factory=dict)
     _live: dict[int, _Block] = field(default_factory=dict)
     _unmapped: dict[bool, list[_Block]] = field(default_factory=lambda: {True: [], False: []})
-    _next_address: int = 0
+    _lowest_address: int = TOP_OF_ADDRESS_SPACE
     _next_handle: int = 0
 
     def malloc(self, nbytes: int, label: str = "") -> int:
@@ -215,11 +222,17 @@ class CachingAllocator:
             seg = segment_size(size)
             if self.capacity is not None and self.reserved + seg > self.capacity:
                 return None
-            block = _Block(self._next_address, seg, self._next_address, small, True)
-            self._next_address += seg + ROUND_LARGE  # segments never touch
+            address = self._new_range(seg)
+            block = _Block(address, seg, address, small, True)
             self._reserve(seg)
             return block
         return self._map(size, small)
+
+    def _new_range(self, size: int) -> int:
+        """The driver hands out device addresses from the top down: a new segment lies below
+        every segment before it (and never touches one)."""
+        self._lowest_address -= size + ROUND_LARGE
+        return self._lowest_address
 
     def _reserve(self, nbytes: int) -> None:
         self.reserved += nbytes
@@ -234,8 +247,8 @@ class CachingAllocator:
         unmapped = self._unmapped[small]
         if not unmapped:
             # the pool's segment: one virtual range, nothing mapped yet
-            whole = _Block(self._next_address, EXPANDABLE_RANGE, self._next_address, small, True, mapped=False)
-            self._next_address += EXPANDABLE_RANGE
+            address = self._new_range(EXPANDABLE_RANGE)
+            whole = _Block(address, EXPANDABLE_RANGE, address, small, True, mapped=False)
             unmapped.append(whole)
         page = self._page(small)
         for hole in sorted(unmapped, key=lambda b: b.address):
