@@ -32,3 +32,8 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_accuracy_table_is_current():
     script = ROOT / "scripts" / "accuracy_table.py"
     assert subprocess.run([sys.executable, str(script), "--check"], check=False).returncode == 0
+
+
+def test_readme_edge_table_is_current():
+    script = ROOT / "scripts" / "edge_table.py"
+    assert subprocess.run([sys.executable, str(script), "--check"], check=False).returncode == 0

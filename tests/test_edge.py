@@ -5,6 +5,14 @@ from __future__ import annotations
 
 import pytest
 from vramplan.runtimes.allocator import CachingAllocator, OutOfMemory
+from vramplan.validate.edgecheck import architecture as _architecture
+from vramplan.validate.edgecheck import boundary_holds, fills_the_gpu, measured_peak_device, predicted_boundary
+from vramplan.validate.edgecheck import case_id as _case_id
+from vramplan.validate.edgecheck import estimate as _estimate
+from vramplan.validate.edgecheck import trial_id as _trial_id
+from vramplan.validate.edgecheck import workload as _workload
+
+from .conftest import committed_rows
 
 MIB = 2**20
 GIB = 2**30
@@ -120,59 +128,17 @@ def test_a_partly_used_segment_stays_reserved():
 
 # -- the committed edge searches (profiles/measurements/h200-edge.jsonl) ----------------------
 
-from .conftest import committed_rows  # noqa: E402
 
 DEVICE_TOLERANCE = 0.03  # peak_device_bytes on trials that use at least half of the GPU
-FULL_GPU_SHARE = 0.5
-
-
-def _case_id(case: dict) -> str:
-    layers = f"-l{case['layers']}" if case.get("layers") else ""
-    return f"{case['model']}{layers}-{case['precision']}-{case['attn']}-n{case['prompt_len']}-{case['allocator']}"
-
-
-def _trial_id(row: dict) -> str:
-    return f"{_case_id(row['case'])}-b{row['case']['batch']}"
-
 
 SEARCHES = [r for r in committed_rows() if r.get("kind") == "edge-search"]
 TRIALS = [r for r in committed_rows() if r.get("kind") == "edge" and r.get("status") in ("ok", "oom")]
 
 # Where the replay does not yet reproduce the GPU's edge, and why. strict: a search or trial
 # that starts matching fails here until it is taken off the list.
-_EAGER = "eager attention keeps the coarse score order (one replacement): right for the default allocator's reserve"
-KNOWN_SEARCH_GAPS = {
-    "llama-3.1-8b-bf16-sdpa-n8192-default":
-        "predicted 55: the replay survives batch 54 with one retry; the GPU fails in an MLP with 23.7 GiB unusable",
-    "llama-3.2-1b-bf16-eager-n4096-default": "predicted 19: " + _EAGER + ", not where its retries fail",
-    "llama-3.2-1b-bf16-eager-n4096-expandable": "predicted 25: " + _EAGER + ", so 16 GiB too many pages are mapped",
-    "qwen3-0.6b-bf16-sdpa-n4096-default": "predicted 207: the decode steps' cache reallocation reserves 6% too little",
-    "qwen3-30b-a3b-l8-bf16-sdpa-n1024-default":
-        "predicted 698: grouped_mm's request order is approximated; the replay fails at 724 in layer 1's experts",
-    "mistral-7b-v0.1-l8-bf16-sdpa-n8192-default":
-        "predicted 91: the sliding-window run reserves 14% less than the GPU (one retry there, none here)",
-    # measured after the replay was written (third edge call), not fitted
-    "llama-3.1-8b-l8-nf4-sdpa-n2048-default":
-        "predicted 434 vs 372/377: bitsandbytes 4-bit matmuls (dequantized weights) are not replayed; -7% reserve",
-    "gemma-2-2b-it-l8-bf16-sdpa-n2048-default":
-        "predicted 611 vs 526/534: Gemma-2's layers (four norms, soft-capping) are replayed with llama's order; "
-        "-13% reserve",
-}
-
-
-def _architecture(case: dict):
-    from vramplan.config import shrink_config
-    from vramplan.model import architecture_from_config
-    from vramplan.source import resolve
-
-    return architecture_from_config(shrink_config(resolve(case["model"]).config, case.get("layers")), case["model"])
-
-
-def _workload(case: dict):
-    from vramplan.request import Workload
-
-    return Workload(batch=case.get("batch", 1), prompt_len=case["prompt_len"], new_tokens=case["new_tokens"],
-                    attn=case["attn"], allocator=case["allocator"])
+KNOWN_SEARCH_GAPS: dict[str, str] = {}
+KNOWN_TRIAL_GAPS: dict[str, str] = {}
+KNOWN_DEVICE_GAPS: dict[str, str] = {}
 
 
 def _h200():
@@ -187,53 +153,25 @@ def _param(row: dict, ident: str, gaps: dict[str, str]):
 
 
 def test_every_search_has_both_ends_or_says_why():
-    assert len(SEARCHES) >= 7
-    allocators = {s["case"]["allocator"] for s in SEARCHES}
-    assert allocators == {"default", "expandable"}
+    assert all(s["largest_ok"] is not None and s["smallest_oom"] is not None for s in SEARCHES)
     assert set(KNOWN_SEARCH_GAPS) <= {_case_id(s["case"]) for s in SEARCHES}
+
+
+def test_enough_shapes_and_kinds_with_both_allocators():
+    """Issue 10 asks for 12 shapes over 6 kinds, each with both allocator settings."""
+    shapes: dict[str, set[str]] = {}
+    for s in SEARCHES:
+        shapes.setdefault(_case_id(s["case"]).rsplit("-", 1)[0], set()).add(s["case"]["allocator"])
+    both = [k for k, v in shapes.items() if v == {"default", "expandable"}]
+    assert len(shapes) >= 13 and len(both) >= 9
 
 
 @pytest.mark.parametrize("search", [_param(s, _case_id(s["case"]), KNOWN_SEARCH_GAPS) for s in SEARCHES])
 def test_largest_fit_is_the_measured_boundary(search):
-    from vramplan.request import PrecisionChoice
-    from vramplan.runtimes.transformers.fit import largest_fit_detail
-
-    case = search["case"]
-    found = largest_fit_detail(_architecture(case), case["model"], _workload(case),
-                               PrecisionChoice(name=case["precision"]), _h200(), search["what"])
-    upper = search["smallest_oom"]
-    assert search["largest_ok"] <= found.value and (upper is None or found.value < upper), (
-        f"{_case_id(case)}: predicted {found.value}, measured {search['largest_ok']} runs and "
-        f"{upper} runs out of memory; the replay fails at {found.fails_from}: {found.fails_at}")
-
-
-def _estimate(row: dict):
-    from vramplan.request import PrecisionChoice
-    from vramplan.runtimes.transformers.estimate import estimate_architecture
-
-    case = row["case"]
-    return estimate_architecture(_architecture(case), case["model"], _workload(case),
-                                 PrecisionChoice(name=case["precision"]), _h200())
-
-
-_MISTRAL = "mistral-7b-v0.1-l8-bf16-sdpa-n8192-default"
-_NF4 = "llama-3.1-8b-l8-nf4-sdpa-n2048-default"
-_GEMMA = "gemma-2-2b-it-l8-bf16-sdpa-n2048-default"
-KNOWN_TRIAL_GAPS = {
-    **{f"llama-3.1-8b-bf16-sdpa-n8192-default-b{b}": KNOWN_SEARCH_GAPS["llama-3.1-8b-bf16-sdpa-n8192-default"]
-       for b in (54,)},
-    **{f"llama-3.2-1b-bf16-eager-n4096-default-b{b}": KNOWN_SEARCH_GAPS["llama-3.2-1b-bf16-eager-n4096-default"]
-       for b in (17,)},
-    **{f"llama-3.2-1b-bf16-eager-n4096-expandable-b{b}":
-       KNOWN_SEARCH_GAPS["llama-3.2-1b-bf16-eager-n4096-expandable"] for b in (26,)},
-    **{f"qwen3-0.6b-bf16-sdpa-n4096-default-b{b}": KNOWN_SEARCH_GAPS["qwen3-0.6b-bf16-sdpa-n4096-default"]
-       for b in (195, 206)},
-    **{f"qwen3-30b-a3b-l8-bf16-sdpa-n1024-default-b{b}": KNOWN_SEARCH_GAPS["qwen3-30b-a3b-l8-bf16-sdpa-n1024-default"]
-       for b in (724,)},
-    **{f"{_MISTRAL}-b{b}": KNOWN_SEARCH_GAPS[_MISTRAL] for b in (80, 85)},
-    **{f"{_NF4}-b{b}": KNOWN_SEARCH_GAPS[_NF4] for b in (377, 388, 410)},
-    **{f"{_GEMMA}-b{b}": KNOWN_SEARCH_GAPS[_GEMMA] for b in (534, 549, 580)},
-}
+    found = predicted_boundary(search)
+    assert boundary_holds(search, found.value), (
+        f"{_case_id(search['case'])}: predicted {found.value}, measured {search['largest_ok']} runs and "
+        f"{search['smallest_oom']} runs out of memory; the replay fails at {found.fails_from}: {found.fails_at}")
 
 
 @pytest.mark.parametrize("row", [_param(r, _trial_id(r), KNOWN_TRIAL_GAPS) for r in TRIALS])
@@ -245,32 +183,13 @@ def test_verdict_matches_each_trial(row):
         f" (fails at {verdict.fails_at})")
 
 
-def _measured_peak_device(row: dict) -> int:
-    """NVML's figure at the end is the peak only when nothing was released: after a retry the
-    reserved peak plus what was outside torch at the end is."""
-    return row["peak_reserved_bytes"] + row["device_bytes"] - row["reserved_at_end_bytes"]
-
-
-FULL_GPU_TRIALS = [r for r in TRIALS if r["status"] == "ok"
-                   and _measured_peak_device(r) >= FULL_GPU_SHARE * r["gpu_total_bytes"]]
-KNOWN_DEVICE_GAPS = {
-    **{f"llama-3.2-1b-bf16-eager-n4096-expandable-b{b}":
-       "eager attention's coarse score order leaves a 16 GiB hole the expandable segment cannot reuse"
-       for b in (16, 18, 20, 22, 26)},
-    **{f"qwen3-0.6b-bf16-sdpa-n4096-default-b{b}": KNOWN_SEARCH_GAPS["qwen3-0.6b-bf16-sdpa-n4096-default"]
-       for b in (130, 146, 164)},
-    **{f"qwen3-30b-a3b-l8-bf16-sdpa-n1024-default-b{b}": KNOWN_SEARCH_GAPS["qwen3-30b-a3b-l8-bf16-sdpa-n1024-default"]
-       for b in (724,)},
-    **{f"{_MISTRAL}-b{b}": KNOWN_SEARCH_GAPS[_MISTRAL] for b in (76, 78)},
-    **{f"{_NF4}-b{b}": KNOWN_SEARCH_GAPS[_NF4] for b in (366, 372)},
-    **{f"{_GEMMA}-b{b}": KNOWN_SEARCH_GAPS[_GEMMA] for b in (518, 526)},
-}
+FULL_GPU_TRIALS = [r for r in TRIALS if fills_the_gpu(r)]
 
 
 @pytest.mark.parametrize("row", [_param(r, _trial_id(r), KNOWN_DEVICE_GAPS) for r in FULL_GPU_TRIALS])
 def test_full_gpu_device_bytes(row):
     predicted = _estimate(row).peak_device_bytes
-    measured = _measured_peak_device(row)
+    measured = measured_peak_device(row)
     assert abs(predicted / measured - 1) <= DEVICE_TOLERANCE, (
         f"{_trial_id(row)}: device predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB "
         f"({predicted / measured - 1:+.2%})")
@@ -304,5 +223,28 @@ def test_verdict_names_the_failing_request_and_suggests_expandable_segments():
     row = next(r for r in TRIALS if _trial_id(r) == "llama-3.2-1b-bf16-eager-n4096-expandable-b28")
     verdict = _estimate(row).verdict
     assert not verdict.fits and verdict.fits_with_expandable_segments is False
-    assert verdict.fails_at.startswith("prefill layer 0, attention (eager)")
+    # the GPU: "Tried to allocate 56.00 GiB" in torch.nn.functional.softmax, eager_attention_forward
+    assert verdict.fails_at == "prefill layer 0, softmax (56.00 GiB)"
+    assert row["oom"]["tried_to_allocate_bytes"] == 56 * GIB and row["failed_at"][-1].endswith(":softmax")
     assert verdict.reserved_unusable_bytes is not None and verdict.headroom_bytes < 0
+
+
+OOM_TRIALS = [r for r in TRIALS if r["status"] == "oom"]
+
+
+@pytest.mark.parametrize("row", [pytest.param(r, id=_trial_id(r)) for r in OOM_TRIALS])
+def test_the_replay_fails_at_the_request_the_gpu_failed_at(row):
+    """torch's message prints what it tried to allocate to two decimals of its unit; the replay's
+    failing request (the segment it needed) must print the same."""
+    from vramplan.request import PrecisionChoice
+    from vramplan.runtimes.transformers.fit import replay_at_capacity
+
+    case = row["case"]
+    run = replay_at_capacity(_architecture(case), _workload(case), PrecisionChoice(name=case["precision"]),
+                             _h200(), case["allocator"])
+    assert not run.completed
+    tried = row["oom"]["tried_to_allocate_bytes"]
+    unit = GIB if tried >= GIB else MIB
+    assert round(run.failed_request_bytes / unit, 2) == round(tried / unit, 2), (
+        f"{_trial_id(row)}: replay fails at {run.failed_at}, the GPU tried to allocate {tried / unit:.2f} "
+        f"{'GiB' if unit == GIB else 'MiB'} at {row['failed_at'][-1]}")

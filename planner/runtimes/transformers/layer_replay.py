@@ -63,6 +63,48 @@ def traced_rope(tr: Tracer, nbytes: int) -> int:
     return out
 
 
+def traced_position_ids(tr: Tracer, b: int, n: int) -> None:
+    """generate()'s position ids (_prepare_position_ids_for_generation: cumsum of the mask,
+    minus one, masked_fill where the mask is 0), then prepare_inputs_for_generation's copy;
+    both int64. Read from the H200 traces (profiles/measurements/h200-edge-traces.jsonl.gz)."""
+    cumsum = tr.new(b * n * 8, "position ids (cumsum)")
+    shifted = tr.new(b * n * 8, "position ids (- 1)")
+    tr.drop(cumsum)
+    padding = tr.new(b * n, "attention_mask == 0")
+    tr.new(b * n * 8, "position ids (masked_fill)")
+    tr.drop(padding, shifted)
+    tr.new(b * n * 8, "position ids (prepare_inputs_for_generation)")
+
+
+def traced_mask_check(tr: Tracer, b: int, n: int) -> None:
+    """create_causal_mask under SDPA when no mask is needed: the padding mask as booleans and
+    _ignore_causal_mask_sdpa's all() over it (an int64 copy)."""
+    padding = tr.new(b * n, "padding mask")
+    tr.temp(b * n * 8)
+    tr.drop(padding)
+
+
+def traced_rotary_tables(tr: Tracer, b: int, n: int, rotary_dim: int, s: int) -> list[int | None]:
+    """LlamaRotaryEmbedding.forward: positions as fp32, inv_freq @ positions, cat(freqs, freqs),
+    cos() and sin() each times attention_scaling, then cast to the model's dtype; the fp32
+    intermediates go once both casts exist. Returns the cos and sin tables the layers share."""
+    positions = tr.new(b * n * 4, "rotary positions (fp32)")
+    freqs = tr.new(b * n * (rotary_dim // 2) * 4, "rotary inv_freq @ positions")
+    emb = tr.new(b * n * rotary_dim * 4, "rotary cat(freqs, freqs)")
+    tables = []
+    for name in ("cos", "sin"):
+        raw = tr.new(b * n * rotary_dim * 4, f"rotary {name}()")
+        scaled = tr.new(b * n * rotary_dim * 4, f"rotary {name} * attention_scaling")
+        tr.drop(raw)
+        tables.append(scaled)
+    if s == 4:  # .to(float32) is the tensor itself
+        tr.drop(positions, freqs, emb)
+        return tables
+    casts = [tr.new(b * n * rotary_dim * s, f"rotary {name} .to(dtype)") for name in ("cos", "sin")]
+    tr.drop(positions, freqs, emb, *tables)
+    return casts
+
+
 def traced_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
                   kernel: str, masked: bool, qk_norm: bool, generate: bool,
                   layer_input: int | None) -> tuple[int | None, list[int | None]]:
@@ -72,23 +114,34 @@ def traced_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
     b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
     heads, kv_heads, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
     tokens = b * n
-    hidden = tokens * arch.hidden_size * s
+    h = arch.hidden_size
+    hidden = tokens * h * s
     q_bytes, kv_bytes = tokens * heads * d * s, tokens * kv_heads * d * s
+
+    def linear(out_features: int, in_features: int, name: str) -> int | None:
+        """A projection's output; under bitsandbytes 4-bit the weight is first dequantized to the
+        compute dtype (bitsandbytes 0.50 _dequant_linear_fallback) and goes once the output exists."""
+        weight = tr.new(out_features * in_features * s, f"{name} (dequantized weight)") \
+            if spec.quantization == "4bit" else None
+        out = tr.new(tokens * out_features * s, name)
+        tr.drop(weight)
+        return out
+
     normed = traced_norm(tr, hidden, tokens, s)
     if qk_norm:  # q_norm(q_proj(x).view(...)): the projection goes once normed
-        q = tr.new(q_bytes, "self_attn.q_proj")
+        q = linear(heads * d, h, "self_attn.q_proj")
         tr.at(op="self_attn.q_norm")
         q_normed = traced_norm(tr, q_bytes, tokens * heads, s)
         tr.drop(q)
-        k = tr.new(kv_bytes, "self_attn.k_proj")
+        k = linear(kv_heads * d, h, "self_attn.k_proj")
         tr.at(op="self_attn.k_norm")
         k_normed = traced_norm(tr, kv_bytes, tokens * kv_heads, s)
         tr.drop(k)
         q, k = q_normed, k_normed
-        v = tr.new(kv_bytes, "self_attn.v_proj")
+        v = linear(kv_heads * d, h, "self_attn.v_proj")
     else:
-        q, k, v = (tr.new(q_bytes, "self_attn.q_proj"), tr.new(kv_bytes, "self_attn.k_proj"),
-                   tr.new(kv_bytes, "self_attn.v_proj"))
+        q, k, v = (linear(heads * d, h, "self_attn.q_proj"), linear(kv_heads * d, h, "self_attn.k_proj"),
+                   linear(kv_heads * d, h, "self_attn.v_proj"))
     tr.at(op="rotary embedding (query)")
     q_rot = traced_rope(tr, q_bytes)
     tr.at(op="rotary embedding (key)")
@@ -132,7 +185,7 @@ def traced_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
         tr.temp(b * heads * (-(-n // 32) * 32) * 4)  # log-sum-exp
         tr.drop(additive)
     tr.drop(*repeats, k_rot, v)
-    projected = tr.new(hidden, "self_attn.o_proj")
+    projected = linear(h, heads * d, "self_attn.o_proj")
     tr.drop(out, q_rot, normed)
     residual = tr.new(hidden, "residual add")
     tr.drop(projected)
@@ -143,14 +196,15 @@ def traced_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
         tr.at(op="experts (grouped_mm)")
         down = moe_block(tr, arch, layout, tokens, s, grouped=True)
     else:
-        inter = tokens * arch.intermediate_size * s
-        gate = tr.new(inter, "mlp.gate_proj")
+        width = arch.intermediate_size
+        inter = tokens * width * s
+        gate = linear(width, h, "mlp.gate_proj")
         act = tr.new(inter, "mlp.act_fn")
         tr.drop(gate)
-        up = tr.new(inter, "mlp.up_proj")
+        up = linear(width, h, "mlp.up_proj")
         product = tr.new(inter, "mlp act * up")
         tr.drop(act, up)
-        down = tr.new(hidden, "mlp.down_proj")
+        down = linear(h, width, "mlp.down_proj")
         tr.drop(product)
     tr.drop(normed_mlp)
     output = tr.new(hidden, "residual add")

@@ -157,34 +157,39 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     rotary_fraction = arch.rotary_dim / arch.head_dim if arch.rotary_dim else 0.0
     fused_gate_up = any(".gate_up_proj." in t.name for t in arch.tensors)
 
+    masked_last = spec.attn == "sdpa" and attention.needs_mask(arch, arch.layer_types[-1], n)
+    kernel = "eager" if spec.attn == "eager" else (
+        attention.sdpa_kernel(arch, layout, s, masked_last) if spec.attn == "sdpa" else "flash")
+    pre_norm = layout.attention_point.hidden >= 3
+    qk_norm = any(".q_norm." in t.name for t in arch.tensors)
+    traced = (arch.model_type in TRACED_LAYER_ORDER and rms and pre_norm and rotary_fraction == 1.0
+              and not layout.attention_point.fused_qkv and not fused_gate_up
+              and (arch.gated_mlp or arch.moe is not None)
+              and kernel in ("flash", "efficient", "eager")
+              and (spec.quantization == "none" or (spec.quantization == "4bit" and arch.moe is None and not qk_norm)))
+
     tr.at("prefill", "position ids")
     if generate:
-        tr.new(b * n * 8)
-        tr.new(b * n * 8)  # position ids
+        layer_replay.traced_position_ids(tr, b, n)
     held_model = [tr.new(hidden, "embed_tokens")]  # embeddings (inputs_embeds stays referenced)
     for _ in range(max(0, layout.mlp_point.hidden - 4)):  # extra model-level copies (gpt2, stablelm)
         held_model.append(tr.new(hidden))
-    if arch.rotary_dim:
+    sdpa_unmasked = spec.attn == "sdpa" and not any(attention.needs_mask(arch, k, n) for k in arch.layer_types)
+    if traced and sdpa_unmasked:
+        layer_replay.traced_mask_check(tr, b, n)
+    if arch.rotary_dim and traced:
+        held_model += layer_replay.traced_rotary_tables(tr, b, n, arch.rotary_dim, s)
+    elif arch.rotary_dim:
         element = 4 if layout.rope_fp32 else s
         held_model += [tr.new(b * n * arch.rotary_dim * element, "rotary cos/sin") for _ in range(layout.rope_tables)]
-    masked_last = spec.attn == "sdpa" and attention.needs_mask(arch, arch.layer_types[-1], n)
     if spec.attn == "eager":
         held_model += [tr.new(b * n * n * s, "causal mask") for _ in set(arch.layer_types)]
-    elif spec.attn == "sdpa" and (layout.sdpa_kernel == "math"
-                                  or any(attention.needs_mask(arch, k, n) for k in arch.layer_types)):
+    elif spec.attn == "sdpa" and (layout.sdpa_kernel == "math" or not sdpa_unmasked):
         held_model.append(tr.new(b * n * n, "causal mask"))
-    kernel = "eager" if spec.attn == "eager" else (
-        attention.sdpa_kernel(arch, layout, s, masked_last) if spec.attn == "sdpa" else "flash")
 
     cache: list[int | None] = []
     layer_input = held_model[0]
     previous_weights = None
-    pre_norm = layout.attention_point.hidden >= 3
-    traced = (arch.model_type in TRACED_LAYER_ORDER and rms and pre_norm and rotary_fraction == 1.0
-              and not layout.attention_point.fused_qkv and not fused_gate_up
-              and (arch.gated_mlp or arch.moe is not None)
-              and kernel in ("flash", "efficient") and spec.quantization == "none")
-    qk_norm = any(".q_norm." in t.name for t in arch.tensors)
     for layer in range(arch.num_layers):
         tr.at(f"prefill layer {layer}", "input_layernorm")
         if traced:

@@ -1,0 +1,72 @@
+"""Committed edge rows (profiles/measurements/h200-edge.jsonl) against the planner: the largest fit
+of each search, the verdict of each trial, the device bytes of each full-GPU trial. Torch-free;
+tests/test_edge.py holds them and scripts/edge_table.py writes README's table from them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vramplan.catalog import Gpu, gpu_catalog
+from vramplan.config import shrink_config
+from vramplan.model import architecture_from_config
+from vramplan.model.spec import Architecture
+from vramplan.request import PrecisionChoice, Workload
+from vramplan.result import Estimate
+from vramplan.runtimes.transformers.estimate import estimate_architecture
+from vramplan.runtimes.transformers.fit import LargestFit, largest_fit_detail
+from vramplan.source import resolve
+
+from .findmax import FIELD
+
+FULL_GPU_SHARE = 0.5  # a trial "fills the GPU" when its device peak is at least this share
+
+
+def case_id(case: dict[str, Any]) -> str:
+    layers = f"-l{case['layers']}" if case.get("layers") else ""
+    return f"{case['model']}{layers}-{case['precision']}-{case['attn']}-n{case['prompt_len']}-{case['allocator']}"
+
+
+def trial_id(row: dict[str, Any]) -> str:
+    return f"{case_id(row['case'])}-b{row['case']['batch']}"
+
+
+def architecture(case: dict[str, Any]) -> Architecture:
+    return architecture_from_config(shrink_config(resolve(case["model"]).config, case.get("layers")), case["model"])
+
+
+def workload(case: dict[str, Any]) -> Workload:
+    return Workload(batch=case.get("batch", 1), prompt_len=case["prompt_len"], new_tokens=case["new_tokens"],
+                    attn=case["attn"], allocator=case["allocator"])
+
+
+def gpu(row: dict[str, Any] | None = None) -> Gpu:
+    name = (row or {}).get("env", {}).get("gpu", "H200").replace("NVIDIA ", "")
+    return gpu_catalog().find(name)
+
+
+def predicted_boundary(search: dict[str, Any]) -> LargestFit:
+    case = search["case"]
+    return largest_fit_detail(architecture(case), case["model"], workload(case),
+                              PrecisionChoice(name=case["precision"]), gpu(), FIELD[search["what"]])
+
+
+def boundary_holds(search: dict[str, Any], predicted: int) -> bool:
+    """The prediction runs on the GPU and one more does not (within the search's resolution)."""
+    upper = search["smallest_oom"]
+    return search["largest_ok"] <= predicted and (upper is None or predicted < upper)
+
+
+def estimate(row: dict[str, Any]) -> Estimate:
+    case = row["case"]
+    return estimate_architecture(architecture(case), case["model"], workload(case),
+                                 PrecisionChoice(name=case["precision"]), gpu())
+
+
+def measured_peak_device(row: dict[str, Any]) -> int:
+    """NVML's figure at the end is the peak only when nothing was released: after a retry the
+    reserved peak plus what was outside torch at the end is."""
+    return row["peak_reserved_bytes"] + row["device_bytes"] - row["reserved_at_end_bytes"]
+
+
+def fills_the_gpu(row: dict[str, Any]) -> bool:
+    return row["status"] == "ok" and measured_peak_device(row) >= FULL_GPU_SHARE * row["gpu_total_bytes"]
