@@ -17,7 +17,13 @@ import sys
 from pathlib import Path
 
 from vramplan.validate.compare import measurement_files, read_rows
-from vramplan.validate.edgecheck import boundary_holds, estimate, fills_the_gpu, measured_peak_device, predicted_boundary
+from vramplan.validate.edgecheck import (
+    boundary_holds,
+    estimate,
+    fills_the_gpu,
+    measured_peak_device,
+    predicted_boundary,
+)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- edge:start -->", "<!-- edge:end -->"

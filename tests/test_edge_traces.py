@@ -76,10 +76,7 @@ def test_without_the_top_down_addresses_the_model_disagrees():
 
 OK_TRACES = [t for t in TRACES if t["status"] == "ok"]
 SEQUENCE_TOLERANCE = 0.005  # uncapped reserved peak, planner replay vs the GPU's requests replayed
-KNOWN_SEQUENCE_GAPS = {
-    "gemma-2-2b-it-l8-bf16-sdpa-n2048-default-b526-ok":
-        "Gemma-2's layers (four norms, soft-capped logits) keep llama's request order: -3.2% reserved",
-}
+KNOWN_SEQUENCE_GAPS: dict[str, str] = {}
 
 
 def _sequence_param(trace: dict):

@@ -29,7 +29,7 @@ MAX_REPLAYED_DECODE_STEPS = 16
 # Families whose decoder layer is replayed request by request in transformers 5.17's order
 # (layer_replay.traced_layer), read from a dispatch-level trace of generate() on CPU (every tensor's
 # allocation and the moment its last reference goes). The others keep the coarser order below.
-TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe"})
+TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2"})
 
 
 class SimulatedRun(Frozen):
@@ -172,6 +172,10 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     if generate:
         layer_replay.traced_position_ids(tr, b, n)
     held_model = [tr.new(hidden, "embed_tokens")]  # embeddings (inputs_embeds stays referenced)
+    if traced and layout.scaled_embeddings:  # hidden_states = inputs_embeds * normalizer
+        scaled = tr.new(hidden, "embed_tokens * sqrt(hidden_size)")
+        tr.drop(held_model[0])
+        held_model = [scaled]
     for _ in range(max(0, layout.mlp_point.hidden - 4)):  # extra model-level copies (gpt2, stablelm)
         held_model.append(tr.new(hidden))
     sdpa_unmasked = spec.attn == "sdpa" and not any(attention.needs_mask(arch, k, n) for k in arch.layer_types)
@@ -263,18 +267,34 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
 
     vocab = arch.vocab_size if arch.computes_logits else 0
     tr.at("prefill", "final norm")
-    final = tr.new(hidden)
-    tr.at(op="lm_head (logits)")
     copy = None
-    if generate:
+    if traced and generate:
+        # the traced order: the final norm, then the last layer's output and what the model held
+        # (embeddings, rotary tables) go before the lm_head runs on the last token
+        final = layer_replay.layer_norm(layout)(tr, hidden, b * n, s)
+        tr.drop(layer_input, *held_model)
+        tr.at(op="lm_head (logits)")
         logits = tr.new(b * vocab * s)
+        if layout.logit_softcapping:  # logits / cap, tanh, * cap: each goes once the next exists
+            for op in ("/ cap", "tanh", "* cap"):
+                capped = tr.new(b * vocab * s, f"logit softcapping {op}")
+                tr.drop(logits)
+                logits = capped
         tr.drop(final)
         copy = tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
         tr.drop(logits)
     else:
-        logits = [tr.new(b * n * vocab * s) for _ in range(layout.forward_logit_copies)]
-        tr.drop(final)
-    tr.drop(layer_input, *held_model)
+        final = tr.new(hidden)
+        tr.at(op="lm_head (logits)")
+        if generate:
+            logits = tr.new(b * vocab * s)
+            tr.drop(final)
+            copy = tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
+            tr.drop(logits)
+        else:
+            [tr.new(b * n * vocab * s) for _ in range(layout.forward_logit_copies)]
+            tr.drop(final)
+        tr.drop(layer_input, *held_model)
 
     if generate and spec.new_tokens > 1:
         _decode(tr, arch, layout, spec, cache, copy)
