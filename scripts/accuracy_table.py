@@ -11,15 +11,13 @@ worst) for peak_allocated_bytes and peak_device_bytes and a table per family and
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections import defaultdict
-from pathlib import Path
 
+import readme_block
 from vramplan.validate.compare import compare_rows, measurement_files, read_rows, row_kind
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 
 
@@ -75,24 +73,7 @@ def table() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true")
-    args = parser.parse_args()
-    text = README.read_text()
-    if START not in text or END not in text:
-        print(f"README.md lacks the {START} / {END} markers", file=sys.stderr)
-        return 1
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{table()}\n{END}{tail}"
-    if args.check:
-        if new != text:
-            print("README.md's accuracy table is stale: run scripts/accuracy_table.py", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(new)
-    print(table())
-    return 0
+    return readme_block.main(START, END, table, "accuracy table", "scripts/accuracy_table.py", __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -11,11 +11,10 @@ between <!-- edge:start --> and <!-- edge:end -->.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-from pathlib import Path
 
+import readme_block
 from vramplan.validate.compare import measurement_files, read_rows
 from vramplan.validate.edgecheck import (
     boundary_holds,
@@ -25,7 +24,6 @@ from vramplan.validate.edgecheck import (
     predicted_boundary,
 )
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- edge:start -->", "<!-- edge:end -->"
 
 
@@ -63,24 +61,7 @@ def table() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true")
-    args = parser.parse_args()
-    text = README.read_text()
-    if START not in text or END not in text:
-        print(f"README.md lacks the {START} / {END} markers", file=sys.stderr)
-        return 1
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{table()}\n{END}{tail}"
-    if args.check:
-        if new != text:
-            print("README.md's edge table is stale: run scripts/edge_table.py", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(new)
-    print(table())
-    return 0
+    return readme_block.main(START, END, table, "edge table", "scripts/edge_table.py", __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
