@@ -95,7 +95,7 @@ def drift(row: dict, startup: VllmStartup) -> list[str]:
 
 
 def test_enough_rows_are_replayed():
-    assert len(TESTABLE) >= 20
+    assert len(TESTABLE) >= 26
     gpus = {r["predict"].get("gpu") or "logged" for r in TESTABLE}
     versions = {r["predict"]["rules"] for r in TESTABLE}
     tps = {r["predict"].get("tp", 1) for r in TESTABLE}
