@@ -170,6 +170,22 @@ def test_tp_replicates_kv_heads_and_charges_nccl_per_rank():
     assert l40s.non_torch_bytes < pair.non_torch_bytes  # PCIe: no NVLS buffers
 
 
+def test_pipeline_stages_page_their_own_layers_and_share_one_block_count():
+    """pp 2: each stage's pool pages only its 40 layers (4 of 8 KV heads per rank at tp 2); the
+    first stage also holds the embeddings, the last the lm_head, so their pools differ, and the
+    engine allocates the smaller block count on every stage (vLLM takes the minimum over workers)."""
+    result = plan("meta-llama/Llama-3.1-70B-Instruct", ["h100"], context=16384, runtime="vllm", tp=2, pp=2)
+    best = next(p for p in result.plans if p.tp == 2 and p.pp == 2)
+    first, last = (share.vllm for share in best.per_gpu)
+    assert [share.layers for share in best.per_gpu] == [40, 40]
+    assert first.kv_block_bytes == last.kv_block_bytes == 16 * 40 * 4 * 2 * 128 * 2
+    assert first.model_loading_bytes != last.model_loading_bytes
+    assert first.gpu_blocks == last.gpu_blocks
+    assert best.kv_cache_bytes == min(first.kv_cache_bytes, last.kv_cache_bytes)
+    one_stage = _startup("meta-llama/Llama-3.1-70B-Instruct", "h100", tp=4)
+    assert one_stage.kv_block_bytes == 16 * 80 * 2 * 2 * 128 * 2  # tp 4, one stage: all 80 layers
+
+
 def test_latent_attention_pages_are_one_copy_and_not_split():
     one = _startup("deepseek-ai/DeepSeek-V2-Lite", "h100")
     two = _startup("deepseek-ai/DeepSeek-V2-Lite", "h100", tp=2)

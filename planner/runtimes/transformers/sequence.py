@@ -297,7 +297,7 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
         tr.drop(layer_input, *held_model)
 
     if generate and spec.new_tokens > 1:
-        _decode(tr, arch, layout, spec, cache, copy)
+        _decode(tr, arch, layout, spec, cache, copy, traced)
     else:
         tr.drop(copy)
     return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
@@ -397,7 +397,7 @@ def _mlp(tr: _Tracer, copies: int, inter: int, fused_gate_up: bool, gated: bool)
 
 
 def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
-            cache: list[int | None], logits_copy: int | None) -> None:
+            cache: list[int | None], logits_copy: int | None, traced: bool = False) -> None:
     """Decode steps in generate()'s order (CPU trace of transformers 5.17): the layers' cache
     cats, the logits, then _update_model_kwargs_for_generation's position_ids and
     attention_mask cats (the old ones go), the fp32 copy of the logits (the previous step's
@@ -415,6 +415,9 @@ def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
                 fresh = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, part))
                 tr.drop(cache[slot])
                 cache[slot] = fresh
+            if traced:
+                tr.at(op="attention")
+                layer_replay.decode_attention(tr, arch, layout, spec, kind, length)
             if arch.moe is not None and index in arch.moe.sparse_layers and layout.experts is not None:
                 tr.at(op="experts (batched_mm)")
                 tr.drop(layer_replay.moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False))
