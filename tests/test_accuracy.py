@@ -35,17 +35,6 @@ KNOWN_DEVICE_GAPS = {
     "falcon-7b-instruct-bf16-sdpa-b4-n4096-t8-generate": "math kernel, as above (one 19 GB fp32 score block too many)",
     "falcon-7b-instruct-fp16-sdpa-b8-n960-t16-generate": "math kernel, as above",
     "qwen3-0.6b-fp32-sdpa-b8-n960-t16-generate": "math kernel with enable_gqa: under-reserves",
-    "stablelm-2-zephyr-1_6b-bf16-sdpa-b8-n960-t16-generate":
-        "LayerNorm and partial rotary keep the coarse order: with segments placed top-down (the H200 traces), "
-        "the decode steps' cache cats no longer land in the MLP's freed segments (+0.9 GiB)",
-    "stablelm-2-zephyr-1_6b-bf16-sdpa-b32-n480-t16-generate": "stablelm, as above",
-    "stablelm-2-zephyr-1_6b-bf16-sdpa-b1-n16384-t8-generate": "stablelm, as above",
-    "stablelm-2-zephyr-1_6b-bf16-sdpa-b4-n4096-t8-generate": "stablelm, as above",
-    "stablelm-2-zephyr-1_6b-fp32-sdpa-b8-n960-t16-generate": "stablelm, as above",
-    "redpajama-incite-chat-3b-v1-bf16-sdpa-b32-n480-t16-generate":
-        "gpt_neox (fused qkv, parallel residual, partial rotary), as stablelm",
-    "redpajama-incite-chat-3b-v1-bf16-sdpa-b1-n16384-t8-generate": "gpt_neox, as above",
-    "redpajama-incite-chat-3b-v1-bf16-sdpa-b4-n4096-t8-generate": "gpt_neox, as above",
     "olmo-2-1124-7b-instruct-bf16-sdpa-b1-n16384-t8-generate": "olmo2's post-norm layer order is replayed with llama's",
     "olmo-2-1124-7b-instruct-bf16-sdpa-b4-n4096-t8-generate": "olmo2, as above",
     "olmo-2-1124-7b-instruct-fp32-sdpa-b8-n960-t16-generate": "olmo2, as above",

@@ -19,7 +19,7 @@ from ...base import Frozen
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from ..allocator import CachingAllocator, OutOfMemory
-from . import attention, kv_cache, layer_replay
+from . import attention, kv_cache, layer_replay, layernorm_layers
 from .activations import RunSpec
 
 # Decode steps replayed one by one; later steps repeat the same pattern on slightly longer
@@ -167,6 +167,12 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
               and (arch.gated_mlp or arch.moe is not None)
               and kernel in ("flash", "efficient", "eager")
               and (spec.quantization == "none" or (spec.quantization == "4bit" and arch.moe is None and not qk_norm)))
+    # StableLM's layer replayed from its code (LayerNorm, partial rotary): layernorm_layers.stablelm_layer
+    stablelm = (arch.model_type == "stablelm" and not rms and arch.moe is None
+                and kernel in ("flash", "efficient") and spec.quantization == "none")
+    # GPT-NeoX with the sequential residual, likewise (layernorm_layers.gpt_neox_layer)
+    neox = (arch.family == "gpt_neox_sequential" and kernel in ("flash", "efficient")
+            and spec.quantization == "none")
 
     tr.at("prefill", "position ids")
     if generate:
@@ -179,9 +185,9 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     for _ in range(max(0, layout.mlp_point.hidden - 4)):  # extra model-level copies (gpt2, stablelm)
         held_model.append(tr.new(hidden))
     sdpa_unmasked = spec.attn == "sdpa" and not any(attention.needs_mask(arch, k, n) for k in arch.layer_types)
-    if traced and sdpa_unmasked:
+    if (traced or stablelm or neox) and sdpa_unmasked:
         layer_replay.traced_mask_check(tr, b, n)
-    if arch.rotary_dim and traced:
+    if arch.rotary_dim and (traced or stablelm or neox):
         held_model += layer_replay.traced_rotary_tables(tr, b, n, arch.rotary_dim, s)
     elif arch.rotary_dim:
         element = 4 if layout.rope_fp32 else s
@@ -196,6 +202,14 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     previous_weights = None
     for layer in range(arch.num_layers):
         tr.at(f"prefill layer {layer}", "input_layernorm")
+        if stablelm or neox:
+            replay_layer = layernorm_layers.stablelm_layer if stablelm else layernorm_layers.gpt_neox_layer
+            output, cache_kv = replay_layer(tr, arch, layout, spec, layer, kernel, masked_last, generate)
+            cache += cache_kv
+            if layer_input is not held_model[0]:
+                tr.drop(layer_input)
+            layer_input = output
+            continue
         if traced:
             masked = masked_last if arch.layer_types[layer] == arch.layer_types[-1] else \
                 attention.needs_mask(arch, arch.layer_types[layer], n)
