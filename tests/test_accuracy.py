@@ -35,9 +35,6 @@ KNOWN_DEVICE_GAPS = {
     "falcon-7b-instruct-bf16-sdpa-b4-n4096-t8-generate": "math kernel, as above (one 19 GB fp32 score block too many)",
     "falcon-7b-instruct-fp16-sdpa-b8-n960-t16-generate": "math kernel, as above",
     "qwen3-0.6b-fp32-sdpa-b8-n960-t16-generate": "math kernel with enable_gqa: under-reserves",
-    "olmo-2-1124-7b-instruct-bf16-sdpa-b1-n16384-t8-generate": "olmo2's post-norm layer order is replayed with llama's",
-    "olmo-2-1124-7b-instruct-bf16-sdpa-b4-n4096-t8-generate": "olmo2, as above",
-    "olmo-2-1124-7b-instruct-fp32-sdpa-b8-n960-t16-generate": "olmo2, as above",
     "phi-2-nf4-sdpa-b8-n960-t16-generate": "bitsandbytes 4-bit matmuls are not replayed",
     "phi-2-nf4dq-sdpa-b8-n960-t16-generate": "bitsandbytes 4-bit matmuls are not replayed",
     "tests/configs/mamba2-codestral-7b.json-bf16-eager-b1-n128-t32-generate":

@@ -19,7 +19,7 @@ from ...base import Frozen
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from ..allocator import CachingAllocator, OutOfMemory
-from . import attention, kv_cache, layer_replay, layernorm_layers
+from . import attention, family_layers, kv_cache, layer_replay
 from .activations import RunSpec
 
 # Decode steps replayed one by one; later steps repeat the same pattern on slightly longer
@@ -167,12 +167,8 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
               and (arch.gated_mlp or arch.moe is not None)
               and kernel in ("flash", "efficient", "eager")
               and (spec.quantization == "none" or (spec.quantization == "4bit" and arch.moe is None and not qk_norm)))
-    # StableLM's layer replayed from its code (LayerNorm, partial rotary): layernorm_layers.stablelm_layer
-    stablelm = (arch.model_type == "stablelm" and not rms and arch.moe is None
-                and kernel in ("flash", "efficient") and spec.quantization == "none")
-    # GPT-NeoX with the sequential residual, likewise (layernorm_layers.gpt_neox_layer)
-    neox = (arch.family == "gpt_neox_sequential" and kernel in ("flash", "efficient")
-            and spec.quantization == "none")
+    # families replayed from their modeling code, without a trace of their own (family_layers.py)
+    coded_layer = family_layers.layer_for(arch, rms, kernel, spec)
 
     tr.at("prefill", "position ids")
     if generate:
@@ -182,13 +178,15 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
         scaled = tr.new(hidden, "embed_tokens * sqrt(hidden_size)")
         tr.drop(held_model[0])
         held_model = [scaled]
-    for _ in range(max(0, layout.mlp_point.hidden - 4)):  # extra model-level copies (gpt2, stablelm)
+    extra_copies = 0 if coded_layer is not None else max(0, layout.mlp_point.hidden - 4)
+    for _ in range(extra_copies):  # the coarse order's extra model-level copies (gpt2)
         held_model.append(tr.new(hidden))
     sdpa_unmasked = spec.attn == "sdpa" and not any(attention.needs_mask(arch, k, n) for k in arch.layer_types)
-    if (traced or stablelm or neox) and sdpa_unmasked:
+    if (traced or coded_layer is not None) and sdpa_unmasked:
         layer_replay.traced_mask_check(tr, b, n)
-    if arch.rotary_dim and (traced or stablelm or neox):
-        held_model += layer_replay.traced_rotary_tables(tr, b, n, arch.rotary_dim, s)
+    if arch.rotary_dim and (traced or coded_layer is not None):
+        tables = 4 if layout.rope_fp32 else s  # fp32 tables (OLMo-2): no cast
+        held_model += layer_replay.traced_rotary_tables(tr, b, n, arch.rotary_dim, tables)
     elif arch.rotary_dim:
         element = 4 if layout.rope_fp32 else s
         held_model += [tr.new(b * n * arch.rotary_dim * element, "rotary cos/sin") for _ in range(layout.rope_tables)]
@@ -202,9 +200,8 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     previous_weights = None
     for layer in range(arch.num_layers):
         tr.at(f"prefill layer {layer}", "input_layernorm")
-        if stablelm or neox:
-            replay_layer = layernorm_layers.stablelm_layer if stablelm else layernorm_layers.gpt_neox_layer
-            output, cache_kv = replay_layer(tr, arch, layout, spec, layer, kernel, masked_last, generate)
+        if coded_layer is not None:
+            output, cache_kv = coded_layer(tr, arch, layout, spec, layer, kernel, masked_last, generate)
             cache += cache_kv
             if layer_input is not held_model[0]:
                 tr.drop(layer_input)

@@ -1,9 +1,11 @@
-"""Decoder layers of the LayerNorm families (StableLM, GPT-NeoX with the sequential residual) as
-request sequences, in the order transformers 5.17 allocates and frees.
+"""Decoder layers of families without a GPU trace of their own (StableLM, GPT-NeoX with the
+sequential residual, OLMo-2) as request sequences, in the order transformers 5.17 allocates and
+frees.
 
 Written from their modeling code in the terms of the llama-shaped layer that the H200 traces
 confirmed (layer_replay.py: its rotary helper, the KV cache's cat, SDPA's output); held to the
-committed H100 rows of stablelm-2-zephyr-1_6b and RedPajama-INCITE-3B (tests/test_accuracy.py).
+committed H100 rows of stablelm-2-zephyr-1_6b, RedPajama-INCITE-3B and OLMo-2-7B
+(tests/test_accuracy.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,19 @@ from ...model.spec import Architecture
 from . import attention, kv_cache
 from .activations import RunSpec
 from .layer_replay import Tracer, traced_rope
+
+
+def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
+    """The replay of this family's decoder layer written here, or None (the caller's order)."""
+    if kernel not in ("flash", "efficient") or spec.quantization != "none" or arch.moe is not None:
+        return None
+    if arch.model_type == "stablelm" and not rms:
+        return stablelm_layer
+    if arch.family == "gpt_neox_sequential":
+        return gpt_neox_layer
+    if arch.model_type == "olmo2":
+        return olmo2_layer
+    return None
 
 
 def layer_norm_fused(tr: Tracer, hidden_bytes: int, rows: int) -> int:
@@ -131,4 +146,107 @@ def gpt_neox_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: R
     tr.drop(act, normed_mlp)
     output = tr.new(hidden, "residual add")
     tr.drop(down, attn_output)
+    return output, cache
+
+
+def olmo2_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
+    """Olmo2RMSNorm: x.to(float32), pow(2).mean, x * rsqrt(variance + eps) (the upcast goes once
+    the product exists), then (weight * x) in fp32 and .to(input_dtype); the variance stays a
+    local until the norm returns."""
+    wide = hidden_bytes * 4 // s
+    upcast = tr.new(wide, "RMSNorm upcast") if s < 4 else None
+    squared = tr.new(wide, "RMSNorm pow(2)")
+    mean = tr.new(rows * 4)
+    tr.drop(squared)
+    shifted = tr.new(rows * 4)
+    root = tr.new(rows * 4)
+    tr.drop(shifted)
+    scaled = tr.new(wide, "RMSNorm x * rsqrt")
+    tr.drop(root, upcast)
+    weighted = tr.new(wide, "RMSNorm weight * x")
+    if s >= 4:
+        tr.drop(scaled, mean)
+        return weighted
+    out = tr.new(hidden_bytes, "RMSNorm cast")
+    tr.drop(weighted, scaled, mean)
+    return out
+
+
+def _rope_fp32(tr: Tracer, nbytes: int, s: int) -> int:
+    """q * cos + rotate_half(q) * sin against fp32 tables: the products and the sum are fp32, the
+    negated half and the cat stay in q's dtype. Returns the fp32 sum."""
+    wide = nbytes * 4 // s
+    product = tr.new(wide)
+    negated = tr.new(nbytes // 2)
+    rotated = tr.new(nbytes)
+    tr.drop(negated)
+    rotated_product = tr.new(wide)
+    tr.drop(rotated)
+    out = tr.new(wide)
+    tr.drop(product, rotated_product)
+    return out
+
+
+def olmo2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+                kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
+    """Olmo2DecoderLayer: no pre-norm (the layer input feeds the projections), q_norm and k_norm
+    over the whole projection, rotary against fp32 tables (fp32 products, cast back at return),
+    then a norm on the attention output and on the MLP output before each residual add."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    heads, kv_heads, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    tokens = b * n
+    hidden = tokens * arch.hidden_size * s
+    q_bytes, kv_bytes = tokens * heads * d * s, tokens * kv_heads * d * s
+    q = tr.new(q_bytes, "self_attn.q_proj")
+    tr.at(op="self_attn.q_norm")
+    q_normed = olmo2_norm(tr, q_bytes, tokens, s)
+    tr.drop(q)
+    k = tr.new(kv_bytes, "self_attn.k_proj")
+    tr.at(op="self_attn.k_norm")
+    k_normed = olmo2_norm(tr, kv_bytes, tokens, s)
+    tr.drop(k)
+    v = tr.new(kv_bytes, "self_attn.v_proj")
+    tr.at(op="rotary embedding (fp32 tables)")
+    q_wide, k_wide = _rope_fp32(tr, q_bytes, s), _rope_fp32(tr, kv_bytes, s)
+    if s < 4:
+        q_rot, k_rot = tr.new(q_bytes, "q_embed.to(dtype)"), tr.new(kv_bytes, "k_embed.to(dtype)")
+        tr.drop(q_wide, k_wide)
+    else:
+        q_rot, k_rot = q_wide, k_wide
+    tr.drop(q_normed, k_normed)
+    cache: list[int | None] = []
+    if generate:
+        kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="key"), "KV cache keys (torch.cat)")
+        vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="value"), "KV cache values (torch.cat)")
+        tr.drop(k_rot, v)
+        cache = [kc, vc]
+        k_rot = v = None
+    tr.at(op=f"attention ({kernel})")
+    repeats = [tr.new(b * heads * n * d * s, "repeat_kv") for _ in range(2)] \
+        if attention.repeats_kv(arch, layout, kernel, masked) else []
+    additive = tr.new(b * n * n * s, "SDPA additive mask") if masked else None
+    out = tr.new(q_bytes, "SDPA output")
+    tr.drop(additive, *repeats)
+    projected = tr.new(hidden, "self_attn.o_proj")
+    tr.drop(out, q_rot, k_rot, v)
+    tr.at(op="post_attention_layernorm")
+    normed = olmo2_norm(tr, hidden, tokens, s)
+    tr.drop(projected)
+    residual = tr.new(hidden, "residual add")
+    tr.drop(normed)
+    tr.at(op="mlp")
+    inter = tokens * arch.intermediate_size * s
+    gate = tr.new(inter, "mlp.gate_proj")
+    act = tr.new(inter, "mlp.act_fn")
+    tr.drop(gate)
+    up = tr.new(inter, "mlp.up_proj")
+    product = tr.new(inter, "mlp act * up")
+    tr.drop(act, up)
+    down = tr.new(hidden, "mlp.down_proj")
+    tr.drop(product)
+    tr.at(op="post_feedforward_layernorm")
+    normed_down = olmo2_norm(tr, hidden, tokens, s)
+    tr.drop(down)
+    output = tr.new(hidden, "residual add")
+    tr.drop(normed_down, residual)
     return output, cache
