@@ -1,11 +1,11 @@
 """Decoder layers of families without a GPU trace of their own (StableLM, GPT-NeoX with the
-sequential residual, OLMo-2) as request sequences, in the order transformers 5.17 allocates and
+sequential residual, OLMo-2, Phi-3) as request sequences, in the order transformers 5.17 allocates and
 frees.
 
 Written from their modeling code in the terms of the llama-shaped layer that the H200 traces
 confirmed (layer_replay.py: its rotary helper, the KV cache's cat, SDPA's output); held to the
-committed H100 rows of stablelm-2-zephyr-1_6b, RedPajama-INCITE-3B and OLMo-2-7B
-(tests/test_accuracy.py).
+committed H100 rows of stablelm-2-zephyr-1_6b, RedPajama-INCITE-3B, OLMo-2-7B and
+Phi-3.5-mini (tests/test_accuracy.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from . import attention, kv_cache
 from .activations import RunSpec
-from .layer_replay import Tracer, traced_rope
+from .layer_replay import Tracer, traced_norm, traced_rope
 
 
 def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
@@ -27,6 +27,8 @@ def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
         return gpt_neox_layer
     if arch.model_type == "olmo2":
         return olmo2_layer
+    if arch.model_type == "phi3" and rms:
+        return phi3_layer
     return None
 
 
@@ -249,4 +251,57 @@ def olmo2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunS
     tr.drop(down)
     output = tr.new(hidden, "residual add")
     tr.drop(normed_down, residual)
+    return output, cache
+
+
+def phi3_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+               kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
+    """Phi3DecoderLayer: llama's norms; one fused qkv_proj whose slices are views (it lives until
+    the attention returns); each rotated head cat back with its pass-through part; one fused
+    gate_up_proj, up * act(gate), the fused output kept by the gate view until the MLP returns."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    heads, kv_heads, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    tokens = b * n
+    hidden = tokens * arch.hidden_size * s
+    q_bytes, kv_bytes = tokens * heads * d * s, tokens * kv_heads * d * s
+    fraction = (arch.rotary_dim or d) / d
+    normed = traced_norm(tr, hidden, tokens, s)
+    qkv = tr.new(q_bytes + 2 * kv_bytes, "self_attn.qkv_proj")
+    tr.at(op="rotary embedding (query)")
+    q_rope = traced_rope(tr, int(q_bytes * fraction))
+    q_embed = tr.new(q_bytes, "cat(q rotated, q_pass)")
+    tr.drop(q_rope)
+    tr.at(op="rotary embedding (key)")
+    k_rope = traced_rope(tr, int(kv_bytes * fraction))
+    k_embed = tr.new(kv_bytes, "cat(k rotated, k_pass)")
+    tr.drop(k_rope)
+    cache: list[int | None] = []
+    if generate:
+        kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="key"), "KV cache keys (torch.cat)")
+        vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="value"), "KV cache values (torch.cat)")
+        tr.drop(k_embed)
+        cache = [kc, vc]
+        k_embed = None
+    tr.at(op=f"attention ({kernel})")
+    repeats = [tr.new(b * heads * n * d * s, "repeat_kv") for _ in range(2)] \
+        if attention.repeats_kv(arch, layout, kernel, masked) else []
+    additive = tr.new(b * n * n * s, "SDPA additive mask") if masked else None
+    out = tr.new(q_bytes, "SDPA output")
+    tr.drop(additive, *repeats)
+    projected = tr.new(hidden, "self_attn.o_proj")
+    tr.drop(out, q_embed, k_embed, qkv, normed)
+    residual = tr.new(hidden, "residual add")
+    tr.drop(projected)
+    tr.at(op="post_attention_layernorm")
+    normed_mlp = traced_norm(tr, hidden, tokens, s)
+    tr.at(op="mlp")
+    inter = tokens * arch.intermediate_size * s
+    gate_up = tr.new(2 * inter, "mlp.gate_up_proj")
+    act = tr.new(inter, "mlp.activation_fn(gate)")
+    product = tr.new(inter, "up * act(gate)")
+    tr.drop(act)
+    down = tr.new(hidden, "mlp.down_proj")
+    tr.drop(product, gate_up, normed_mlp)
+    output = tr.new(hidden, "residual add")
+    tr.drop(down, residual)
     return output, cache
