@@ -102,7 +102,8 @@ class FamilyLayout(Frozen):
     repeats_kv: bool = True  # False: K/V broadcast in the matmul (falcon's multi-query)
     experts: ExpertsLayout | None = None  # mixture-of-experts families
     # request order of the traced layer replay (runtimes/transformers/layer_replay.py)
-    norm_order: Literal["llama", "gemma"] = "llama"  # gemma: x.float() normed, * (1 + weight) in fp32, cast
+    # gemma: x.float() normed, * (1 + weight) in fp32, cast; olmo2: (weight * x) in fp32, then cast
+    norm_order: Literal["llama", "gemma", "olmo2"] = "llama"
     sandwich_norms: bool = False  # norms on the attention and MLP outputs before each residual add
     scaled_embeddings: bool = False  # inputs_embeds * sqrt(hidden_size): a second hidden-sized tensor
     logit_softcapping: bool = False  # logits / cap, tanh, * cap after the lm_head

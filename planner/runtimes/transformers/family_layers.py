@@ -14,7 +14,7 @@ from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from . import attention, kv_cache
 from .activations import RunSpec
-from .layer_replay import Tracer, traced_norm, traced_rope
+from .layer_replay import Tracer, gated_mlp, layer_norm, traced_norm, traced_rope
 
 
 def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
@@ -40,6 +40,29 @@ def layer_norm_fused(tr: Tracer, hidden_bytes: int, rows: int) -> int:
     return out
 
 
+def _cache_and_attend(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, kernel: str,
+                      masked: bool, generate: bool, key: int | None,
+                      value: int | None) -> tuple[int | None, list[int | None], int | None, int | None]:
+    """The KV cache's cat (the key and value it copies go, when they are tensors of their own),
+    then SDPA: K and V repeated where the kernel needs it, the additive mask, the output.
+    Returns the output, the cache and the key and value still held."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    cache: list[int | None] = []
+    if generate:
+        kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="key"), "KV cache keys (torch.cat)")
+        vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="value"), "KV cache values (torch.cat)")
+        tr.drop(key, value)
+        cache, key, value = [kc, vc], None, None
+    tr.at(op=f"attention ({kernel})")
+    heads, d = arch.num_heads, arch.head_dim
+    repeats = [tr.new(b * heads * n * d * s, "repeat_kv") for _ in range(2)] \
+        if attention.repeats_kv(arch, layout, kernel, masked) else []
+    additive = tr.new(b * n * n * s, "SDPA additive mask") if masked else None
+    out = tr.new(b * n * heads * d * s, "SDPA output")
+    tr.drop(additive, *repeats)
+    return out, cache, key, value
+
+
 def stablelm_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
                    kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
     """StableLmDecoderLayer (transformers 5.17, sequential residual, no qk-norm), read from its
@@ -62,34 +85,15 @@ def stablelm_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: R
     k_rot = traced_rope(tr, int(kv_bytes * fraction))
     q_cat = tr.new(q_bytes, "cat(query_rot, query_pass)")
     k_cat = tr.new(kv_bytes, "cat(key_rot, key_pass)")
-    cache: list[int | None] = []
-    if generate:
-        kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="key"), "KV cache keys (torch.cat)")
-        vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="value"), "KV cache values (torch.cat)")
-        tr.drop(k_cat, v)
-        cache = [kc, vc]
-        k_cat = v = None
-    tr.at(op=f"attention ({kernel})")
-    repeats = [tr.new(b * heads * n * d * s, "repeat_kv") for _ in range(2)] \
-        if attention.repeats_kv(arch, layout, kernel, masked) else []
-    additive = tr.new(b * n * n * s, "SDPA additive mask") if masked else None
-    out = tr.new(q_bytes, "SDPA output")
-    tr.drop(additive, *repeats)
+    out, cache, k_cat, v = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_cat, v)
     attn_out = tr.new(hidden, "self_attn.o_proj")
     tr.drop(out, q_cat, k_cat, v, q, k, q_rot, k_rot)
     residual = tr.new(hidden, "residual add")
     tr.at(op="post_attention_layernorm")
     normed_mlp = layer_norm_fused(tr, hidden, tokens)
     tr.at(op="mlp")
-    inter = tokens * arch.intermediate_size * s
-    gate = tr.new(inter, "mlp.gate_proj")
-    act = tr.new(inter, "mlp.act_fn")
-    tr.drop(gate)
-    up = tr.new(inter, "mlp.up_proj")
-    product = tr.new(inter, "mlp act * up")
-    tr.drop(act, up)
-    down = tr.new(hidden, "mlp.down_proj")
-    tr.drop(product, normed_mlp)
+    down = gated_mlp(tr, tokens, arch.intermediate_size, arch.hidden_size, s)
+    tr.drop(normed_mlp)
     output = tr.new(hidden, "residual add")
     tr.drop(down, residual, attn_out, normed)
     return output, cache
@@ -120,19 +124,7 @@ def gpt_neox_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: R
     tr.drop(q_rope)
     k_embed = tr.new(kv_bytes, "cat(k_embed, k_pass)")
     tr.drop(k_rope)
-    cache: list[int | None] = []
-    if generate:
-        kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="key"), "KV cache keys (torch.cat)")
-        vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="value"), "KV cache values (torch.cat)")
-        tr.drop(k_embed)
-        cache = [kc, vc]
-        k_embed = None
-    tr.at(op=f"attention ({kernel})")
-    repeats = [tr.new(b * heads * n * d * s, "repeat_kv") for _ in range(2)] \
-        if attention.repeats_kv(arch, layout, kernel, masked) else []
-    additive = tr.new(b * n * n * s, "SDPA additive mask") if masked else None
-    out = tr.new(q_bytes, "SDPA output")
-    tr.drop(additive, *repeats)
+    out, cache, k_embed, _ = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_embed, None)
     dense = tr.new(hidden, "attention.dense")
     tr.drop(out, q_embed, k_embed, qkv, normed)
     attn_output = tr.new(hidden, "residual add")
@@ -151,44 +143,6 @@ def gpt_neox_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: R
     return output, cache
 
 
-def olmo2_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
-    """Olmo2RMSNorm: x.to(float32), pow(2).mean, x * rsqrt(variance + eps) (the upcast goes once
-    the product exists), then (weight * x) in fp32 and .to(input_dtype); the variance stays a
-    local until the norm returns."""
-    wide = hidden_bytes * 4 // s
-    upcast = tr.new(wide, "RMSNorm upcast") if s < 4 else None
-    squared = tr.new(wide, "RMSNorm pow(2)")
-    mean = tr.new(rows * 4)
-    tr.drop(squared)
-    shifted = tr.new(rows * 4)
-    root = tr.new(rows * 4)
-    tr.drop(shifted)
-    scaled = tr.new(wide, "RMSNorm x * rsqrt")
-    tr.drop(root, upcast)
-    weighted = tr.new(wide, "RMSNorm weight * x")
-    if s >= 4:
-        tr.drop(scaled, mean)
-        return weighted
-    out = tr.new(hidden_bytes, "RMSNorm cast")
-    tr.drop(weighted, scaled, mean)
-    return out
-
-
-def _rope_fp32(tr: Tracer, nbytes: int, s: int) -> int:
-    """q * cos + rotate_half(q) * sin against fp32 tables: the products and the sum are fp32, the
-    negated half and the cat stay in q's dtype. Returns the fp32 sum."""
-    wide = nbytes * 4 // s
-    product = tr.new(wide)
-    negated = tr.new(nbytes // 2)
-    rotated = tr.new(nbytes)
-    tr.drop(negated)
-    rotated_product = tr.new(wide)
-    tr.drop(rotated)
-    out = tr.new(wide)
-    tr.drop(product, rotated_product)
-    return out
-
-
 def olmo2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
                 kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
     """Olmo2DecoderLayer: no pre-norm (the layer input feeds the projections), q_norm and k_norm
@@ -199,55 +153,37 @@ def olmo2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunS
     tokens = b * n
     hidden = tokens * arch.hidden_size * s
     q_bytes, kv_bytes = tokens * heads * d * s, tokens * kv_heads * d * s
+    norm = layer_norm(layout)
     q = tr.new(q_bytes, "self_attn.q_proj")
     tr.at(op="self_attn.q_norm")
-    q_normed = olmo2_norm(tr, q_bytes, tokens, s)
+    q_normed = norm(tr, q_bytes, tokens, s)
     tr.drop(q)
     k = tr.new(kv_bytes, "self_attn.k_proj")
     tr.at(op="self_attn.k_norm")
-    k_normed = olmo2_norm(tr, kv_bytes, tokens, s)
+    k_normed = norm(tr, kv_bytes, tokens, s)
     tr.drop(k)
     v = tr.new(kv_bytes, "self_attn.v_proj")
     tr.at(op="rotary embedding (fp32 tables)")
-    q_wide, k_wide = _rope_fp32(tr, q_bytes, s), _rope_fp32(tr, kv_bytes, s)
+    q_wide = traced_rope(tr, q_bytes, q_bytes * 4 // s)
+    k_wide = traced_rope(tr, kv_bytes, kv_bytes * 4 // s)
     if s < 4:
         q_rot, k_rot = tr.new(q_bytes, "q_embed.to(dtype)"), tr.new(kv_bytes, "k_embed.to(dtype)")
         tr.drop(q_wide, k_wide)
     else:
         q_rot, k_rot = q_wide, k_wide
     tr.drop(q_normed, k_normed)
-    cache: list[int | None] = []
-    if generate:
-        kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="key"), "KV cache keys (torch.cat)")
-        vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="value"), "KV cache values (torch.cat)")
-        tr.drop(k_rot, v)
-        cache = [kc, vc]
-        k_rot = v = None
-    tr.at(op=f"attention ({kernel})")
-    repeats = [tr.new(b * heads * n * d * s, "repeat_kv") for _ in range(2)] \
-        if attention.repeats_kv(arch, layout, kernel, masked) else []
-    additive = tr.new(b * n * n * s, "SDPA additive mask") if masked else None
-    out = tr.new(q_bytes, "SDPA output")
-    tr.drop(additive, *repeats)
+    out, cache, k_rot, v = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
     projected = tr.new(hidden, "self_attn.o_proj")
     tr.drop(out, q_rot, k_rot, v)
     tr.at(op="post_attention_layernorm")
-    normed = olmo2_norm(tr, hidden, tokens, s)
+    normed = norm(tr, hidden, tokens, s)
     tr.drop(projected)
     residual = tr.new(hidden, "residual add")
     tr.drop(normed)
     tr.at(op="mlp")
-    inter = tokens * arch.intermediate_size * s
-    gate = tr.new(inter, "mlp.gate_proj")
-    act = tr.new(inter, "mlp.act_fn")
-    tr.drop(gate)
-    up = tr.new(inter, "mlp.up_proj")
-    product = tr.new(inter, "mlp act * up")
-    tr.drop(act, up)
-    down = tr.new(hidden, "mlp.down_proj")
-    tr.drop(product)
+    down = gated_mlp(tr, tokens, arch.intermediate_size, arch.hidden_size, s)
     tr.at(op="post_feedforward_layernorm")
-    normed_down = olmo2_norm(tr, hidden, tokens, s)
+    normed_down = norm(tr, hidden, tokens, s)
     tr.drop(down)
     output = tr.new(hidden, "residual add")
     tr.drop(normed_down, residual)
@@ -275,19 +211,7 @@ def phi3_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSp
     k_rope = traced_rope(tr, int(kv_bytes * fraction))
     k_embed = tr.new(kv_bytes, "cat(k rotated, k_pass)")
     tr.drop(k_rope)
-    cache: list[int | None] = []
-    if generate:
-        kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="key"), "KV cache keys (torch.cat)")
-        vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="value"), "KV cache values (torch.cat)")
-        tr.drop(k_embed)
-        cache = [kc, vc]
-        k_embed = None
-    tr.at(op=f"attention ({kernel})")
-    repeats = [tr.new(b * heads * n * d * s, "repeat_kv") for _ in range(2)] \
-        if attention.repeats_kv(arch, layout, kernel, masked) else []
-    additive = tr.new(b * n * n * s, "SDPA additive mask") if masked else None
-    out = tr.new(q_bytes, "SDPA output")
-    tr.drop(additive, *repeats)
+    out, cache, k_embed, _ = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_embed, None)
     projected = tr.new(hidden, "self_attn.o_proj")
     tr.drop(out, q_embed, k_embed, qkv, normed)
     residual = tr.new(hidden, "residual add")

@@ -72,21 +72,46 @@ def gemma_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
     return out
 
 
+def olmo2_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
+    """Olmo2RMSNorm: x.to(float32), pow(2).mean, x * rsqrt(variance + eps) (the upcast goes once
+    the product exists), then (weight * x) in fp32 and .to(input_dtype); the variance stays a
+    local until the norm returns."""
+    wide = hidden_bytes * 4 // s
+    upcast = tr.new(wide, "RMSNorm upcast") if s < 4 else None
+    squared = tr.new(wide, "RMSNorm pow(2)")
+    mean = tr.new(rows * 4)
+    tr.drop(squared)
+    shifted = tr.new(rows * 4)
+    root = tr.new(rows * 4)
+    tr.drop(shifted)
+    scaled = tr.new(wide, "RMSNorm x * rsqrt")
+    tr.drop(root, upcast)
+    weighted = tr.new(wide, "RMSNorm weight * x")
+    if s >= 4:
+        tr.drop(scaled, mean)
+        return weighted
+    out = tr.new(hidden_bytes, "RMSNorm cast")
+    tr.drop(weighted, scaled, mean)
+    return out
+
+
 def layer_norm(layout: FamilyLayout):
     """The family's RMSNorm request order."""
-    return gemma_norm if layout.norm_order == "gemma" else traced_norm
+    return {"gemma": gemma_norm, "olmo2": olmo2_norm}.get(layout.norm_order, traced_norm)
 
 
-def traced_rope(tr: Tracer, nbytes: int) -> int:
+def traced_rope(tr: Tracer, nbytes: int, product_bytes: int | None = None) -> int:
     """q * cos + rotate_half(q) * sin: the product, -x2, the cat (then -x2 goes), its product
-    (then the cat goes), the sum (then both products go)."""
-    product = tr.new(nbytes)
+    (then the cat goes), the sum (then both products go). Against fp32 tables (OLMo-2) the
+    products and the sum are `product_bytes` wide while -x2 and the cat keep q's dtype."""
+    wide = product_bytes or nbytes
+    product = tr.new(wide)
     negated = tr.new(nbytes // 2)
     rotated = tr.new(nbytes)
     tr.drop(negated)
-    rotated_product = tr.new(nbytes)
+    rotated_product = tr.new(wide)
     tr.drop(rotated)
-    out = tr.new(nbytes)
+    out = tr.new(wide)
     tr.drop(product, rotated_product)
     return out
 
@@ -282,7 +307,7 @@ def decode_attention(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec:
     tr.drop(*repeats)
 
 
-def _gated_mlp(tr: Tracer, tokens: int, width: int, hidden: int, s: int) -> int:
+def gated_mlp(tr: Tracer, tokens: int, width: int, hidden: int, s: int) -> int:
     """down(act(gate(x)) * up(x)): returns the output."""
     gate = tr.new(tokens * width * s)
     act = tr.new(tokens * width * s)
@@ -337,7 +362,7 @@ def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int,
     h, i, k = arch.hidden_size, moe.expert_intermediate, moe.top_k
     shared_first = None
     if moe.shared_first and moe.shared_intermediate:
-        shared_first = _gated_mlp(tr, tokens, moe.shared_intermediate, h, s)
+        shared_first = gated_mlp(tr, tokens, moe.shared_intermediate, h, s)
     kept = _router(tr, arch, tokens, s)
     if moe.all_experts:
         e = moe.num_experts
@@ -399,7 +424,7 @@ def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int,
             tr.drop(summed)
     out = routed_out
     if moe.shared_intermediate and not moe.shared_first:
-        shared = _gated_mlp(tr, tokens, moe.shared_intermediate, h, s)
+        shared = gated_mlp(tr, tokens, moe.shared_intermediate, h, s)
         out = tr.new(tokens * h * s)  # routed + shared
         tr.drop(shared, routed_out)
     if shared_first is not None:
