@@ -1,11 +1,11 @@
 """Decoder layers of families without a GPU trace of their own (StableLM, GPT-NeoX with the
-sequential residual, OLMo-2, Phi-3) as request sequences, in the order transformers 5.17 allocates and
+sequential residual, OLMo-2, Phi-3, Cohere) as request sequences, in the order transformers 5.17 allocates and
 frees.
 
 Written from their modeling code in the terms of the llama-shaped layer that the H200 traces
 confirmed (layer_replay.py: its rotary helper, the KV cache's cat, SDPA's output); held to the
-committed H100 rows of stablelm-2-zephyr-1_6b, RedPajama-INCITE-3B, OLMo-2-7B and
-Phi-3.5-mini (tests/test_accuracy.py).
+committed H100 rows of stablelm-2-zephyr-1_6b, RedPajama-INCITE-3B, OLMo-2-7B, Phi-3.5-mini
+and Aya-23-8B (tests/test_accuracy.py).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
         return olmo2_layer
     if arch.model_type == "phi3" and rms:
         return phi3_layer
+    if arch.model_type == "cohere" and not any(".q_norm." in t.name for t in arch.tensors):
+        return cohere_layer
     return None
 
 
@@ -228,4 +230,80 @@ def phi3_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSp
     tr.drop(product, gate_up, normed_mlp)
     output = tr.new(hidden, "residual add")
     tr.drop(down, residual)
+    return output, cache
+
+
+def cohere_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
+    """CohereLayerNorm, computed in fp32 op by op: x.float(), mean, (x - mean).pow(2).mean (the
+    difference goes once squared), (x - mean) again times rsqrt(variance + eps), weight.float() *
+    that, .to(dtype); mean and variance stay locals until the norm returns."""
+    wide = hidden_bytes * 4 // s
+    upcast = tr.new(wide, "LayerNorm upcast") if s < 4 else None
+    mean = tr.new(rows * 4)
+    centered = tr.new(wide, "LayerNorm x - mean")
+    squared = tr.new(wide, "LayerNorm pow(2)")
+    tr.drop(centered)
+    variance = tr.new(rows * 4)
+    tr.drop(squared)
+    centered = tr.new(wide, "LayerNorm x - mean")
+    shifted = tr.new(rows * 4)
+    root = tr.new(rows * 4)
+    tr.drop(shifted)
+    normed = tr.new(wide, "LayerNorm (x - mean) * rsqrt")
+    tr.drop(centered, root, upcast)
+    weighted = tr.new(wide, "LayerNorm weight * x")
+    tr.drop(normed)
+    if s >= 4:
+        tr.drop(mean, variance)
+        return weighted
+    out = tr.new(hidden_bytes, "LayerNorm cast")
+    tr.drop(weighted, mean, variance)
+    return out
+
+
+def _interleaved_rope(tr: Tracer, nbytes: int, s: int) -> int:
+    """Cohere's rotary on an fp32 copy: q * cos, rotate_half as -x2 and a stack of the
+    interleaved halves, times sin, the sum; returns the fp32 sum."""
+    wide = nbytes * 4 // s
+    product = tr.new(wide)
+    negated = tr.new(wide // 2)
+    stacked = tr.new(wide)
+    tr.drop(negated)
+    rotated_product = tr.new(wide)
+    tr.drop(stacked)
+    out = tr.new(wide)
+    tr.drop(product, rotated_product)
+    return out
+
+
+def cohere_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+                 kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
+    """CohereDecoderLayer (no qk-norm): its fp32 LayerNorm; rotary on fp32 copies of q and k with
+    interleaved halves, cast back at return (the bf16 projections go then); attention and the
+    gated MLP both read the normed input, and residual + attention + MLP is summed at the end."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    heads, kv_heads, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    tokens = b * n
+    hidden = tokens * arch.hidden_size * s
+    q_bytes, kv_bytes = tokens * heads * d * s, tokens * kv_heads * d * s
+    normed = cohere_norm(tr, hidden, tokens, s)
+    q, k, v = (tr.new(q_bytes, "self_attn.q_proj"), tr.new(kv_bytes, "self_attn.k_proj"),
+               tr.new(kv_bytes, "self_attn.v_proj"))
+    tr.at(op="rotary embedding (fp32 copies)")
+    upcasts = [tr.new(q_bytes * 4 // s), tr.new(kv_bytes * 4 // s)] if s < 4 else []
+    q_wide, k_wide = _interleaved_rope(tr, q_bytes, s), _interleaved_rope(tr, kv_bytes, s)
+    if s < 4:
+        q_rot, k_rot = tr.new(q_bytes, "q_embed.to(dtype)"), tr.new(kv_bytes, "k_embed.to(dtype)")
+        tr.drop(q_wide, k_wide, *upcasts)
+    else:
+        q_rot, k_rot = q_wide, k_wide
+    tr.drop(q, k)
+    out, cache, k_rot, v = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
+    attention_out = tr.new(hidden, "self_attn.o_proj")
+    tr.drop(out, q_rot, k_rot, v)
+    tr.at(op="mlp")
+    down = gated_mlp(tr, tokens, arch.intermediate_size, arch.hidden_size, s)
+    partial = tr.new(hidden, "residual + attention")
+    output = tr.new(hidden, "+ mlp")
+    tr.drop(partial, normed, attention_out, down)
     return output, cache
