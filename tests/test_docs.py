@@ -37,3 +37,8 @@ def test_readme_accuracy_table_is_current():
 def test_readme_edge_table_is_current():
     script = ROOT / "scripts" / "edge_table.py"
     assert subprocess.run([sys.executable, str(script), "--check"], check=False).returncode == 0
+
+
+def test_readme_vllm_table_is_current():
+    script = ROOT / "scripts" / "vllm_table.py"
+    assert subprocess.run([sys.executable, str(script), "--check"], check=False).returncode == 0

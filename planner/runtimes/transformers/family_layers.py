@@ -261,21 +261,6 @@ def cohere_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
     return out
 
 
-def _interleaved_rope(tr: Tracer, nbytes: int, s: int) -> int:
-    """Cohere's rotary on an fp32 copy: q * cos, rotate_half as -x2 and a stack of the
-    interleaved halves, times sin, the sum; returns the fp32 sum."""
-    wide = nbytes * 4 // s
-    product = tr.new(wide)
-    negated = tr.new(wide // 2)
-    stacked = tr.new(wide)
-    tr.drop(negated)
-    rotated_product = tr.new(wide)
-    tr.drop(stacked)
-    out = tr.new(wide)
-    tr.drop(product, rotated_product)
-    return out
-
-
 def cohere_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
                  kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
     """CohereDecoderLayer (no qk-norm): its fp32 LayerNorm; rotary on fp32 copies of q and k with
@@ -291,7 +276,9 @@ def cohere_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
                tr.new(kv_bytes, "self_attn.v_proj"))
     tr.at(op="rotary embedding (fp32 copies)")
     upcasts = [tr.new(q_bytes * 4 // s), tr.new(kv_bytes * 4 // s)] if s < 4 else []
-    q_wide, k_wide = _interleaved_rope(tr, q_bytes, s), _interleaved_rope(tr, kv_bytes, s)
+    # on the fp32 copies: q * cos, -x2 and the stack of the interleaved halves (rotate_half), * sin,
+    # the sum; the same requests as the llama rotary, all fp32
+    q_wide, k_wide = traced_rope(tr, q_bytes * 4 // s), traced_rope(tr, kv_bytes * 4 // s)
     if s < 4:
         q_rot, k_rot = tr.new(q_bytes, "q_embed.to(dtype)"), tr.new(kv_bytes, "k_embed.to(dtype)")
         tr.drop(q_wide, k_wide, *upcasts)
