@@ -248,3 +248,23 @@ def test_the_replay_fails_at_the_request_the_gpu_failed_at(row):
     assert round(run.failed_request_bytes / unit, 2) == round(tried / unit, 2), (
         f"{_trial_id(row)}: replay fails at {run.failed_at}, the GPU tried to allocate {tried / unit:.2f} "
         f"{'GiB' if unit == GIB else 'MiB'} at {row['failed_at'][-1]}")
+
+
+@pytest.mark.parametrize("model, order", [
+    ("llama-3.1-8b", "traced"), ("gemma-2-2b-it", "traced"), ("stablelm-2-zephyr-1_6b", "code"),
+    ("phi-3.5-mini-instruct", "code"), ("falcon-7b-instruct", "coarse"), ("tests/configs/mamba-2.8b.json", "none"),
+])
+def test_the_verdict_says_what_its_request_order_rests_on(model, order):
+    """A verdict on a family whose layers are not replayed in a traced or code-read order says so."""
+    from pathlib import Path
+
+    from vramplan import estimate
+    from vramplan.request import Workload
+
+    source = str(Path(__file__).parent / "configs" / Path(model).name) if model.startswith("tests/") else model
+    work = Workload(batch=2, prompt_len=512)
+    est = estimate(source, work, gpu="h100")
+    coarse = [n for n in est.notes if "coarse request order" in n]
+    unreplayed = [n for n in est.notes if "not replayed request by request" in n]
+    assert bool(coarse) == (order == "coarse") and bool(unreplayed) == (order == "none")
+    assert not [n for n in estimate(source, work).notes if "request order" in n]  # no GPU, no verdict

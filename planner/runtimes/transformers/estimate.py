@@ -158,6 +158,19 @@ def _completes(run: sequence.SimulatedRun, capacity: int, allocated: int, load_p
     return run.completed and max(allocated, load_peak) <= capacity
 
 
+def _order_notes(arch: Architecture, run: sequence.SimulatedRun) -> list[str]:
+    """What the verdict rests on when the layers' request order is not one held to a GPU trace or
+    read op by op from the family's code (README, "Will it run?")."""
+    if run.layer_order == "coarse":
+        return [f"{arch.model_type}'s layers are replayed through the allocator in a coarse request order "
+                "(neither traced on a GPU nor read op by op from its code for this attention and precision): "
+                "near the capacity the verdict is less certain than for traced families."]
+    if run.layer_order == "none":
+        return ["this model's layers are not replayed request by request (recurrent scans, encoder-decoder): "
+                "the verdict holds the allocated peak to the capacity, without the caching allocator's reserve."]
+    return []
+
+
 def _verdict(gpu: Gpu, capacity: int, mode: str, runs: dict[str, sequence.SimulatedRun], allocated: int,
              load_peak: int) -> Verdict:
     run = runs[mode]
@@ -284,6 +297,8 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
                      "sequence at every step (pass use_cache=True to generate() to change that).")
     if workload.attn == "flash_attention_2":
         notes.append("flash_attention_2 is modelled like SDPA's flash kernel; it has no measured rows.")
+    if verdict is not None:
+        notes += _order_notes(arch, replayed)
     return Estimate(
         model=model, model_type=arch.model_type, precision=chosen.name,
         double_quant=choice.double_quant and chosen.kind == "bnb_4bit", compute_dtype=compute,

@@ -15,6 +15,8 @@ from.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from ...base import Frozen
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
@@ -43,6 +45,9 @@ class SimulatedRun(Frozen):
     reserved_unusable_bytes: int | None = None  # reserved but unallocated when it failed
     shortfall_bytes: int | None = None  # the failed segment less what the driver still had free
     alloc_retries: int = 0  # times the allocator released its cache and retried
+    # how the decoder layers were replayed: in an order held to a GPU trace, read op by op from the
+    # family's modeling code, the coarse generic order, or not request by request at all
+    layer_order: Literal["traced", "code", "coarse", "none"] = "coarse"
 
     @property
     def run_reserve(self) -> int:
@@ -58,6 +63,7 @@ class _Tracer:
         self.alloc = CachingAllocator(capacity=capacity, expandable=expandable)
         self.where = "load"
         self.op = "weights"
+        self.layer_order = "coarse"
 
     def at(self, where: str | None = None, op: str | None = None) -> None:
         if where is not None:
@@ -132,7 +138,7 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
                             failed_at=f"{oom.label} ({oom.requested / 2**30:.2f} GiB)",
                             failed_request_bytes=oom.tried, reserved_unusable_bytes=oom.reserved_unusable,
                             shortfall_bytes=oom.tried - (oom.capacity - oom.reserved),
-                            alloc_retries=tr.alloc.num_alloc_retries)
+                            alloc_retries=tr.alloc.num_alloc_retries, layer_order=tr.layer_order)
 
 
 def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
@@ -147,7 +153,8 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     if arch.recurrent is not None or arch.encoder is not None:
         # neither the torch-fallback scans nor encoder-decoder runs are replayed op by op
         return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
-                            reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries)
+                            reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries,
+                            layer_order="none")
 
     hidden = b * n * arch.hidden_size * s
     inter = b * n * arch.intermediate_size * s
@@ -169,6 +176,7 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
               and (spec.quantization == "none" or (spec.quantization == "4bit" and arch.moe is None and not qk_norm)))
     # families replayed from their modeling code, without a trace of their own (family_layers.py)
     coded_layer = family_layers.layer_for(arch, rms, kernel, spec)
+    tr.layer_order = "traced" if traced else "code" if coded_layer is not None else "coarse"
 
     tr.at("prefill", "position ids")
     if generate:
@@ -312,7 +320,8 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     else:
         tr.drop(copy)
     return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
-                        reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries)
+                        reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries,
+                        layer_order=tr.layer_order)
 
 
 def _attention(tr: _Tracer, arch: Architecture, layout: FamilyLayout, kernel: str, b: int, n: int,
