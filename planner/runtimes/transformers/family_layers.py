@@ -1,6 +1,6 @@
 """Decoder layers of families without a GPU trace of their own (StableLM, GPT-NeoX with the
-sequential residual, OLMo-2, Phi-3, Cohere) as request sequences, in the order transformers 5.17 allocates and
-frees.
+sequential residual, OLMo-2, Phi-3, Cohere) as request sequences, in the order transformers 5.17
+allocates and frees.
 
 Written from their modeling code in the terms of the llama-shaped layer that the H200 traces
 confirmed (layer_replay.py: its rotary helper, the KV cache's cat, SDPA's output); held to the
