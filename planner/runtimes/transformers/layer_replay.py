@@ -22,6 +22,28 @@ from .activations import RunSpec
 Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at()
 
 
+def _rms_scaled(tr: Tracer, hidden_bytes: int, rows: int, s: int,
+                keep_mean: bool) -> tuple[int | None, int | None]:
+    """The RMSNorm steps every family shares: x.float() (none in fp32), pow(2), mean (the square
+    goes), + eps, rsqrt (the sum goes), x * rsqrt (the root and the upcast go). Returns the scaled
+    fp32 tensor and the mean, which stays a local until the norm returns unless `keep_mean` is
+    False (Gemma's _norm drops it once + eps exists)."""
+    wide = hidden_bytes * 4 // s
+    upcast = tr.new(wide, "RMSNorm upcast") if s < 4 else None
+    squared = tr.new(wide, "RMSNorm pow(2)")
+    mean = tr.new(rows * 4)
+    tr.drop(squared)
+    shifted = tr.new(rows * 4)
+    if not keep_mean:
+        tr.drop(mean)
+        mean = None
+    root = tr.new(rows * 4)
+    tr.drop(shifted)
+    scaled = tr.new(wide, "RMSNorm x * rsqrt")
+    tr.drop(root, upcast)
+    return scaled, mean
+
+
 def traced_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
     """RMSNorm as transformers 5.17 runs it: x.float(), pow(2), mean, + eps, rsqrt, x * rsqrt,
     .to(dtype), weight * x; each temporary goes when the next expression no longer needs it."""
@@ -33,16 +55,7 @@ def traced_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
         out = tr.new(hidden_bytes)
         tr.drop(mean)
         return out
-    wide = hidden_bytes * 4 // s
-    upcast = tr.new(wide, "RMSNorm upcast")
-    squared = tr.new(wide, "RMSNorm pow(2)")
-    mean = tr.new(rows * 4)
-    tr.drop(squared)
-    shifted = tr.new(rows * 4)
-    root = tr.new(rows * 4)
-    tr.drop(shifted)
-    scaled = tr.new(wide, "RMSNorm x * rsqrt")
-    tr.drop(root, upcast)
+    scaled, mean = _rms_scaled(tr, hidden_bytes, rows, s, keep_mean=True)
     cast = tr.new(hidden_bytes, "RMSNorm cast")
     out = tr.new(hidden_bytes, "RMSNorm weight *")
     tr.drop(cast, scaled, mean)
@@ -52,18 +65,8 @@ def traced_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
 def gemma_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
     """Gemma's RMSNorm: _norm(x.float()) (pow(2), mean, + eps, rsqrt, x * rsqrt; each goes once
     the next exists), then * (1 + weight) in fp32 and .type_as(x) (H200 trace of Gemma-2)."""
-    wide = hidden_bytes * 4 // s
-    upcast = tr.new(wide, "RMSNorm upcast") if s < 4 else None
-    squared = tr.new(wide, "RMSNorm pow(2)")
-    mean = tr.new(rows * 4)
-    tr.drop(squared)
-    shifted = tr.new(rows * 4)
-    tr.drop(mean)
-    root = tr.new(rows * 4)
-    tr.drop(shifted)
-    scaled = tr.new(wide, "RMSNorm x * rsqrt")
-    tr.drop(root, upcast)
-    weighted = tr.new(wide, "RMSNorm * (1 + weight)")
+    scaled, _ = _rms_scaled(tr, hidden_bytes, rows, s, keep_mean=False)
+    weighted = tr.new(hidden_bytes * 4 // s, "RMSNorm * (1 + weight)")
     tr.drop(scaled)
     if s >= 4:
         return weighted
@@ -76,17 +79,8 @@ def olmo2_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
     """Olmo2RMSNorm: x.to(float32), pow(2).mean, x * rsqrt(variance + eps) (the upcast goes once
     the product exists), then (weight * x) in fp32 and .to(input_dtype); the variance stays a
     local until the norm returns."""
-    wide = hidden_bytes * 4 // s
-    upcast = tr.new(wide, "RMSNorm upcast") if s < 4 else None
-    squared = tr.new(wide, "RMSNorm pow(2)")
-    mean = tr.new(rows * 4)
-    tr.drop(squared)
-    shifted = tr.new(rows * 4)
-    root = tr.new(rows * 4)
-    tr.drop(shifted)
-    scaled = tr.new(wide, "RMSNorm x * rsqrt")
-    tr.drop(root, upcast)
-    weighted = tr.new(wide, "RMSNorm weight * x")
+    scaled, mean = _rms_scaled(tr, hidden_bytes, rows, s, keep_mean=True)
+    weighted = tr.new(hidden_bytes * 4 // s, "RMSNorm weight * x")
     if s >= 4:
         tr.drop(scaled, mean)
         return weighted
