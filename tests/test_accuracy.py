@@ -27,14 +27,8 @@ PRE_RUN_RESERVE_LIMIT = 0.05
 KNOWN_DEVICE_GAPS = {
     "llama-3.2-1b-bf16-eager-b32-n480-t16-generate": "eager at batch 32: replay reuses more blocks than the GPU",
     "gpt_bigcode-santacoder-bf16-eager-b32-n480-t16-generate": "eager at batch 32, as above",
-    "qwen3-0.6b-bf16-eager-b4-n2048-t16-generate": "eager, B*heads*N^2 = 268M scores: as above (vramplan validate run)",
     "gpt-j-6b-bf16-eager-b32-n480-t16-generate": "GPT-J's fp32 score chain is not replayed op by op",
     "octocoder-bf16-eager-b1-n6000-t60-generate": "GPT-BigCode's multi-query eager path is replayed with llama's order",
-    "falcon-7b-instruct-bf16-sdpa-b8-n960-t16-generate": "the math kernel's order is approximated: over-reserves",
-    "falcon-7b-instruct-bf16-sdpa-b32-n480-t16-generate": "math kernel, as above",
-    "falcon-7b-instruct-bf16-sdpa-b4-n4096-t8-generate": "math kernel, as above (one 19 GB fp32 score block too many)",
-    "falcon-7b-instruct-fp16-sdpa-b8-n960-t16-generate": "math kernel, as above",
-    "qwen3-0.6b-fp32-sdpa-b8-n960-t16-generate": "math kernel with enable_gqa: under-reserves",
     "phi-2-nf4-sdpa-b8-n960-t16-generate": "bitsandbytes 4-bit matmuls are not replayed",
     "phi-2-nf4dq-sdpa-b8-n960-t16-generate": "bitsandbytes 4-bit matmuls are not replayed",
     "tests/configs/mamba2-codestral-7b.json-bf16-eager-b1-n128-t32-generate":

@@ -1,5 +1,5 @@
 """The H200's own allocator traces (profiles/measurements/h200-edge-traces.jsonl.gz: every request
-of 16 edge trials, recorded with torch.cuda.memory._record_memory_history) held against the
+of 26 edge trials, recorded with torch.cuda.memory._record_memory_history) held against the
 allocator model and against the planner's request sequence."""
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ def _trace_id(trace: dict) -> str:
     return f"{_case_id(trace['case'])}-b{trace['case']['batch']}-{trace['status']}"
 
 
-def _capacity() -> int:
+def _limits() -> dict[str, int]:
     from vramplan.runtimes.allocator import capacity
 
-    return capacity(_h200()).bytes
+    limit = capacity(_h200())
+    return {"capacity": limit.bytes, "address_space": limit.address_space}
 
 
 def test_traces_cover_both_ends_of_several_kinds():
-    assert len(TRACES) >= 16
+    assert len(TRACES) >= 26
     assert {t["status"] for t in TRACES} == {"ok", "oom"}
     assert len({_case_id(t["case"]) for t in TRACES}) >= 7
     assert {t["case"]["allocator"] for t in TRACES} == {"default", "expandable"}
@@ -39,7 +40,7 @@ def test_allocator_model_reproduces_the_gpu_segments(trace):
     """Fed the GPU's requests under the H200's capacity, the model reserves what the GPU reserved
     after every request, completes the runs that completed, and runs out of memory at the request
     the GPU ran out at, needing the segment the GPU tried to allocate."""
-    result = replay(trace, _capacity())
+    result = replay(trace, **_limits())
     assert result.reserved_agrees, f"reserved differs from event {result.first_disagreement}"
     if trace["status"] == "ok":
         assert result.completed and not result.gpu_out_of_memory
@@ -104,3 +105,46 @@ def test_planner_sequence_reserves_what_the_gpu_requests_reserve(trace):
 
 def test_known_sequence_gaps_are_real_traces():
     assert set(KNOWN_SEQUENCE_GAPS) <= {_trace_id(t) for t in OK_TRACES}
+
+
+def test_expandable_best_fit_walks_on_by_expandable_size():
+    """get_free_block's rule for expandable segments, which the Gemma-2 trace at batch 653
+    taught: stepping past only the block at the unmapped end (the earlier rule) diverges."""
+    from vramplan.runtimes import allocator
+
+    class OneStep(allocator.CachingAllocator):
+        def _take_free(self, size: int, small: bool):
+            pool = self._free[small]
+            index = next((i for i, entry in enumerate(pool) if entry[0] >= size), len(pool))
+            if index == len(pool):
+                return None
+            block = self._by_key[pool[index][:2]]
+            if self.expandable and index + 1 < len(pool) and block.next is not None and not block.next.mapped:
+                index += 1
+            block_size, address, _ = pool.pop(index)
+            return self._by_key.pop((block_size, address))
+
+    import vramplan.validate.traces as traces
+
+    gemma = next(t for t in TRACES if t["case"]["model"] == "gemma-2-2b-it" and t["case"]["allocator"] == "expandable"
+                 and t["status"] == "ok")
+    assert replay(gemma, **_limits()).reserved_agrees
+    original = traces.CachingAllocator
+    traces.CachingAllocator = OneStep
+    try:
+        assert not replay(gemma, **_limits()).reserved_agrees
+    finally:
+        traces.CachingAllocator = original
+
+
+def test_an_expandable_segment_ends_at_its_address_space():
+    """Pages map inside the segment's virtual range (1 1/8 of the device); past its end the
+    allocator starts another segment."""
+    from vramplan.runtimes.allocator import CachingAllocator, capacity
+
+    mib = 1 << 20
+    alloc = CachingAllocator(expandable=True, address_space=100 * mib)
+    first, second = alloc.malloc(60 * mib), alloc.malloc(60 * mib)
+    assert alloc.reserved == 120 * mib
+    assert alloc._live[first].segment != alloc._live[second].segment
+    assert capacity(_h200()).address_space == _h200().memory_bytes * 9 // 8

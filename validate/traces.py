@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vramplan.runtimes.allocator import CachingAllocator, OutOfMemory
+from vramplan.runtimes.allocator import EXPANDABLE_RANGE, CachingAllocator, OutOfMemory
 
 SEGMENT_GROWS = ("segment_alloc", "segment_map")
 SEGMENT_SHRINKS = ("segment_free", "segment_unmap")
@@ -50,12 +50,14 @@ class TraceReplay:
     peak_allocated: int
 
 
-def replay(trace: dict[str, Any], capacity: int | None = None, follow_gpu_releases: bool = False) -> TraceReplay:
+def replay(trace: dict[str, Any], capacity: int | None = None, follow_gpu_releases: bool = False,
+           address_space: int = EXPANDABLE_RANGE) -> TraceReplay:
     """Feed the trace's requests to the allocator model. With a `capacity` the model decides its
-    own retries; `follow_gpu_releases` releases the cache wherever the GPU did (for comparing
-    without a capacity). The build's empty_cache() is always followed."""
+    own retries (and `address_space` bounds an expandable segment); `follow_gpu_releases`
+    releases the cache wherever the GPU did (for comparing without a capacity). The build's
+    empty_cache() is always followed."""
     expandable = trace["case"]["allocator"] == "expandable"
-    model = CachingAllocator(capacity=capacity, expandable=expandable)
+    model = CachingAllocator(capacity=capacity, expandable=expandable, address_space=address_space)
     handles: dict[int, int] = {}
     gpu_reserved = 0
     start = generate_starts(trace)

@@ -24,12 +24,16 @@ segment that is entirely free, in both pools (`release_cached_blocks`), count a 
 try again; if that fails too the request raises `OutOfMemory`, which names the request and
 how much was reserved but unusable (free pieces of segments something else still holds).
 
-`expandable=True` is PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: one segment per pool
-that grows at its end in pages (20 MiB large, 2 MiB small), blocks always split, and on the
-retry every page lying entirely inside a free block is unmapped, so free memory separated by
-live blocks is reusable after the retry.
+`expandable=True` is PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: one segment per pool,
+a virtual range of 1 1/8 of the device, mapped in pages (20 MiB large, 2 MiB small); blocks
+always split; on the retry every page lying entirely inside a free block is unmapped, leaving
+holes. Best fit counts the unmapped range behind a free block as part of it, and walks on to
+larger blocks while their "expandable size" is smaller (get_free_block); without a free block,
+the first hole by address from which a run of free and unmapped blocks holds the request is
+mapped, piece by piece (find_expandable_block, try_allocate_expandable_block); a run whose
+pages would pass the range's end starts another segment.
 
-Reserved memory is the sum of the segments (the mapped pages). Fed the requests of 16 edge
+Reserved memory is the sum of the segments (the mapped pages). Fed the requests of 26 edge
 trials as the H200 recorded them (tests/test_edge_traces.py), the simulation reserves what
 the GPU reserved after every request, and runs out of memory at the request the GPU ran out
 at; how well it predicts a run the planner replays depends on the planner's request sequence.
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..base import Frozen
@@ -50,8 +55,7 @@ SMALL_BUFFER = 2 << 20  # small-pool segment, and small-pool page when expandabl
 LARGE_BUFFER = 20 << 20  # segment for 1-10 MiB requests, and large-pool page when expandable
 MIN_LARGE_ALLOC = 10 << 20
 ROUND_LARGE = 2 << 20
-# the virtual range of an expandable segment: 1.125 x the device; any range larger than the
-# device behaves the same, since mapping fails at capacity first
+# without a device: an expandable segment's virtual range that no run reaches the end of
 EXPANDABLE_RANGE = 1 << 50
 TOP_OF_ADDRESS_SPACE = 1 << 62
 
@@ -62,6 +66,14 @@ EDGE_SUFFIX = "-edge"  # calibration.yaml's outside_torch entry for what is unav
 class Capacity(Frozen):
     bytes: int
     why: str
+    address_space: int  # the virtual range of an expandable segment on this GPU
+
+
+def expandable_range(device_bytes: int) -> int:
+    """An expandable segment reserves 1 1/8 of the device's memory as address space
+    (ExpandableSegment's address_space_size); its pages map inside it, holes included, and a
+    run whose pages would pass its end starts another segment."""
+    return device_bytes + device_bytes // 8
 
 
 def capacity(gpu: Gpu, fitted: Calibration | None = None, bitsandbytes: bool = False) -> Capacity:
@@ -72,7 +84,8 @@ def capacity(gpu: Gpu, fitted: Calibration | None = None, bitsandbytes: bool = F
     if edge is not None:
         why = (f"{gpu.memory_bytes / 2**20:,.0f} MiB less {edge.bytes / 2**20:,.1f} MiB outside torch at the edge "
                f"(median of {edge.samples} {gpu.outside_torch_key} edge rows)")
-        return Capacity(bytes=gpu.memory_bytes - edge.bytes - extra, why=why)
+        return Capacity(bytes=gpu.memory_bytes - edge.bytes - extra, why=why,
+                        address_space=expandable_range(gpu.memory_bytes))
     # no edge rows for this GPU: its outside-torch figure plus what the measured GPU's edge rows
     # show beyond that same figure (memory the driver does not attribute to the process, its slack)
     measured = next((k.removesuffix(EDGE_SUFFIX) for k in fitted.outside_torch if k.endswith(EDGE_SUFFIX)), None)
@@ -84,7 +97,8 @@ def capacity(gpu: Gpu, fitted: Calibration | None = None, bitsandbytes: bool = F
     why = (f"{gpu.memory_bytes / 2**20:,.0f} MiB less {(outside + beyond) / 2**20:,.1f} MiB outside torch: an "
            f"assumption ({gpu.name} has no edge rows; its outside-torch figure plus the "
            f"{beyond / 2**20:.1f} MiB the {measured or 'measured'} edge rows show beyond it)")
-    return Capacity(bytes=gpu.memory_bytes - outside - beyond - extra, why=why)
+    return Capacity(bytes=gpu.memory_bytes - outside - beyond - extra, why=why,
+                    address_space=expandable_range(gpu.memory_bytes))
 
 
 def round_size(size: int) -> int:
@@ -159,6 +173,7 @@ class CachingAllocator:
 
     capacity: int | None = None
     expandable: bool = False
+    address_space: int = EXPANDABLE_RANGE  # an expandable segment's virtual range
     allocated: int = 0
     reserved: int = 0
     peak_allocated: int = 0
@@ -242,36 +257,55 @@ class CachingAllocator:
         return SMALL_BUFFER if small else LARGE_BUFFER
 
     def _map(self, size: int, small: bool) -> _Block | None:
-        """try_allocate_expandable_block: the lowest unmapped range that, with the free block
-        before it, holds `size`; map the pages it lacks. Returns the free mapped block."""
+        """try_allocate_expandable_block. The candidate is the first unmapped range, by address
+        (with the free block before it), from which a run of free and unmapped blocks holds
+        `size`; without one, a new segment (another virtual range). Its unmapped pieces are
+        mapped one at a time, each piece all or nothing: a piece the driver cannot back fails
+        the request, and the pieces mapped before it stay mapped (and free)."""
         unmapped = self._unmapped[small]
-        if not unmapped:
-            # the pool's segment: one virtual range, nothing mapped yet
-            address = self._new_range(EXPANDABLE_RANGE)
-            whole = _Block(address, EXPANDABLE_RANGE, address, small, True, mapped=False)
-            unmapped.append(whole)
-        page = self._page(small)
-        for hole in sorted(unmapped, key=lambda b: b.address):
-            start = hole.prev if hole.prev is not None and hole.prev.free and hole.prev.mapped else hole
-            have = start.size if start is not hole else 0
-            if have + hole.size < size:
-                continue
-            need = -(-(size - have) // page) * page
-            if self.capacity is not None and self.reserved + need > self.capacity:
+        candidate = next((c for c in self._candidates(small) if self._run_holds(c, size)), None)
+        if candidate is None:
+            address = self._new_range(self.address_space)
+            candidate = _Block(address, self.address_space, address, small, True, mapped=False)
+            unmapped.append(candidate)
+        if not candidate.mapped:
+            candidate = self._map_block(candidate, min(candidate.size, size))
+            if candidate is None:
                 return None
-            if start is not hole:
-                self._remove_free(start)
-            unmapped.remove(hole)
-            if need < hole.size:  # the rest of the range stays unmapped
-                unmapped.append(_split(hole, need, mapped=False))
-            hole.mapped = True
-            self._reserve(need)
-            block = _absorb(start, hole) if start is not hole else hole
-            if block.next is not None and block.next.free and block.next.mapped:
-                self._remove_free(block.next)
-                block = _absorb(block, block.next)
-            return block
-        return None
+        while candidate.size < size:
+            hole = candidate.next  # free -> unmapped -> ...: the merge left an unmapped range next
+            candidate = self._map_block(hole, min(size - candidate.size, hole.size))
+            if candidate is None:
+                return None
+        self._remove_free(candidate)
+        return candidate
+
+    def _candidates(self, small: bool) -> Iterator[_Block]:
+        for hole in sorted(self._unmapped[small], key=lambda b: b.address):
+            yield hole.prev if hole.prev is not None and hole.prev.free else hole
+
+    @staticmethod
+    def _run_holds(block: _Block | None, size: int) -> bool:
+        """has_available_address_space: free blocks, mapped or not, from `block` on hold `size`."""
+        have = 0
+        while have < size and block is not None and block.free:
+            have += block.size
+            block = block.next
+        return have >= size
+
+    def _map_block(self, hole: _Block, size: int) -> _Block | None:
+        """map_block: back the pages of `hole` that cover its first `size` bytes, merge them with
+        the free mapped neighbours; the merged free block, or None when the driver is out."""
+        need = -(-size // self._page(hole.small)) * self._page(hole.small)
+        if self.capacity is not None and self.reserved + need > self.capacity:
+            return None
+        unmapped = self._unmapped[hole.small]
+        unmapped.remove(hole)
+        if need < hole.size:  # the rest of the range stays unmapped
+            unmapped.append(_split(hole, need, mapped=False))
+        hole.mapped = True
+        self._reserve(need)
+        return self._add_free(self._merge(hole))
 
     def _unmap(self, block: _Block) -> None:
         """Unmap the pages lying entirely inside a free block; the partial pages at either end
@@ -323,10 +357,11 @@ class CachingAllocator:
             block = _absorb(block, nxt)
         return block
 
-    def _add_free(self, block: _Block) -> None:
+    def _add_free(self, block: _Block) -> _Block:
         key = (block.size, block.address)
         bisect.insort(self._free[block.small], (block.size, block.address, id(block)))
         self._by_key[key] = block
+        return block
 
     def _remove_free(self, block: _Block) -> None:
         pool = self._free[block.small]
@@ -340,11 +375,14 @@ class CachingAllocator:
         index = bisect.bisect_left(pool, (size, -1, -1))
         if index == len(pool):
             return None
-        if self.expandable and index + 1 < len(pool):
-            # prefer a block that does not touch the unmapped end: the tail block's "expandable
-            # size" counts the whole unmapped range behind it (get_free_block)
-            block = self._by_key[pool[index][:2]]
-            if block.next is not None and not block.next.mapped:
+        if self.expandable:
+            # get_free_block: for best fit a block counts the unmapped range behind it as its own
+            # ("expandable size"); walk on while the next larger block's expandable size is smaller
+            def expandable_size(entry: tuple[int, int, int]) -> int:
+                block = self._by_key[entry[:2]]
+                return block.size + (block.next.size if block.next is not None and not block.next.mapped else 0)
+
+            while index + 1 < len(pool) and expandable_size(pool[index + 1]) < expandable_size(pool[index]):
                 index += 1
         block_size, address, _ = pool.pop(index)
         return self._by_key.pop((block_size, address))

@@ -329,10 +329,9 @@ def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
     b, n, t = spec.batch, spec.prompt_len, spec.new_tokens
     decoded = t - 1
     cache = kv_cache.cache_bytes(arch, b, n, decoded, spec.kv, activation_bytes=spec.activation_bytes)
-    longest = max((kv_cache.stored_length(k, arch.sliding_window, n, decoded - 1)
-                   for k in arch.layer_types if k != "none"), default=0)
-    copy = max(kv_cache.decode_update_transient(arch, b, longest, spec.kv) if longest else 0,
-               recurrent.decode_transient(arch, b, spec.activation_bytes))
+    held = {k: kv_cache.stored_length(k, arch.sliding_window, n, decoded - 1) for k in set(arch.layer_types) - {"none"}}
+    copy = max([kv_cache.decode_update_transient(arch, b, length, spec.kv, k) for k, length in held.items()]
+               + [recurrent.decode_transient(arch, b, spec.activation_bytes)])
     vocab = arch.vocab_size if arch.computes_logits else 0
     logits = block_bytes(b * vocab * spec.activation_bytes) + block_bytes(b * vocab * 4)
     gathered = experts.decode_transient(arch, b, spec.activation_bytes)

@@ -240,18 +240,19 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     outside, outside_why = overhead.outside_torch(
         fitted, gpu.outside_torch_key if gpu else "H100", chosen.kind.startswith("bnb"))
     allocations = allocation_sizes(arch, chosen, compute, choice.double_quant)
-    workspace = overhead.cublas_workspace(arch, profile)
+    workspaces = overhead.cublas_workspaces(arch, profile)
     at_capacity: dict[str, sequence.SimulatedRun] = {}
     limit = None
     if gpu is not None:
         # the verdict: the requests replayed at the GPU's capacity, in both allocator modes
         limit = capacity(gpu, fitted, chosen.kind.startswith("bnb"))
         for mode in (workload.allocator, *({"default", "expandable"} - {workload.allocator})):
-            at_capacity[mode] = sequence.simulate(arch, layout, spec, allocations, workspace,
-                                                  capacity=limit.bytes, expandable=mode == "expandable")
+            at_capacity[mode] = sequence.simulate(arch, layout, spec, allocations, workspaces,
+                                                  capacity=limit.bytes, address_space=limit.address_space,
+                                                  expandable=mode == "expandable")
     replayed = at_capacity.get(workload.allocator)
     if replayed is None or not replayed.completed:  # the reserve the run would have with room to spare
-        replayed = sequence.simulate(arch, layout, spec, allocations, workspace,
+        replayed = sequence.simulate(arch, layout, spec, allocations, workspaces,
                                      expandable=workload.allocator == "expandable")
     reserve = replayed.run_reserve
     device_terms = [

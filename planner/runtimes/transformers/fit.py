@@ -22,7 +22,7 @@ from ...errors import WorkloadError
 from ...model.spec import Architecture
 from ...request import MAX_BATCH, MAX_TOKENS, AllocatorMode, PrecisionChoice, Workload
 from ...weights import allocation_sizes, resolve_precision, weight_breakdown
-from ..allocator import capacity
+from ..allocator import Capacity, capacity
 from . import overhead, sequence
 from .sequence import SimulatedRun
 
@@ -43,14 +43,15 @@ class _Run:
         self.weights = weight_breakdown(arch, self.chosen, self.compute, self.choice.double_quant)
         self.layout = _family_layout(arch, profile)
         self.allocations = allocation_sizes(arch, self.chosen, self.compute, self.choice.double_quant)
-        self.workspace = overhead.cublas_workspace(arch, profile)
+        self.workspaces = overhead.cublas_workspaces(arch, profile)
         self._run_spec = run_spec
         self.bitsandbytes = self.chosen.kind.startswith("bnb")
 
-    def replay(self, workload: Workload, capacity: int | None, allocator: AllocatorMode) -> SimulatedRun:
+    def replay(self, workload: Workload, capacity: Capacity | None, allocator: AllocatorMode) -> SimulatedRun:
         spec = self._run_spec(self.arch, workload, self.weights, self.chosen, self.compute)
-        return sequence.simulate(self.arch, self.layout, spec, self.allocations, self.workspace,
-                                 capacity=capacity, expandable=allocator == "expandable")
+        limits = {"capacity": capacity.bytes, "address_space": capacity.address_space} if capacity else {}
+        return sequence.simulate(self.arch, self.layout, spec, self.allocations, self.workspaces,
+                                 expandable=allocator == "expandable", **limits)
 
 
 def replay_at_capacity(arch: Architecture, workload: Workload, choice: PrecisionChoice, gpu: Gpu,
@@ -58,7 +59,7 @@ def replay_at_capacity(arch: Architecture, workload: Workload, choice: Precision
                        fitted: Calibration | None = None) -> SimulatedRun:
     run = _Run(arch, workload, choice, profile or runtime_profile())
     cap = capacity(gpu, fitted, run.bitsandbytes)
-    return run.replay(run.workload, cap.bytes, allocator or workload.allocator)
+    return run.replay(run.workload, cap, allocator or workload.allocator)
 
 
 class LargestFit(Frozen):
@@ -95,7 +96,7 @@ def largest_fit_detail(arch: Architecture, model: str, workload: Workload | None
     def fits(value: int) -> bool:
         nonlocal replays
         replays += 1
-        result = run.replay(run.workload.model_copy(update={what: value}), cap.bytes, mode)
+        result = run.replay(run.workload.model_copy(update={what: value}), cap, mode)
         if not result.completed:
             failures[value] = result
         return result.completed

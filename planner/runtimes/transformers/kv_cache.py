@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ...base import Frozen, block_bytes
-from ...model.spec import Architecture
+from ...model.spec import Architecture, LayerKind
 from . import recurrent
 
 Part = Literal["key", "value"]
@@ -94,13 +94,21 @@ def cache_bytes(arch: Architecture, batch: int, prompt_len: int, decoded: int, k
     return total
 
 
-def decode_update_transient(arch: Architecture, batch: int, length: int, kv: KvFormat) -> int:
-    """What one layer's cache update allocates on top of the cache during a decode step:
-    DynamicCache copies the layer's key (then value) to grow it; QuantizedLayer dequantizes
+def releases_after_both_cats(kind: LayerKind) -> bool:
+    """DynamicSlidingWindowLayer (sliding and chunked layers) concatenates the keys and the
+    values before either old tensor goes; DynamicLayer replaces the keys, then the values."""
+    return kind in ("sliding", "chunked")
+
+
+def decode_update_transient(arch: Architecture, batch: int, length: int, kv: KvFormat,
+                            kind: LayerKind = "full") -> int:
+    """What one layer's cache update allocates on top of the cache during a decode step
+    (`length`: what the layer held before it): DynamicCache copies the layer's key (then
+    value) to grow it, a sliding layer both before the old ones go; QuantizedLayer dequantizes
     the layer's keys and values and concatenates them with the residual (four full-precision
     copies of the layer at once)."""
     key = layer_tensor_bytes(arch, batch, length, kv.element_bytes, "key")
     value = layer_tensor_bytes(arch, batch, length, kv.element_bytes, "value")
     if kv.kind == "quantized":
         return 2 * (key + value)
-    return max(key, value)
+    return key + value if releases_after_both_cats(kind) else max(key, value)

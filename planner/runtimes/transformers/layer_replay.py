@@ -19,7 +19,7 @@ from ...model.spec import Architecture
 from . import attention, kv_cache
 from .activations import RunSpec
 
-Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at()
+Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
 
 
 def _rms_scaled(tr: Tracer, hidden_bytes: int, rows: int, s: int,
@@ -137,6 +137,7 @@ def traced_rotary_tables(tr: Tracer, b: int, n: int, rotary_dim: int, s: int) ->
     intermediates go once both casts exist. Returns the cos and sin tables the layers share."""
     positions = tr.new(b * n * 4, "rotary positions (fp32)")
     freqs = tr.new(b * n * (rotary_dim // 2) * 4, "rotary inv_freq @ positions")
+    tr.matmul()
     emb = tr.new(b * n * rotary_dim * 4, "rotary cat(freqs, freqs)")
     tables = []
     for name in ("cos", "sin"):
@@ -283,6 +284,8 @@ def decode_attention(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec:
     kernel = "eager" if spec.attn == "eager" else attention.sdpa_kernel(arch, layout, s, masked)
     repeats = [tr.new(b * heads * kv_length * d * s, "repeat_kv") for _ in range(2)] \
         if attention.repeats_kv(arch, layout, kernel, masked) else []
+    if kernel == "math":
+        tr.drop(math_sdpa(tr, b, heads, arch.num_kv_heads, 1, kv_length, d, s, masked))
     if kernel == "eager":
         scores = b * heads * kv_length
         chain = tr.new(scores * s, "q @ k^T")
@@ -299,6 +302,48 @@ def decode_attention(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec:
         tr.temp(b * heads * d * s)  # weights @ v
         tr.drop(weights)
     tr.drop(*repeats)
+
+
+def math_sdpa(tr: Tracer, b: int, heads: int, kv_heads: int, q_len: int, kv_len: int, d: int, s: int,
+              masked: bool, enable_gqa: bool = False) -> int:
+    """SDPA's math kernel (torch 2.11 _scaled_dot_product_attention_math, read against the H200
+    trace of Falcon-7B's 71 query heads on one key/value head): the boolean mask converted to
+    the query's dtype; q, k and v upcast to fp32 (half types); q scaled, k transposed and
+    scaled; matmul's copies of the query (its heads are not the outer dimension: a view of the
+    projection) and of k broadcast to every head; the fp32 scores; _safe_softmax (the output,
+    the -inf flags, the all-masked rows); the weights cast back; v broadcast, the fp32 output
+    and its cast. With enable_gqa, k and v are first repeated to every query head
+    (repeat_interleave) instead. Returns the output; the rest goes when the kernel returns."""
+    upcast = s < 4
+    mask = tr.new(b * q_len * kv_len * s, "SDPA mask .to(dtype)") if masked else None
+    accumulators = [tr.new(b * heads * q_len * d * 4, "q .float()") if upcast else None]
+    if upcast:
+        accumulators += [tr.new(b * kv_heads * kv_len * d * 4, f"{name} .float()") for name in ("k", "v")]
+    query = tr.new(b * heads * q_len * d * 4, "q * scale")
+    if not masked:  # is_causal: the kernel builds its own lower-triangular mask
+        mask = tr.new(q_len * kv_len * 4, "causal mask")
+    repeated = [tr.new(b * heads * kv_len * d * 4, f"{name} repeat_interleave") for name in ("k", "v")] \
+        if enable_gqa and kv_heads != heads else []
+    if repeated:
+        kv_heads = heads
+    key = tr.new(b * kv_heads * kv_len * d * 4, "k^T * scale")
+    query_copy = tr.new(b * heads * q_len * d * 4, "matmul: q reshaped") if q_len > 1 else None
+    broadcast = kv_heads != heads
+    key_copy = tr.new(b * heads * kv_len * d * 4, "matmul: k broadcast") if broadcast else None
+    scores = tr.new(b * heads * q_len * kv_len * 4, "q @ k^T (fp32)")
+    tr.drop(key_copy, query_copy, key)
+    soft = tr.new(b * heads * q_len * kv_len * 4, "_safe_softmax")
+    flags = tr.new(b * heads * q_len * kv_len, "scores == -inf")
+    tr.drop(tr.new(b * heads * q_len, "all-masked rows"), flags, scores)
+    weights = tr.new(b * heads * q_len * kv_len * s, "weights .to(dtype)") if upcast else None
+    value_copy = tr.new(b * heads * kv_len * d * 4, "matmul: v broadcast") if broadcast else None
+    out = tr.new(b * heads * q_len * d * 4, "weights @ v (fp32)")
+    tr.drop(value_copy)
+    if upcast:
+        wide, out = out, tr.new(b * heads * q_len * d * s, "output .to(dtype)")
+        tr.drop(wide)
+    tr.drop(soft, *repeated[::-1], query, *accumulators[::-1], weights, mask)
+    return out
 
 
 def gated_mlp(tr: Tracer, tokens: int, width: int, hidden: int, s: int) -> int:

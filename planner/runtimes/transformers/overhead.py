@@ -7,12 +7,17 @@ from ...catalog import Calibration, RuntimeProfile
 from ...model.spec import Architecture
 
 
+def cublas_workspaces(arch: Architecture, profile: RuntimeProfile) -> list[int]:
+    """The workspaces cuBLAS takes from the caching allocator at the run's first matmul: its own
+    32 MiB, and cuBLASLt's 1 MiB for the bias epilogue when a Linear has a bias."""
+    workspaces = [profile.constant("cublas_workspace_bytes")]
+    if any(t.kind == "bias" for t in arch.tensors):
+        workspaces.append(profile.constant("cublaslt_bias_workspace_bytes"))
+    return workspaces
+
+
 def cublas_workspace(arch: Architecture, profile: RuntimeProfile) -> int:
-    has_bias = any(t.kind == "bias" for t in arch.tensors)
-    workspace = profile.constant("cublas_workspace_bytes")
-    if has_bias:
-        workspace += profile.constant("cublaslt_bias_workspace_bytes")
-    return workspace
+    return sum(cublas_workspaces(arch, profile))
 
 
 def input_bytes(batch: int, prompt_len: int) -> int:

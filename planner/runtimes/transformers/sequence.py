@@ -20,7 +20,7 @@ from typing import Literal
 from ...base import Frozen
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
-from ..allocator import CachingAllocator, OutOfMemory
+from ..allocator import EXPANDABLE_RANGE, CachingAllocator, OutOfMemory
 from . import attention, family_layers, kv_cache, layer_replay
 from .activations import RunSpec
 
@@ -59,8 +59,10 @@ class _Tracer:
     """Requests go to the allocator labelled with where the run is (phase, layer) and what the
     tensor is, so an out-of-memory can say which request failed."""
 
-    def __init__(self, capacity: int | None = None, expandable: bool = False) -> None:
-        self.alloc = CachingAllocator(capacity=capacity, expandable=expandable)
+    def __init__(self, capacity: int | None = None, expandable: bool = False,
+                 address_space: int = EXPANDABLE_RANGE, workspaces: list[int] | None = None) -> None:
+        self.alloc = CachingAllocator(capacity=capacity, expandable=expandable, address_space=address_space)
+        self.pending_workspaces = list(workspaces or [])
         self.where = "load"
         self.op = "weights"
         self.layer_order = "coarse"
@@ -84,11 +86,16 @@ class _Tracer:
     def temp(self, nbytes: int) -> None:
         self.drop(self.new(nbytes))
 
+    def matmul(self) -> None:
+        """Called once a matmul's output exists: the run's first takes cuBLAS's workspaces
+        (kept to the end of the process)."""
+        while self.pending_workspaces:
+            self.new(self.pending_workspaces.pop(0), "cuBLAS workspace")
 
-def _load(tr: _Tracer, arch: Architecture, weight_allocations: list[int], workspace: int) -> None:
+
+def _load(tr: _Tracer, arch: Architecture, weight_allocations: list[int]) -> None:
     for nbytes in weight_allocations:
         tr.new(nbytes)
-    tr.new(workspace)
 
 
 def _norm(tr: _Tracer, hidden_bytes: int, s: int, rms: bool) -> int:
@@ -126,12 +133,13 @@ def _rope(tr: _Tracer, nbytes: int, rotary_fraction: float) -> int:
 
 
 def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_allocations: list[int],
-             workspace: int, capacity: int | None = None, expandable: bool = False) -> SimulatedRun:
+             workspaces: list[int], capacity: int | None = None, expandable: bool = False,
+             address_space: int = EXPANDABLE_RANGE) -> SimulatedRun:
     """Replay the run; with a `capacity`, the allocator releases its cache and retries as torch
     does, and a request it still cannot serve ends the replay (completed False, and where)."""
-    tr = _Tracer(capacity, expandable)
+    tr = _Tracer(capacity, expandable, address_space, workspaces)
     try:
-        return _replay(tr, arch, layout, spec, weight_allocations, workspace)
+        return _replay(tr, arch, layout, spec, weight_allocations)
     except OutOfMemory as oom:
         return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
                             reserved_before_run=0, completed=False,
@@ -142,8 +150,8 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
 
 
 def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
-            weight_allocations: list[int], workspace: int) -> SimulatedRun:
-    _load(tr, arch, weight_allocations, workspace)
+            weight_allocations: list[int]) -> SimulatedRun:
+    _load(tr, arch, weight_allocations)
     tr.at("inputs", "input_ids")
     b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
     generate = spec.mode == "generate" and spec.keeps_cache
@@ -152,6 +160,7 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     reserved_before = tr.alloc.reserved
     if arch.recurrent is not None or arch.encoder is not None:
         # neither the torch-fallback scans nor encoder-decoder runs are replayed op by op
+        tr.matmul()
         return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
                             reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries,
                             layer_order="none")
@@ -192,15 +201,19 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     sdpa_unmasked = spec.attn == "sdpa" and not any(attention.needs_mask(arch, k, n) for k in arch.layer_types)
     if (traced or coded_layer is not None) and sdpa_unmasked:
         layer_replay.traced_mask_check(tr, b, n)
+    if spec.attn == "eager":  # eager_mask: the boolean mask, then its additive copy in the model dtype
+        for _ in set(arch.layer_types):
+            boolean = tr.new(b * n * n, "causal mask (bool)")
+            held_model.append(tr.new(b * n * n * s, "causal mask"))
+            tr.drop(boolean)
     if arch.rotary_dim and (traced or coded_layer is not None):
         tables = 4 if layout.rope_fp32 else s  # fp32 tables (OLMo-2): no cast
         held_model += layer_replay.traced_rotary_tables(tr, b, n, arch.rotary_dim, tables)
     elif arch.rotary_dim:
         element = 4 if layout.rope_fp32 else s
         held_model += [tr.new(b * n * arch.rotary_dim * element, "rotary cos/sin") for _ in range(layout.rope_tables)]
-    if spec.attn == "eager":
-        held_model += [tr.new(b * n * n * s, "causal mask") for _ in set(arch.layer_types)]
-    elif spec.attn == "sdpa" and (layout.sdpa_kernel == "math" or not sdpa_unmasked):
+        tr.matmul()
+    if spec.attn == "sdpa" and (layout.sdpa_kernel == "math" or not sdpa_unmasked):
         held_model.append(tr.new(b * n * n, "causal mask"))
 
     cache: list[int | None] = []
@@ -232,8 +245,10 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
             q = k = v = None
         else:
             fused = None
-            q, k, v = (tr.new(q_bytes, "self_attn.q_proj"), tr.new(kv_bytes, "self_attn.k_proj"),
-                       tr.new(kv_bytes, "self_attn.v_proj"))
+            q = tr.new(q_bytes, "self_attn.q_proj")
+            tr.matmul()
+            k, v = tr.new(kv_bytes, "self_attn.k_proj"), tr.new(kv_bytes, "self_attn.v_proj")
+        tr.matmul()  # a model without rotary tables: its first projection
         if rotary_fraction:
             tr.at(op="rotary embedding (query)")
             q_rot = _rope(tr, q_bytes, rotary_fraction)
@@ -293,12 +308,7 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
         final = layer_replay.layer_norm(layout)(tr, hidden, b * n, s)
         tr.drop(layer_input, *held_model)
         tr.at(op="lm_head (logits)")
-        logits = tr.new(b * vocab * s)
-        if layout.logit_softcapping:  # logits / cap, tanh, * cap: each goes once the next exists
-            for op in ("/ cap", "tanh", "* cap"):
-                capped = tr.new(b * vocab * s, f"logit softcapping {op}")
-                tr.drop(logits)
-                logits = capped
+        logits = _last_token_logits(tr, layout, b * vocab * s)
         tr.drop(final)
         copy = tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
         tr.drop(logits)
@@ -334,24 +344,11 @@ def _attention(tr: _Tracer, arch: Architecture, layout: FamilyLayout, kernel: st
         tr.temp(b * heads * (-(-n // 32) * 32) * 4)
         return out, None
     if kernel == "math":
-        acc = [tr.new(b * heads * n * d * 4)] if s < 4 else []
-        if s < 4:
-            acc += [tr.new(b * arch.num_kv_heads * n * d * 4) for _ in range(2)]
-        scaled = tr.new(b * heads * n * d * 4)
-        mask = tr.new(b * n * n * s if masked or layout.sdpa_kernel == "math" else n * n * 4)
-        expanded = [tr.new(b * heads * n * d * 4) for _ in range(2)] \
-            if arch.num_kv_heads < heads and layout.sdpa_kernel != "math" else []
-        raw = tr.new(scores * 4)
-        flags = tr.new(scores)
-        soft = tr.new(scores * 4)
-        tr.temp(b * heads * n)
-        tr.drop(raw, flags, scaled, mask)
-        out = tr.new(b * heads * n * d * 4)
-        tr.drop(soft, *expanded, *acc)
-        cast = tr.new(b * n * heads * d * s) if s < 4 else out
-        if cast is not out:
-            tr.drop(out)
-        return cast, None
+        # transformers passes enable_gqa when there is no mask; Falcon calls SDPA itself
+        # (the matmul broadcasts its one key/value head)
+        masked = masked or layout.sdpa_kernel == "math"
+        return layer_replay.math_sdpa(tr, b, heads, arch.num_kv_heads, n, n, d, s, masked,
+                                      enable_gqa=layout.repeats_kv and not masked), None
     eager = layout.eager_scores
     chain = _score_chain(tr, scores * (4 if eager.dtype_copies == 0 else s))  # q@k^T, scale, mask
     kept = [tr.new(scores * s) for _ in range(max(0, eager.dtype_copies - 1))]
@@ -416,6 +413,18 @@ def _mlp(tr: _Tracer, copies: int, inter: int, fused_gate_up: bool, gated: bool)
     return [act]
 
 
+def _last_token_logits(tr: _Tracer, layout: FamilyLayout, nbytes: int) -> int | None:
+    """The lm_head's output for the last token; with final logit softcapping (Gemma-2) the
+    logits / cap, tanh and * cap follow, each one's input going once it exists."""
+    logits = tr.new(nbytes)
+    if layout.logit_softcapping:
+        for op in ("/ cap", "tanh", "* cap"):
+            capped = tr.new(nbytes, f"logit softcapping {op}")
+            tr.drop(logits)
+            logits = capped
+    return logits
+
+
 def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
             cache: list[int | None], logits_copy: int | None, traced: bool = False) -> None:
     """Decode steps in generate()'s order (CPU trace of transformers 5.17): the layers' cache
@@ -430,11 +439,14 @@ def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
         for index, kind in enumerate(arch.layer_types):
             tr.at(f"decode step {step} layer {index}", "KV cache (torch.cat)")
             length = kv_cache.stored_length(kind, arch.sliding_window, n, step)
-            for j, part in enumerate(("key", "value")):
-                slot = 2 * index + j
-                fresh = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, part))
-                tr.drop(cache[slot])
-                cache[slot] = fresh
+            old_key, old_value = cache[2 * index:2 * index + 2]
+            both_first = kv_cache.releases_after_both_cats(kind)
+            key = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, "key"))
+            if not both_first:
+                tr.drop(old_key)
+            value = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, "value"))
+            tr.drop(old_key if both_first else None, old_value)
+            cache[2 * index:2 * index + 2] = [key, value]
             if traced:
                 tr.at(op="attention")
                 layer_replay.decode_attention(tr, arch, layout, spec, kind, length)
@@ -442,7 +454,7 @@ def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
                 tr.at(op="experts (batched_mm)")
                 tr.drop(layer_replay.moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False))
         tr.at(f"decode step {step}", "lm_head (logits)")
-        logits = tr.new(b * vocab * spec.activation_bytes)
+        logits = _last_token_logits(tr, layout, b * vocab * spec.activation_bytes)
         grown = b * (n + step) * 8
         fresh = tr.new(grown, "position_ids (torch.cat)")
         tr.drop(positions)
