@@ -107,6 +107,9 @@ class FamilyLayout(Frozen):
     sandwich_norms: bool = False  # norms on the attention and MLP outputs before each residual add
     scaled_embeddings: bool = False  # inputs_embeds * sqrt(hidden_size): a second hidden-sized tensor
     logit_softcapping: bool = False  # logits / cap, tanh, * cap after the lm_head
+    # q_norm and k_norm once q, k and v are all projected (Gemma-3), not each after its own (Qwen3)
+    qk_norm_after_projections: bool = False
+    rotary_per_layer_type: bool = False  # one cos/sin pair per attention kind (Gemma-3's local and global)
 
 
 class MeasuredWith(Frozen):

@@ -48,7 +48,9 @@ def repeats_kv(arch: Architecture, layout: FamilyLayout, kernel: Kernel, masked:
         return False
     if kernel == "eager":
         return True
-    return kernel != "math" and (masked or arch.head_dim > 256)
+    # one key/value head repeats as a view (its expanded head dimension has stride 0, which the
+    # reshape keeps): SDPA reads it without a copy (H200 trace of Gemma-3-1B's sliding layers)
+    return arch.num_kv_heads > 1 and kernel != "math" and (masked or arch.head_dim > 256)
 
 
 def kernel_workspace(arch: Architecture, layout: FamilyLayout, kernel: Kernel, batch: int,

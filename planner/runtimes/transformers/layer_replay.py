@@ -177,14 +177,24 @@ def traced_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
 
     norm = layer_norm(layout)
     normed = norm(tr, hidden, tokens, s)
-    if qk_norm:  # q_norm(q_proj(x).view(...)): the projection goes once normed
+    if qk_norm and layout.qk_norm_after_projections:  # Gemma-3: q, k, v, then q_norm(q), k_norm(k)
+        q, k, v = (linear(heads * d, h, "self_attn.q_proj"), linear(kv_heads * d, h, "self_attn.k_proj"),
+                   linear(kv_heads * d, h, "self_attn.v_proj"))
+        tr.at(op="self_attn.q_norm")
+        q_normed = norm(tr, q_bytes, tokens * heads, s)
+        tr.drop(q)
+        tr.at(op="self_attn.k_norm")
+        k_normed = norm(tr, kv_bytes, tokens * kv_heads, s)
+        tr.drop(k)
+        q, k = q_normed, k_normed
+    elif qk_norm:  # Qwen3: q_norm(q_proj(x).view(...)): the projection goes once normed
         q = linear(heads * d, h, "self_attn.q_proj")
         tr.at(op="self_attn.q_norm")
-        q_normed = traced_norm(tr, q_bytes, tokens * heads, s)
+        q_normed = norm(tr, q_bytes, tokens * heads, s)
         tr.drop(q)
         k = linear(kv_heads * d, h, "self_attn.k_proj")
         tr.at(op="self_attn.k_norm")
-        k_normed = traced_norm(tr, kv_bytes, tokens * kv_heads, s)
+        k_normed = norm(tr, kv_bytes, tokens * kv_heads, s)
         tr.drop(k)
         q, k = q_normed, k_normed
         v = linear(kv_heads * d, h, "self_attn.v_proj")

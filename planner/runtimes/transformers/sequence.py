@@ -31,7 +31,7 @@ MAX_REPLAYED_DECODE_STEPS = 16
 # Families whose decoder layer is replayed request by request in transformers 5.17's order
 # (layer_replay.traced_layer), read from a dispatch-level trace of generate() on CPU (every tensor's
 # allocation and the moment its last reference goes). The others keep the coarser order below.
-TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2"})
+TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"})
 
 
 class SimulatedRun(Frozen):
@@ -206,15 +206,16 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
             boolean = tr.new(b * n * n, "causal mask (bool)")
             held_model.append(tr.new(b * n * n * s, "causal mask"))
             tr.drop(boolean)
+    elif spec.attn == "sdpa" and (layout.sdpa_kernel == "math" or not sdpa_unmasked):
+        held_model.append(tr.new(b * n * n, "causal mask"))  # the masks exist before the rotary tables
     if arch.rotary_dim and (traced or coded_layer is not None):
         tables = 4 if layout.rope_fp32 else s  # fp32 tables (OLMo-2): no cast
-        held_model += layer_replay.traced_rotary_tables(tr, b, n, arch.rotary_dim, tables)
+        for _ in set(arch.layer_types) if layout.rotary_per_layer_type else [None]:
+            held_model += layer_replay.traced_rotary_tables(tr, b, n, arch.rotary_dim, tables)
     elif arch.rotary_dim:
         element = 4 if layout.rope_fp32 else s
         held_model += [tr.new(b * n * arch.rotary_dim * element, "rotary cos/sin") for _ in range(layout.rope_tables)]
         tr.matmul()
-    if spec.attn == "sdpa" and (layout.sdpa_kernel == "math" or not sdpa_unmasked):
-        held_model.append(tr.new(b * n * n, "causal mask"))
 
     cache: list[int | None] = []
     layer_input = held_model[0]
@@ -302,7 +303,7 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     vocab = arch.vocab_size if arch.computes_logits else 0
     tr.at("prefill", "final norm")
     copy = None
-    if traced and generate:
+    if (traced or (coded_layer is not None and rms)) and generate:
         # the traced order: the final norm, then the last layer's output and what the model held
         # (embeddings, rotary tables) go before the lm_head runs on the last token
         final = layer_replay.layer_norm(layout)(tr, hidden, b * n, s)
