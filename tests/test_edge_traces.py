@@ -147,4 +147,5 @@ def test_an_expandable_segment_ends_at_its_address_space():
     first, second = alloc.malloc(60 * mib), alloc.malloc(60 * mib)
     assert alloc.reserved == 120 * mib
     assert alloc._live[first].segment != alloc._live[second].segment
-    assert capacity(_h200()).address_space == _h200().memory_bytes * 9 // 8
+    device = _h200().memory_bytes
+    assert 0 <= capacity(_h200()).address_space - (device + device // 8) < 20 * mib

@@ -71,9 +71,9 @@ class Capacity(Frozen):
 
 def expandable_range(device_bytes: int) -> int:
     """An expandable segment reserves 1 1/8 of the device's memory as address space
-    (ExpandableSegment's address_space_size); its pages map inside it, holes included, and a
-    run whose pages would pass its end starts another segment."""
-    return device_bytes + device_bytes // 8
+    (ExpandableSegment's address_space_size, in whole large pages); its pages map inside it,
+    holes included, and a run whose pages would pass its end starts another segment."""
+    return -(-(device_bytes + device_bytes // 8) // LARGE_BUFFER) * LARGE_BUFFER
 
 
 def capacity(gpu: Gpu, fitted: Calibration | None = None, bitsandbytes: bool = False) -> Capacity:
