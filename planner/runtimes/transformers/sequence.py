@@ -327,7 +327,7 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
         tr.drop(layer_input, *held_model)
 
     if generate and spec.new_tokens > 1:
-        _decode(tr, arch, layout, spec, cache, copy, traced)
+        _decode(tr, arch, layout, spec, cache, copy, traced or coded_layer is not None or kernel == "math")
     else:
         tr.drop(copy)
     return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
