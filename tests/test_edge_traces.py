@@ -1,5 +1,5 @@
 """The H200's own allocator traces (profiles/measurements/h200-edge-traces.jsonl.gz: every request
-of 26 edge trials, recorded with torch.cuda.memory._record_memory_history) held against the
+of 27 edge trials, recorded with torch.cuda.memory._record_memory_history) held against the
 allocator model and against the planner's request sequence."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _limits() -> dict[str, int]:
 
 
 def test_traces_cover_both_ends_of_several_kinds():
-    assert len(TRACES) >= 26
+    assert len(TRACES) >= 27
     assert {t["status"] for t in TRACES} == {"ok", "oom"}
     assert len({_case_id(t["case"]) for t in TRACES}) >= 7
     assert {t["case"]["allocator"] for t in TRACES} == {"default", "expandable"}

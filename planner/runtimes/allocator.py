@@ -33,7 +33,7 @@ the first hole by address from which a run of free and unmapped blocks holds the
 mapped, piece by piece (find_expandable_block, try_allocate_expandable_block); a run whose
 pages would pass the range's end starts another segment.
 
-Reserved memory is the sum of the segments (the mapped pages). Fed the requests of 26 edge
+Reserved memory is the sum of the segments (the mapped pages). Fed the requests of 27 edge
 trials as the H200 recorded them (tests/test_edge_traces.py), the simulation reserves what
 the GPU reserved after every request, and runs out of memory at the request the GPU ran out
 at; how well it predicts a run the planner replays depends on the planner's request sequence.
