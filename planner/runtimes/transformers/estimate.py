@@ -248,8 +248,7 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
         limit = capacity(gpu, fitted, chosen.kind.startswith("bnb"))
         for mode in (workload.allocator, *({"default", "expandable"} - {workload.allocator})):
             at_capacity[mode] = sequence.simulate(arch, layout, spec, allocations, workspaces,
-                                                  capacity=limit.bytes, address_space=limit.address_space,
-                                                  expandable=mode == "expandable")
+                                                  capacity=limit, expandable=mode == "expandable")
     replayed = at_capacity.get(workload.allocator)
     if replayed is None or not replayed.completed:  # the reserve the run would have with room to spare
         replayed = sequence.simulate(arch, layout, spec, allocations, workspaces,

@@ -49,9 +49,8 @@ class _Run:
 
     def replay(self, workload: Workload, capacity: Capacity | None, allocator: AllocatorMode) -> SimulatedRun:
         spec = self._run_spec(self.arch, workload, self.weights, self.chosen, self.compute)
-        limits = {"capacity": capacity.bytes, "address_space": capacity.address_space} if capacity else {}
         return sequence.simulate(self.arch, self.layout, spec, self.allocations, self.workspaces,
-                                 expandable=allocator == "expandable", **limits)
+                                 capacity=capacity, expandable=allocator == "expandable")
 
 
 def replay_at_capacity(arch: Architecture, workload: Workload, choice: PrecisionChoice, gpu: Gpu,

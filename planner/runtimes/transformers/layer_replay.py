@@ -177,26 +177,21 @@ def traced_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
 
     norm = layer_norm(layout)
     normed = norm(tr, hidden, tokens, s)
+    def head_normed(projected: int | None, nbytes: int, rows: int, name: str) -> int:
+        """q_norm / k_norm over each head: the projection goes once normed."""
+        tr.at(op=f"self_attn.{name}")
+        out = norm(tr, nbytes, rows, s)
+        tr.drop(projected)
+        return out
+
     if qk_norm and layout.qk_norm_after_projections:  # Gemma-3: q, k, v, then q_norm(q), k_norm(k)
         q, k, v = (linear(heads * d, h, "self_attn.q_proj"), linear(kv_heads * d, h, "self_attn.k_proj"),
                    linear(kv_heads * d, h, "self_attn.v_proj"))
-        tr.at(op="self_attn.q_norm")
-        q_normed = norm(tr, q_bytes, tokens * heads, s)
-        tr.drop(q)
-        tr.at(op="self_attn.k_norm")
-        k_normed = norm(tr, kv_bytes, tokens * kv_heads, s)
-        tr.drop(k)
-        q, k = q_normed, k_normed
-    elif qk_norm:  # Qwen3: q_norm(q_proj(x).view(...)): the projection goes once normed
-        q = linear(heads * d, h, "self_attn.q_proj")
-        tr.at(op="self_attn.q_norm")
-        q_normed = norm(tr, q_bytes, tokens * heads, s)
-        tr.drop(q)
-        k = linear(kv_heads * d, h, "self_attn.k_proj")
-        tr.at(op="self_attn.k_norm")
-        k_normed = norm(tr, kv_bytes, tokens * kv_heads, s)
-        tr.drop(k)
-        q, k = q_normed, k_normed
+        q = head_normed(q, q_bytes, tokens * heads, "q_norm")
+        k = head_normed(k, kv_bytes, tokens * kv_heads, "k_norm")
+    elif qk_norm:  # Qwen3: q_norm(q_proj(x).view(...)), then k's, then v_proj
+        q = head_normed(linear(heads * d, h, "self_attn.q_proj"), q_bytes, tokens * heads, "q_norm")
+        k = head_normed(linear(kv_heads * d, h, "self_attn.k_proj"), kv_bytes, tokens * kv_heads, "k_norm")
         v = linear(kv_heads * d, h, "self_attn.v_proj")
     else:
         q, k, v = (linear(heads * d, h, "self_attn.q_proj"), linear(kv_heads * d, h, "self_attn.k_proj"),

@@ -20,7 +20,7 @@ from typing import Literal
 from ...base import Frozen
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
-from ..allocator import EXPANDABLE_RANGE, CachingAllocator, OutOfMemory
+from ..allocator import EXPANDABLE_RANGE, CachingAllocator, Capacity, OutOfMemory
 from . import attention, family_layers, kv_cache, layer_replay
 from .activations import RunSpec
 
@@ -133,11 +133,11 @@ def _rope(tr: _Tracer, nbytes: int, rotary_fraction: float) -> int:
 
 
 def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_allocations: list[int],
-             workspaces: list[int], capacity: int | None = None, expandable: bool = False,
-             address_space: int = EXPANDABLE_RANGE) -> SimulatedRun:
+             workspaces: list[int], capacity: Capacity | None = None, expandable: bool = False) -> SimulatedRun:
     """Replay the run; with a `capacity`, the allocator releases its cache and retries as torch
     does, and a request it still cannot serve ends the replay (completed False, and where)."""
-    tr = _Tracer(capacity, expandable, address_space, workspaces)
+    tr = _Tracer(capacity.bytes if capacity else None, expandable,
+                 capacity.address_space if capacity else EXPANDABLE_RANGE, workspaces)
     try:
         return _replay(tr, arch, layout, spec, weight_allocations)
     except OutOfMemory as oom:
@@ -327,7 +327,8 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
         tr.drop(layer_input, *held_model)
 
     if generate and spec.new_tokens > 1:
-        _decode(tr, arch, layout, spec, cache, copy, traced or coded_layer is not None or kernel == "math")
+        _decode(tr, arch, layout, spec, cache, copy,
+                attention_temporaries=traced or coded_layer is not None or kernel == "math")
     else:
         tr.drop(copy)
     return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
@@ -427,7 +428,7 @@ def _last_token_logits(tr: _Tracer, layout: FamilyLayout, nbytes: int) -> int | 
 
 
 def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
-            cache: list[int | None], logits_copy: int | None, traced: bool = False) -> None:
+            cache: list[int | None], logits_copy: int | None, attention_temporaries: bool = False) -> None:
     """Decode steps in generate()'s order (CPU trace of transformers 5.17): the layers' cache
     cats, the logits, then _update_model_kwargs_for_generation's position_ids and
     attention_mask cats (the old ones go), the fp32 copy of the logits (the previous step's
@@ -448,7 +449,7 @@ def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
             value = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, "value"))
             tr.drop(old_key if both_first else None, old_value)
             cache[2 * index:2 * index + 2] = [key, value]
-            if traced:
+            if attention_temporaries:
                 tr.at(op="attention")
                 layer_replay.decode_attention(tr, arch, layout, spec, kind, length)
             if arch.moe is not None and index in arch.moe.sparse_layers and layout.experts is not None:
