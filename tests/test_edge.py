@@ -136,15 +136,9 @@ TRIALS = [r for r in committed_rows() if r.get("kind") == "edge" and r.get("stat
 
 # Where the replay does not yet reproduce the GPU's edge, and why. strict: a search or trial
 # that starts matching fails here until it is taken off the list.
-_PHI4_MINI = ("Phi-4-mini (GQA, 3/4 rotary, 32 layers) is replayed in the Phi-3 order read from its code, which "
-              "the Phi-3.5 trace holds; the GPU reserves one 8.6 GiB MLP segment less than the replay, so the "
-              "verdict is cautious (says 137 where 147 runs). It needs a trace of its own "
-              "(profiles/matrices/edge-h200-10.yaml)")
-KNOWN_SEARCH_GAPS: dict[str, str] = {"phi-4-mini-instruct-bf16-sdpa-n4096-default": _PHI4_MINI}
-KNOWN_TRIAL_GAPS: dict[str, str] = {
-    f"phi-4-mini-instruct-bf16-sdpa-n4096-default-b{batch}": _PHI4_MINI for batch in (139, 143, 147)}
-KNOWN_DEVICE_GAPS: dict[str, str] = {
-    f"phi-4-mini-instruct-bf16-sdpa-n4096-default-b{batch}": _PHI4_MINI for batch in (137, 139, 143, 147)}
+KNOWN_SEARCH_GAPS: dict[str, str] = {}
+KNOWN_TRIAL_GAPS: dict[str, str] = {}
+KNOWN_DEVICE_GAPS: dict[str, str] = {}
 
 
 def _h200():

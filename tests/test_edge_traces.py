@@ -1,5 +1,5 @@
 """The H200's own allocator traces (profiles/measurements/h200-edge-traces.jsonl.gz: every request
-of 27 edge trials, recorded with torch.cuda.memory._record_memory_history) held against the
+of 29 edge trials, recorded with torch.cuda.memory._record_memory_history) held against the
 allocator model and against the planner's request sequence."""
 
 from __future__ import annotations
@@ -29,13 +29,31 @@ def _limits() -> dict[str, int]:
 
 
 def test_traces_cover_both_ends_of_several_kinds():
-    assert len(TRACES) >= 27
+    assert len(TRACES) >= 29
+    assert set(KNOWN_TRACE_GAPS) <= {_trace_id(t) for t in TRACES}
     assert {t["status"] for t in TRACES} == {"ok", "oom"}
     assert len({_case_id(t["case"]) for t in TRACES}) >= 7
     assert {t["case"]["allocator"] for t in TRACES} == {"default", "expandable"}
 
 
-@pytest.mark.parametrize("trace", TRACES, ids=[_trace_id(t) for t in TRACES])
+# Where the model, fed the GPU's own requests, does not yet reserve what the GPU reserved, and
+# why (strict: a trace that starts agreeing fails here until it is taken off the list).
+KNOWN_TRACE_GAPS = {
+    "phi-4-mini-instruct-bf16-sdpa-n4096-default-b137-ok":
+        "the small pool: the model takes one 2 MiB segment some decode steps earlier or later than the GPU "
+        "(4 places, never more than one segment apart; the large pool and the peak agree). Best fit among "
+        "small blocks of one size follows where the driver put their segments, which this trace does not "
+        "record; edge-h200-11 records the addresses",
+}
+
+
+def _trace_param(trace: dict):
+    gap = KNOWN_TRACE_GAPS.get(_trace_id(trace))
+    return pytest.param(trace, id=_trace_id(trace),
+                        marks=[pytest.mark.xfail(reason=gap, strict=True)] if gap else [])
+
+
+@pytest.mark.parametrize("trace", [_trace_param(t) for t in TRACES])
 def test_allocator_model_reproduces_the_gpu_segments(trace):
     """Fed the GPU's requests under the H200's capacity, the model reserves what the GPU reserved
     after every request, completes the runs that completed, and runs out of memory at the request
@@ -149,3 +167,123 @@ def test_an_expandable_segment_ends_at_its_address_space():
     assert alloc._live[first].segment != alloc._live[second].segment
     device = _h200().memory_bytes
     assert 0 <= capacity(_h200()).address_space - (device + device // 8) < 20 * mib
+
+
+def test_compact_trace_keeps_requests_blocks_and_relative_addresses():
+    """What the device run commits from torch's memory snapshot: allocator events only, blocks
+    numbered by allocation, labels stored once, addresses relative to the lowest (none for an
+    out-of-memory event)."""
+    from vramplan.validate.edge import compact_trace
+
+    frames = [{"filename": "/x/site-packages/transformers/models/llama/modeling_llama.py", "line": 7,
+               "name": "forward"}]
+    snapshot = {"device_traces": [[
+        {"action": "segment_alloc", "addr": 0x7000, "size": 2 << 20},
+        {"action": "alloc", "addr": 0x7200, "size": 512, "frames": frames},
+        {"action": "alloc", "addr": 0x7000, "size": 1024, "frames": frames},
+        {"action": "free_requested", "addr": 0x7200, "size": 512},
+        {"action": "free_completed", "addr": 0x7200, "size": 512},
+        {"action": "oom", "addr": 0, "size": 4 << 30, "frames": []},
+    ]]}
+    trace = compact_trace(snapshot)
+    assert [e[:3] for e in trace["events"]] == [
+        ["segment_alloc", -1, 2 << 20], ["alloc", 0, 512], ["alloc", 1, 1024], ["free_completed", 0, 512],
+        ["oom", -1, 4 << 30]]
+    assert trace["addresses"] == [0, 0x200, 0, 0x200, -1]
+    assert trace["labels"][trace["events"][1][3]] == trace["labels"][trace["events"][2][3]] != ""
+
+
+# -- the planner's large requests, one by one --------------------------------------------------
+
+LARGE_REQUEST = 64 << 20
+KNOWN_ORDER_GAPS = {
+    "qwen3-30b-a3b-l8-bf16-sdpa-n1024-default-b724-ok": "the router: the GPU holds two 362 MiB fp32 softmax "
+    "outputs at once, the planner one (request 77)",
+    "qwen3-30b-a3b-l8-bf16-sdpa-n1024-default-b735-oom": "as at batch 724",
+    "mistral-7b-v0.1-l8-bf16-sdpa-n8192-default-b78-ok": "the sliding-window mask: the GPU builds it from 64 MiB "
+    "(tokens x tokens) boolean pieces before the whole mask; the planner requests the whole mask at once",
+    "mistral-7b-v0.1-l8-bf16-sdpa-n8192-default-b80-oom": "as at batch 78",
+    "llama-3.1-8b-l8-nf4-sdpa-n2048-default-b372-ok": "the decode steps of the 4-bit layers: the GPU "
+    "dequantizes each weight (112 MiB) where the planner replays no bitsandbytes matmul",
+    "falcon-7b-instruct-l8-bf16-sdpa-n2048-default-b20-ok": "falcon's rotate_half: the GPU's cat (355 MiB) is "
+    "allocated before the negated half (178 MiB) goes, the planner frees it first (request 6)",
+    "mixtral-8x7b-v0.1-l4-bf16-sdpa-n512-default-b149-ok": "Mixtral is replayed in the coarse order: on the GPU "
+    "its RMSNorm's fp32 input goes after both 596 MiB casts, in the planner before the second (request 7)",
+}
+
+
+def _grouped(requests: list[tuple[str, int]]) -> list[tuple[str, object]]:
+    """Allocations in order; the frees between two allocations as one set (their order cannot
+    change what the allocator does next)."""
+    grouped: list[tuple[str, object]] = []
+    frees: list[int] = []
+    for action, size in requests:
+        if action == "free":
+            frees.append(size)
+            continue
+        if frees:
+            grouped.append(("free", tuple(sorted(frees))))
+            frees = []
+        grouped.append((action, size))
+    if frees:
+        grouped.append(("free", tuple(sorted(frees))))
+    return grouped
+
+
+def _planner_requests(trace: dict, monkeypatch) -> list[tuple[str, int]]:
+    from vramplan.catalog import runtime_profile
+    from vramplan.request import PrecisionChoice
+    from vramplan.runtimes import allocator
+    from vramplan.runtimes.transformers.fit import _Run
+
+    requests: list[tuple[str, int, str]] = []
+    sizes: dict[tuple[int, int], int] = {}
+    malloc, free = allocator.CachingAllocator.malloc, allocator.CachingAllocator.free
+
+    def logged_malloc(self, nbytes: int, label: str = "") -> int:
+        handle = malloc(self, nbytes, label)
+        sizes[id(self), handle] = allocator.round_size(nbytes)
+        requests.append(("alloc", sizes[id(self), handle], label))
+        return handle
+
+    def logged_free(self, handle: int) -> None:
+        requests.append(("free", sizes[id(self), handle], ""))
+        free(self, handle)
+
+    monkeypatch.setattr(allocator.CachingAllocator, "malloc", logged_malloc)
+    monkeypatch.setattr(allocator.CachingAllocator, "free", logged_free)
+    case = trace["case"]
+    run = _Run(_architecture(case), _workload(case), PrecisionChoice(name=case["precision"]), runtime_profile())
+    run.replay(_workload(case), None, case["allocator"])  # uncapped: every request the run makes
+    start = next(i for i, r in enumerate(requests) if "inputs" in r[2])  # after the model's build
+    return [(action, size) for action, size, _ in requests[start:] if size >= LARGE_REQUEST]
+
+
+def _order_param(trace: dict):
+    gap = KNOWN_ORDER_GAPS.get(_trace_id(trace))
+    return pytest.param(trace, id=_trace_id(trace),
+                        marks=[pytest.mark.xfail(reason=gap, strict=True)] if gap else [])
+
+
+@pytest.mark.parametrize("trace", [_order_param(t) for t in TRACES])
+def test_planner_requests_are_the_gpus_one_by_one(trace, monkeypatch):
+    """Every request of 64 MiB or more after generate() starts, in the GPU's order and size, for
+    as far as both go (the planner replays a bounded number of decode steps; an out-of-memory
+    trace ends at its failing request): the sequence the verdict is computed from is the run's."""
+    from vramplan.runtimes.allocator import round_size
+    from vramplan.validate.traces import generate_starts
+
+    gpu = _grouped([("alloc" if action == "alloc" else "free", round_size(size))
+                    for action, _, size, _ in trace["events"][generate_starts(trace):]
+                    if action in ("alloc", "free_completed") and size >= LARGE_REQUEST])
+    planned = _grouped(_planner_requests(trace, monkeypatch))
+    # the last group of either may be cut short (the end of the replayed steps, or the OOM)
+    common = min(len(gpu), len(planned)) - 1
+    first = next((k for k in range(common) if gpu[k] != planned[k]), None)
+    assert common > 0 and first is None, (
+        f"{_trace_id(trace)}: request {first} differs: GPU {gpu[first] if first is not None else None}, "
+        f"planner {planned[first] if first is not None else None}")
+
+
+def test_known_order_gaps_are_real_traces():
+    assert set(KNOWN_ORDER_GAPS) <= {_trace_id(t) for t in TRACES}

@@ -51,13 +51,16 @@ def _where(exc: BaseException) -> list[str]:
 
 def compact_trace(snapshot: dict[str, Any]) -> dict[str, Any]:
     """The allocator's event trace, small enough to commit: one [action, block, bytes, label]
-    per event, blocks numbered in order of allocation (addresses mean nothing off the GPU),
-    labels the innermost transformers/torch/bitsandbytes frames, stored once."""
+    per event, blocks numbered in order of allocation, labels the innermost
+    transformers/torch/bitsandbytes frames, stored once; beside them each event's address
+    less the trace's lowest (where the driver put each segment decides best fit among free
+    blocks of one size, so the allocator model is checked against it)."""
     from vramplan.validate import measure
 
     labels: dict[str, int] = {}
     blocks: dict[int, int] = {}
     events: list[list[Any]] = []
+    addresses: list[int] = []
     allocated = 0
     for event in snapshot.get("device_traces", [[]])[0]:
         action = event.get("action")
@@ -74,7 +77,10 @@ def compact_trace(snapshot: dict[str, Any]) -> dict[str, Any]:
             block = -1
         label = measure._frame_label(event.get("frames", [])) if action in ("alloc", "oom") else ""
         events.append([action, block, int(event.get("size", 0)), labels.setdefault(label, len(labels))])
-    return {"labels": list(labels), "events": events}
+        addresses.append(-1 if action == "oom" else addr)  # an out-of-memory event has no address
+    lowest = min((a for a in addresses if a >= 0), default=0)
+    return {"labels": list(labels), "events": events,
+            "addresses": [a - lowest if a >= 0 else -1 for a in addresses]}
 
 
 def trial(config: dict[str, Any], case: dict[str, Any], workdir: str | None = None,

@@ -189,6 +189,11 @@ class Architecture(Frozen):
     recurrent: RecurrentSpec | None = None  # state-space / linear-attention layers
     mlp_free: bool = False  # no MLP at all (Mamba, Mamba-2: the mixer is the whole layer)
     use_cache: bool = True  # the config's use_cache, which generate() follows
+    # Phi-3's switch from short to long rope factors (Phi3ForCausalLM.prepare_inputs_for_generation,
+    # transformers 5.17): generate() drops its cache at the step whose input first passes this many
+    # positions while the cache holds no more, and at every step after (config's
+    # original_max_position_embeddings; None for the families that never drop it)
+    cache_restart_positions: int | None = None
     encoder: EncoderSpec | None = None  # encoder-decoder models (T5, BART)
 
     @field_validator("layer_types")

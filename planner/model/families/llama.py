@@ -141,9 +141,12 @@ def _starcoder2(raw: RawConfig) -> Architecture:
 def _phi3(raw: RawConfig) -> Architecture:
     _, _, head_dim = read_heads(raw, raw.int("hidden_size"))
     window = read_window(raw)
-    return llama_like(raw, family="phi3", tied_default=False, fused_qkv=True,
-                       mlp="gate_up_fused", rotary_dim=read_rotary_dim(raw, head_dim), window=window,
-                       layer_rule=sliding_everywhere(window))
+    arch = llama_like(raw, family="phi3", tied_default=False, fused_qkv=True,
+                      mlp="gate_up_fused", rotary_dim=read_rotary_dim(raw, head_dim), window=window,
+                      layer_rule=sliding_everywhere(window))
+    # Phi3Config's default when the config names none
+    restart = raw.int("original_max_position_embeddings", default=4096)
+    return arch.model_copy(update={"cache_restart_positions": restart})
 
 
 @adapter("phi")

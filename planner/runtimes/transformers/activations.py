@@ -51,6 +51,20 @@ class RunSpec(Frozen):
     # False when the config says use_cache: false (mpt-7b-instruct): generate() then re-runs
     # the whole sequence every step, with no KV cache (prompt_len is then the longest step)
     keeps_cache: bool = True
+    # the first decode step that runs over a fresh cache (kv_cache.restart_step: Phi-3 past its
+    # original positions); the prompt's cache stops growing the step before
+    cache_restart_step: int | None = None
+
+    @property
+    def cache_growth_steps(self) -> int:
+        """Decode steps that grow the prompt's cache."""
+        steps = max(self.new_tokens - 1, 0)
+        return steps if self.cache_restart_step is None else self.cache_restart_step - 1
+
+    @property
+    def restarted_steps(self) -> int:
+        """Decode steps that run over a fresh one-token cache."""
+        return max(self.new_tokens - 1, 0) - self.cache_growth_steps
 
 
 def _terms(*items: tuple[str, int, str]) -> tuple[Term, ...]:
@@ -327,9 +341,12 @@ def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
     if spec.mode != "generate" or spec.new_tokens < 2 or not spec.keeps_cache:
         return None
     b, n, t = spec.batch, spec.prompt_len, spec.new_tokens
-    decoded = t - 1
-    cache = kv_cache.cache_bytes(arch, b, n, decoded, spec.kv, activation_bytes=spec.activation_bytes)
-    held = {k: kv_cache.stored_length(k, arch.sliding_window, n, decoded - 1) for k in set(arch.layer_types) - {"none"}}
+    decoded = spec.cache_growth_steps  # the last step that grows the cache (0: it never grows)
+    restarted = spec.restarted_steps > 0
+    cache = kv_cache.held_cache_bytes(arch, b, n, decoded, spec.restarted_steps, spec.kv,
+                                      activation_bytes=spec.activation_bytes)
+    held = {k: kv_cache.stored_length(k, arch.sliding_window, n, decoded - 1)
+            for k in set(arch.layer_types) - {"none"}} if decoded else {}
     copy = max([kv_cache.decode_update_transient(arch, b, length, spec.kv, k) for k, length in held.items()]
                + [recurrent.decode_transient(arch, b, spec.activation_bytes)])
     vocab = arch.vocab_size if arch.computes_logits else 0
@@ -344,8 +361,10 @@ def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
     else:
         step = ("cache update", max(copy, logits), "a layer's cache update during the step: torch.cat copies "
                 "its keys, a quantized cache dequantizes them (or the step's logits, whichever is larger)")
-    return Point(phase=f"decode step {decoded}", kind="decode", terms=_terms(
-        ("KV cache", cache, f"keys and values after {decoded} decode steps"),
+    return Point(phase=f"decode step {t - 1 if restarted else decoded}", kind="decode", terms=_terms(
+        ("KV cache", cache, f"keys and values after {decoded} decode steps" + (
+            f"; from step {spec.cache_restart_step} generate() drops it for a fresh one-token cache every "
+            "step (Phi-3 past original_max_position_embeddings), the old one still allocated" if restarted else "")),
         step,
         ("generated ids", 2 * block_bytes(b * (n + t) * 8), "the growing ids and attention mask"),
     ))

@@ -128,7 +128,8 @@ def run_spec(arch: Architecture, workload: Workload, weights: WeightBreakdown, c
     return RunSpec(batch=workload.batch, prompt_len=prompt, new_tokens=new_tokens, mode=workload.mode,
                    attn=workload.attn, activation_bytes=element, kv=kv_format(workload, compute),
                    quantization=quant, largest_linear_elements=weights.largest_linear_elements,
-                   keeps_cache=keeps_cache)
+                   keeps_cache=keeps_cache,
+                   cache_restart_step=kv_cache.restart_step(arch, prompt, new_tokens) if keeps_cache else None)
 
 
 def kv_format(workload: Workload, compute: str) -> KvFormat:
@@ -263,8 +264,8 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     ]
     device = allocated + reserve + outside
     cache = max(kv_cache.cache_bytes(arch, workload.batch, workload.prompt_len, 0, spec.kv),
-                kv_cache.cache_bytes(arch, workload.batch, workload.prompt_len,
-                                     max(workload.new_tokens - 1, 0), spec.kv)
+                kv_cache.held_cache_bytes(arch, workload.batch, workload.prompt_len, spec.cache_growth_steps,
+                                          spec.restarted_steps, spec.kv)
                 ) if workload.mode == "generate" and spec.keeps_cache else 0
     loaded = sum(t.bytes for t in fixed if t.group == "model")
     transient = 0
@@ -295,6 +296,11 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     if not spec.keeps_cache and workload.mode == "generate":
         notes.append("the config sets use_cache: false, so generate() keeps no KV cache and re-runs the whole "
                      "sequence at every step (pass use_cache=True to generate() to change that).")
+    if spec.restarted_steps and workload.mode == "generate":
+        notes.append(f"the sequence passes original_max_position_embeddings ({arch.cache_restart_positions}) at "
+                     f"decode step {spec.cache_restart_step}: from there transformers' Phi-3 drops its cache and "
+                     "runs each step over a fresh one-token cache (the old one stays allocated until generate() "
+                     "returns), so the later tokens attend to themselves only.")
     if workload.attn == "flash_attention_2":
         notes.append("flash_attention_2 is modelled like SDPA's flash kernel; it has no measured rows.")
     if verdict is not None:

@@ -43,10 +43,15 @@ def layer_norm_fused(tr: Tracer, hidden_bytes: int, rows: int) -> int:
 
 
 def _cache_and_attend(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, kernel: str,
-                      masked: bool, generate: bool, key: int | None,
-                      value: int | None) -> tuple[int | None, list[int | None], int | None, int | None]:
+                      masked: bool, generate: bool, key: int | None, value: int | None,
+                      query_heads_first: bool = False) -> tuple[int | None, list[int | None], int | None, int | None]:
     """The KV cache's cat (the key and value it copies go, when they are tensors of their own),
     then SDPA: K and V repeated where the kernel needs it, the additive mask, the output.
+    `query_heads_first`: the query is a cat's output, contiguous in (batch, heads, tokens, dim)
+    order; flash writes its output in the query's layout (empty_like of the transposed query), so
+    transformers' transpose(1, 2).contiguous() copies it (the H200 trace of Phi-4-mini; the
+    rotary of the other layers keeps the projection's (batch, tokens, heads, dim) order, and the
+    efficient kernel always writes that order).
     Returns the output, the cache and the key and value still held."""
     b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
     cache: list[int | None] = []
@@ -62,6 +67,10 @@ def _cache_and_attend(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec
     additive = tr.new(b * n * n * s, "SDPA additive mask") if masked else None
     out = tr.new(b * n * heads * d * s, "SDPA output")
     tr.drop(additive, *repeats)
+    if query_heads_first and kernel == "flash":
+        merged = tr.new(b * n * heads * d * s, "attention output (contiguous)")
+        tr.drop(out)
+        out = merged
     return out, cache, key, value
 
 
@@ -87,7 +96,8 @@ def stablelm_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: R
     k_rot = traced_rope(tr, int(kv_bytes * fraction))
     q_cat = tr.new(q_bytes, "cat(query_rot, query_pass)")
     k_cat = tr.new(kv_bytes, "cat(key_rot, key_pass)")
-    out, cache, k_cat, v = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_cat, v)
+    out, cache, k_cat, v = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_cat, v,
+                                           query_heads_first=True)
     attn_out = tr.new(hidden, "self_attn.o_proj")
     tr.drop(out, q_cat, k_cat, v, q, k, q_rot, k_rot)
     residual = tr.new(hidden, "residual add")
@@ -126,7 +136,8 @@ def gpt_neox_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: R
     tr.drop(q_rope)
     k_embed = tr.new(kv_bytes, "cat(k_embed, k_pass)")
     tr.drop(k_rope)
-    out, cache, k_embed, _ = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_embed, None)
+    out, cache, k_embed, _ = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_embed, None,
+                                           query_heads_first=True)
     dense = tr.new(hidden, "attention.dense")
     tr.drop(out, q_embed, k_embed, qkv, normed)
     attn_output = tr.new(hidden, "residual add")
@@ -213,7 +224,8 @@ def phi3_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSp
     k_rope = traced_rope(tr, int(kv_bytes * fraction))
     k_embed = tr.new(kv_bytes, "cat(k rotated, k_pass)")
     tr.drop(k_rope)
-    out, cache, k_embed, _ = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_embed, None)
+    out, cache, k_embed, _ = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_embed, None,
+                                           query_heads_first=True)
     projected = tr.new(hidden, "self_attn.o_proj")
     tr.drop(out, q_embed, k_embed, qkv, normed)
     residual = tr.new(hidden, "residual add")

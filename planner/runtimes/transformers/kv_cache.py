@@ -94,6 +94,32 @@ def cache_bytes(arch: Architecture, batch: int, prompt_len: int, decoded: int, k
     return total
 
 
+def restart_step(arch: Architecture, prompt_len: int, new_tokens: int) -> int | None:
+    """The first decode step generate() runs over a fresh cache, or None.
+
+    Phi-3 (Phi3ForCausalLM.prepare_inputs_for_generation, transformers 5.17) sets
+    past_key_values to None when the step's input reaches original_max_position_embeddings + 1
+    positions while the cache holds no more than that: once, when the sequence crosses it, and
+    then at every step (the fresh cache holds one token). The H200 trace of Phi-4-mini at
+    4096-token prompts shows the rest: the dropped cache stays allocated, frozen, until
+    generate() returns; each step's one-token cache goes after the next step's logits."""
+    limit = arch.cache_restart_positions
+    if limit is None or prompt_len > limit:
+        return None
+    first = limit + 1 - prompt_len
+    return first if first <= new_tokens - 1 else None
+
+
+def held_cache_bytes(arch: Architecture, batch: int, prompt_len: int, growth_steps: int, restarted_steps: int,
+                     kv: KvFormat, activation_bytes: int | None = None) -> int:
+    """The caches generate() holds at once, at their largest: the prompt's after its growth
+    steps and, once it restarts (restart_step), the one-token caches of the last two restarted
+    steps (the previous step's goes only after the next step's logits)."""
+    fresh = cache_bytes(arch, batch, 1, 0, kv, activation_bytes=activation_bytes) if restarted_steps else 0
+    return (cache_bytes(arch, batch, prompt_len, growth_steps, kv, activation_bytes=activation_bytes)
+            + min(restarted_steps, 2) * fresh)
+
+
 def releases_after_both_cats(kind: LayerKind) -> bool:
     """DynamicSlidingWindowLayer (sliding and chunked layers) concatenates the keys and the
     values before either old tensor goes; DynamicLayer replaces the keys, then the values."""

@@ -437,8 +437,18 @@ def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     steps = spec.new_tokens - 1
     vocab = arch.vocab_size if arch.computes_logits else 0
     positions = attention_mask = ids = None  # the prompt's own stay referenced by the caller
+    previous_fresh: list[int | None] = []
     for step in range(1, min(steps, MAX_REPLAYED_DECODE_STEPS) + 1):
+        restarted = spec.cache_restart_step is not None and step >= spec.cache_restart_step
+        fresh: list[int | None] = []
         for index, kind in enumerate(arch.layer_types):
+            if restarted:  # a fresh cache: the cat onto its empty tensors; the prompt's stays as it was
+                tr.at(f"decode step {step} layer {index}", "fresh KV cache (torch.cat)")
+                fresh += [tr.new(kv_cache.layer_bytes(arch, b, 1, spec.kv, 0, part)) for part in ("key", "value")]
+                if attention_temporaries:
+                    tr.at(op="attention")
+                    layer_replay.decode_attention(tr, arch, layout, spec, kind, 1)
+                continue
             tr.at(f"decode step {step} layer {index}", "KV cache (torch.cat)")
             length = kv_cache.stored_length(kind, arch.sliding_window, n, step)
             old_key, old_value = cache[2 * index:2 * index + 2]
@@ -457,6 +467,8 @@ def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
                 tr.drop(layer_replay.moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False))
         tr.at(f"decode step {step}", "lm_head (logits)")
         logits = _last_token_logits(tr, layout, b * vocab * spec.activation_bytes)
+        tr.drop(*previous_fresh)  # the previous step's fresh cache goes after this step's logits
+        previous_fresh = fresh
         grown = b * (n + step) * 8
         fresh = tr.new(grown, "position_ids (torch.cat)")
         tr.drop(positions)
@@ -468,4 +480,4 @@ def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
         fresh = tr.new(grown, "input_ids (torch.cat)")
         tr.drop(ids, attention_mask, logits)
         ids, attention_mask = fresh, fresh_mask
-    tr.drop(logits_copy, positions, attention_mask, ids)
+    tr.drop(logits_copy, positions, attention_mask, ids, *previous_fresh)
