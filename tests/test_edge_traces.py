@@ -200,9 +200,6 @@ KNOWN_ORDER_GAPS = {
     "qwen3-30b-a3b-l8-bf16-sdpa-n1024-default-b724-ok": "the router: the GPU holds two 362 MiB fp32 softmax "
     "outputs at once, the planner one (request 77)",
     "qwen3-30b-a3b-l8-bf16-sdpa-n1024-default-b735-oom": "as at batch 724",
-    "mistral-7b-v0.1-l8-bf16-sdpa-n8192-default-b78-ok": "the sliding-window mask: the GPU builds it from 64 MiB "
-    "(tokens x tokens) boolean pieces before the whole mask; the planner requests the whole mask at once",
-    "mistral-7b-v0.1-l8-bf16-sdpa-n8192-default-b80-oom": "as at batch 78",
     "llama-3.1-8b-l8-nf4-sdpa-n2048-default-b372-ok": "the decode steps of the 4-bit layers: the GPU "
     "dequantizes each weight (112 MiB) where the planner replays no bitsandbytes matmul",
     "falcon-7b-instruct-l8-bf16-sdpa-n2048-default-b20-ok": "falcon's rotate_half: the GPU's cat (355 MiB) is "

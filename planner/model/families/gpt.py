@@ -47,7 +47,8 @@ def _gpt2(raw: RawConfig) -> Architecture:
     return whole_model_arch(
         raw, inv, **shape.arch_fields(), family="gpt_bigcode" if bigcode else "gpt2", intermediate_size=inner,
         **_learned_positions(positions), tie_word_embeddings=tied, attention_implementations=ALL_ATTENTION,
-        buffers=(mask,) if bigcode else ())
+        buffers=(mask,) if bigcode else (),
+        activation=raw.str("activation_function", default="gelu_new"))  # GPT2Config's default
 
 
 @adapter("opt")

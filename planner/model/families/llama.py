@@ -132,9 +132,10 @@ def _stablelm(raw: RawConfig) -> Architecture:
 def _starcoder2(raw: RawConfig) -> Architecture:
     bias = raw.bool("use_bias", default=True)
     window = read_window(raw)
-    return llama_like(raw, family="starcoder2", tied_default=True, qkv_bias=bias, o_bias=bias,
-                       mlp_bias=bias, mlp="c_fc", norm_bias=True, window=window,
-                       layer_rule=sliding_everywhere(window))
+    arch = llama_like(raw, family="starcoder2", tied_default=True, qkv_bias=bias, o_bias=bias,
+                      mlp_bias=bias, mlp="c_fc", norm_bias=True, window=window,
+                      layer_rule=sliding_everywhere(window))
+    return arch.model_copy(update={"activation": raw.str("hidden_act", default="gelu_pytorch_tanh")})
 
 
 @adapter("phi3")

@@ -31,7 +31,22 @@ def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
         return phi3_layer
     if arch.model_type == "cohere" and not any(".q_norm." in t.name for t in arch.tensors):
         return cohere_layer
+    if arch.model_type == "gpt2" and arch.activation == "gelu_new":
+        return gpt2_layer
+    if arch.model_type == "starcoder2" and arch.activation in SINGLE_KERNEL_ACTIVATIONS:
+        return starcoder2_layer
     return None
+
+
+# activations that are one kernel, one output tensor (ACT2FN in transformers 5.17)
+SINGLE_KERNEL_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "silu")
+
+
+def final_norm(tr: Tracer, arch: Architecture, hidden_bytes: int, rows: int, s: int) -> int:
+    """The model's last norm, for the families above whose norm is not RMSNorm."""
+    if arch.model_type == "cohere":
+        return cohere_norm(tr, hidden_bytes, rows, s)
+    return layer_norm_fused(tr, hidden_bytes, rows)
 
 
 def layer_norm_fused(tr: Tracer, hidden_bytes: int, rows: int) -> int:
@@ -48,10 +63,10 @@ def _cache_and_attend(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec
     """The KV cache's cat (the key and value it copies go, when they are tensors of their own),
     then SDPA: K and V repeated where the kernel needs it, the additive mask, the output.
     `query_heads_first`: the query is a cat's output, contiguous in (batch, heads, tokens, dim)
-    order; flash writes its output in the query's layout (empty_like of the transposed query), so
-    transformers' transpose(1, 2).contiguous() copies it (the H200 trace of Phi-4-mini; the
-    rotary of the other layers keeps the projection's (batch, tokens, heads, dim) order, and the
-    efficient kernel always writes that order).
+    order; flash and the efficient kernel write their output in the query's layout, so
+    transformers' transpose(1, 2).contiguous() copies it (H200 traces: Phi-4-mini unmasked,
+    flash; Phi-3-mini under its sliding-window mask, efficient). The rotary of the other layers
+    keeps the projection's (batch, tokens, heads, dim) order: no copy.
     Returns the output, the cache and the key and value still held."""
     b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
     cache: list[int | None] = []
@@ -67,7 +82,7 @@ def _cache_and_attend(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec
     additive = tr.new(b * n * n * s, "SDPA additive mask") if masked else None
     out = tr.new(b * n * heads * d * s, "SDPA output")
     tr.drop(additive, *repeats)
-    if query_heads_first and kernel == "flash":
+    if query_heads_first and kernel in ("flash", "efficient"):
         merged = tr.new(b * n * heads * d * s, "attention output (contiguous)")
         tr.drop(out)
         out = merged
@@ -305,4 +320,86 @@ def cohere_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
     partial = tr.new(hidden, "residual + attention")
     output = tr.new(hidden, "+ mlp")
     tr.drop(partial, normed, attention_out, down)
+    return output, cache
+
+
+def new_gelu(tr: Tracer, nbytes: int) -> int:
+    """NewGELUActivation, 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))): 0.5 * x,
+    then each step of the tanh argument replaces the one before, 1 + tanh, the product."""
+    half = tr.new(nbytes, "gelu_new 0.5 * x")
+    chained = tr.new(nbytes, "gelu_new x^3")
+    for op in ("0.044715 * x^3", "x + that", "sqrt(2 / pi) * that", "tanh", "1 + tanh"):
+        step = tr.new(nbytes, f"gelu_new {op}")
+        tr.drop(chained)
+        chained = step
+    out = tr.new(nbytes, "gelu_new product")
+    tr.drop(half, chained)
+    return out
+
+
+def gpt2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+               kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
+    """GPT2Block (transformers 5.17), as the H200 trace of GPT-2 medium at batch 906 shows it:
+    ln_1; one Conv1D c_attn whose split heads are views (it goes after c_proj); the cache cats;
+    SDPA (the heads-last query keeps flash's output heads-last, so no copy); c_proj; the
+    residual add (ln_1's output goes); ln_2; c_fc, gelu_new op by op (c_fc's output goes after
+    it), mlp.c_proj; the residual add; then ln_2, both residuals and the attention output go."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    tokens = b * n
+    hidden = tokens * arch.hidden_size * s
+    normed = layer_norm_fused(tr, hidden, tokens)
+    qkv = tr.new(hidden + 2 * tokens * arch.num_kv_heads * arch.head_dim * s, "attn.c_attn")
+    out, cache, _, _ = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, None, None)
+    projected = tr.new(hidden, "attn.c_proj")
+    tr.drop(out, qkv)
+    residual = tr.new(hidden, "residual add")
+    tr.drop(normed)
+    tr.at(op="ln_2")
+    normed_mlp = layer_norm_fused(tr, hidden, tokens)
+    tr.at(op="mlp")
+    fc = tr.new(tokens * arch.intermediate_size * s, "mlp.c_fc")
+    act = new_gelu(tr, tokens * arch.intermediate_size * s)
+    tr.drop(fc)
+    down = tr.new(hidden, "mlp.c_proj")
+    tr.drop(act)
+    output = tr.new(hidden, "residual add")
+    tr.drop(normed_mlp, residual, projected, down)
+    return output, cache
+
+
+def starcoder2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+                     kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
+    """Starcoder2DecoderLayer (transformers 5.17), as the H200 trace of StarCoder2-7B at batch 235
+    shows it: the llama layer with LayerNorms and a two-matrix MLP: input LayerNorm; q, k, v; the
+    rotary of each (the projections go after both); the cache cats, then the rotated key and v
+    go; SDPA; o_proj (the rotated query and the norm go); the residual add; LayerNorm; c_fc, its
+    activation (c_fc's output goes), c_proj; the residual add."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    tokens = b * n
+    hidden = tokens * arch.hidden_size * s
+    q_bytes = tokens * arch.num_heads * arch.head_dim * s
+    kv_bytes = tokens * arch.num_kv_heads * arch.head_dim * s
+    normed = layer_norm_fused(tr, hidden, tokens)
+    q, k, v = (tr.new(q_bytes, "self_attn.q_proj"), tr.new(kv_bytes, "self_attn.k_proj"),
+               tr.new(kv_bytes, "self_attn.v_proj"))
+    tr.at(op="rotary embedding (query)")
+    q_rot = traced_rope(tr, q_bytes)
+    tr.at(op="rotary embedding (key)")
+    k_rot = traced_rope(tr, kv_bytes)
+    tr.drop(q, k)
+    out, cache, k_rot, v = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
+    projected = tr.new(hidden, "self_attn.o_proj")
+    tr.drop(out, q_rot, normed, k_rot, v)
+    residual = tr.new(hidden, "residual add")
+    tr.drop(projected)
+    tr.at(op="post_attention_layernorm")
+    normed_mlp = layer_norm_fused(tr, hidden, tokens)
+    tr.at(op="mlp")
+    fc = tr.new(tokens * arch.intermediate_size * s, "mlp.c_fc")
+    act = tr.new(tokens * arch.intermediate_size * s, f"mlp.act ({arch.activation})")
+    tr.drop(fc)
+    down = tr.new(hidden, "mlp.c_proj")
+    tr.drop(act, normed_mlp)
+    output = tr.new(hidden, "residual add")
+    tr.drop(down, residual)
     return output, cache

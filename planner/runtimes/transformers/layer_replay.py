@@ -89,6 +89,22 @@ def olmo2_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
     return out
 
 
+def sliding_mask_pieces(tr: Tracer, n: int) -> int:
+    """sdpa_mask of a sliding-window causal mask (masking_utils, transformers 5.17): before the
+    batch's mask, the vmapped mask functions build tokens x tokens booleans, each and_mask
+    replacing the one before; the last goes once the batch's mask exists (H200 traces of
+    Mistral-7B, StarCoder2-7B and Phi-3-mini). Returns that last one."""
+    inner = tr.new(n * n, "sliding mask: inner_mask")
+    first = tr.new(n * n, "sliding mask: and_mask")
+    tr.drop(inner)
+    causal = tr.new(n * n, "sliding mask: causal_mask_function")
+    second = tr.new(n * n, "sliding mask: and_mask")
+    tr.drop(causal, first)
+    third = tr.new(n * n, "sliding mask: and_mask")
+    tr.drop(second)
+    return third
+
+
 def layer_norm(layout: FamilyLayout):
     """The family's RMSNorm request order."""
     return {"gemma": gemma_norm, "olmo2": olmo2_norm}.get(layout.norm_order, traced_norm)

@@ -195,6 +195,11 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
         scaled = tr.new(hidden, "embed_tokens * sqrt(hidden_size)")
         tr.drop(held_model[0])
         held_model = [scaled]
+    first_input = None
+    if coded_layer is not None and arch.positions == "learned":
+        # inputs_embeds + position_embeds: both stay referenced until the model's final norm ran
+        held_model.append(tr.new(hidden, "position embeddings"))
+        first_input = tr.new(hidden, "embeddings + positions")
     extra_copies = 0 if coded_layer is not None else max(0, layout.mlp_point.hidden - 4)
     for _ in range(extra_copies):  # the coarse order's extra model-level copies (gpt2)
         held_model.append(tr.new(hidden))
@@ -207,7 +212,10 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
             held_model.append(tr.new(b * n * n * s, "causal mask"))
             tr.drop(boolean)
     elif spec.attn == "sdpa" and (layout.sdpa_kernel == "math" or not sdpa_unmasked):
+        piece = layer_replay.sliding_mask_pieces(tr, n) \
+            if not sdpa_unmasked and (traced or coded_layer is not None) else None
         held_model.append(tr.new(b * n * n, "causal mask"))  # the masks exist before the rotary tables
+        tr.drop(piece)
     if arch.rotary_dim and (traced or coded_layer is not None):
         tables = 4 if layout.rope_fp32 else s  # fp32 tables (OLMo-2): no cast
         for _ in set(arch.layer_types) if layout.rotary_per_layer_type else [None]:
@@ -218,7 +226,7 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
         tr.matmul()
 
     cache: list[int | None] = []
-    layer_input = held_model[0]
+    layer_input = held_model[0] if first_input is None else first_input
     previous_weights = None
     for layer in range(arch.num_layers):
         tr.at(f"prefill layer {layer}", "input_layernorm")
@@ -303,10 +311,11 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     vocab = arch.vocab_size if arch.computes_logits else 0
     tr.at("prefill", "final norm")
     copy = None
-    if (traced or (coded_layer is not None and rms)) and generate:
+    if (traced or coded_layer is not None) and generate:
         # the traced order: the final norm, then the last layer's output and what the model held
         # (embeddings, rotary tables) go before the lm_head runs on the last token
-        final = layer_replay.layer_norm(layout)(tr, hidden, b * n, s)
+        final = layer_replay.layer_norm(layout)(tr, hidden, b * n, s) if rms else \
+            family_layers.final_norm(tr, arch, hidden, b * n, s)
         tr.drop(layer_input, *held_model)
         tr.at(op="lm_head (logits)")
         logits = _last_token_logits(tr, layout, b * vocab * s)
