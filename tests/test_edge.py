@@ -136,13 +136,8 @@ TRIALS = [r for r in committed_rows() if r.get("kind") == "edge" and r.get("stat
 
 # Where the replay does not yet reproduce the GPU's edge, and why. strict: a search or trial
 # that starts matching fails here until it is taken off the list.
-_GPT2_EXPANDABLE = (
-    "below the capacity's resolution: at batch 1028 the replay completes with 36 MiB (0.025% of the GPU) "
-    "to spare where the GPU lacked a few MiB for its 7.91 GiB page run; measured ok trials complete with 14-34 "
-    "MiB to spare in the replay (Gemma-3 default, Phi-4-mini default, Qwen2.5-0.5B expandable), so no single "
-    "margin separates them")
-KNOWN_SEARCH_GAPS: dict[str, str] = {"gpt2-medium-bf16-sdpa-n1008-expandable": _GPT2_EXPANDABLE}
-KNOWN_TRIAL_GAPS: dict[str, str] = {"gpt2-medium-bf16-sdpa-n1008-expandable-b1028": _GPT2_EXPANDABLE}
+KNOWN_SEARCH_GAPS: dict[str, str] = {}
+KNOWN_TRIAL_GAPS: dict[str, str] = {}
 KNOWN_DEVICE_GAPS: dict[str, str] = {}
 
 

@@ -94,7 +94,7 @@ def test_without_the_top_down_addresses_the_model_disagrees():
 # -- the planner's request sequence against the GPU's ---------------------------------------
 
 OK_TRACES = [t for t in TRACES if t["status"] == "ok"]
-SEQUENCE_TOLERANCE = 0.005  # uncapped reserved peak, planner replay vs the GPU's requests replayed
+SEQUENCE_TOLERANCE = 0.005  # reserved peak at the H200's capacity, planner replay vs the GPU's requests
 KNOWN_SEQUENCE_GAPS: dict[str, str] = {}
 
 
@@ -106,14 +106,19 @@ def _sequence_param(trace: dict):
 
 @pytest.mark.parametrize("trace", [_sequence_param(t) for t in OK_TRACES])
 def test_planner_sequence_reserves_what_the_gpu_requests_reserve(trace):
+    """Both under the capacity the run had: a run that completed only through the allocator's
+    retries (OPT-125m at batch 1256: ten) reserves far past the GPU when replayed without one,
+    where small differences in the request sequence decide which segments pile up."""
     from vramplan.catalog import runtime_profile
     from vramplan.request import PrecisionChoice
+    from vramplan.runtimes.allocator import capacity
     from vramplan.runtimes.transformers.fit import _Run
 
     case = trace["case"]
-    gpu = replay(trace)
+    gpu = replay(trace, **_limits())
     run = _Run(_architecture(case), _workload(case), PrecisionChoice(name=case["precision"]), runtime_profile())
-    planned = run.replay(_workload(case), None, case["allocator"])
+    planned = run.replay(_workload(case), capacity(_h200()), case["allocator"])
+    assert planned.completed
     assert abs(planned.peak_allocated / gpu.peak_allocated - 1) <= 0.0005
     error = planned.peak_reserved / gpu.peak_reserved - 1
     assert abs(error) <= SEQUENCE_TOLERANCE, (

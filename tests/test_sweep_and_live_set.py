@@ -17,8 +17,10 @@ def test_committed_matrices_expand_and_resolve():
         if entry.name.endswith(".yaml"):
             matrix = yaml.safe_load(entry.read_text())
             kind = matrix_kind(entry.name)
-            cases = (matrix.get("searches", []) + matrix.get("traces", []) if kind == "edge" else expand_training_matrix(matrix) if kind == "train"
-                     else expand_matrix(matrix))
+            if kind == "edge":  # searches, or traces only
+                cases = matrix.get("searches", []) + matrix.get("traces", [])
+            else:
+                cases = expand_training_matrix(matrix) if kind == "train" else expand_matrix(matrix)
             assert cases, entry.name
             for model in {c["model"] for c in cases}:
                 resolve(model)

@@ -85,7 +85,8 @@ def _opt(raw: RawConfig) -> Architecture:
     inv.head("lm_head", vocab, proj, tied)
     return whole_model_arch(
         raw, inv, **shape.arch_fields(), family="opt", intermediate_size=ffn, **_learned_positions(positions),
-        tie_word_embeddings=tied, attention_implementations=ALL_ATTENTION)
+        tie_word_embeddings=tied, attention_implementations=ALL_ATTENTION,
+        activation=raw.str("activation_function", default="relu"))  # OPTConfig's default
 
 
 @adapter("falcon")

@@ -35,6 +35,8 @@ def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
         return gpt2_layer
     if arch.model_type == "starcoder2" and arch.activation in SINGLE_KERNEL_ACTIVATIONS:
         return starcoder2_layer
+    if arch.model_type == "opt" and arch.activation in SINGLE_KERNEL_ACTIVATIONS and _opt_pre_norm(arch):
+        return opt_layer
     return None
 
 
@@ -349,6 +351,7 @@ def gpt2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSp
     hidden = tokens * arch.hidden_size * s
     normed = layer_norm_fused(tr, hidden, tokens)
     qkv = tr.new(hidden + 2 * tokens * arch.num_kv_heads * arch.head_dim * s, "attn.c_attn")
+    tr.matmul()  # no rotary tables: the first layer's c_attn is the run's first matmul
     out, cache, _, _ = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, None, None)
     projected = tr.new(hidden, "attn.c_proj")
     tr.drop(out, qkv)
@@ -400,6 +403,50 @@ def starcoder2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec:
     tr.drop(fc)
     down = tr.new(hidden, "mlp.c_proj")
     tr.drop(act, normed_mlp)
+    output = tr.new(hidden, "residual add")
+    tr.drop(down, residual)
+    return output, cache
+
+
+def _opt_pre_norm(arch: Architecture) -> bool:
+    """OPT with do_layer_norm_before (a model-level final norm exists only then) and without
+    the project_in/out pair of a narrower embedding (OPT-350m has both the other way)."""
+    names = [t.name for t in arch.tensors]
+    return any(n.startswith("model.decoder.final_layer_norm") for n in names) and \
+        not any(".project_in." in n for n in names)
+
+
+def opt_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+              kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
+    """OPTDecoderLayer with do_layer_norm_before (transformers 5.17), as the H200 trace of
+    OPT-125m at batch 1256 shows it: the LayerNorm; q_proj then its product with the scaling (the
+    projection goes); k_proj, v_proj; the cache cats, then k and v go; SDPA; out_proj (the output,
+    the scaled query and the norm go); the residual add; the LayerNorm, fc1 (the norm goes), the
+    activation (fc1 goes), fc2 (the activation goes); the residual add."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    tokens = b * n
+    hidden = tokens * arch.hidden_size * s
+    kv_bytes = tokens * arch.num_kv_heads * arch.head_dim * s
+    normed = layer_norm_fused(tr, hidden, tokens)
+    projected_q = tr.new(tokens * arch.num_heads * arch.head_dim * s, "self_attn.q_proj")
+    tr.matmul()  # no rotary tables: the first layer's q_proj is the run's first matmul
+    q = tr.new(tokens * arch.num_heads * arch.head_dim * s, "q_proj * scaling")
+    tr.drop(projected_q)
+    k, v = tr.new(kv_bytes, "self_attn.k_proj"), tr.new(kv_bytes, "self_attn.v_proj")
+    out, cache, k, v = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k, v)
+    projected = tr.new(hidden, "self_attn.out_proj")
+    tr.drop(out, q, normed, k, v)
+    residual = tr.new(hidden, "residual add")
+    tr.drop(projected)
+    tr.at(op="final_layer_norm")
+    normed_mlp = layer_norm_fused(tr, hidden, tokens)
+    tr.at(op="mlp")
+    fc1 = tr.new(tokens * arch.intermediate_size * s, "fc1")
+    tr.drop(normed_mlp)
+    act = tr.new(tokens * arch.intermediate_size * s, f"{arch.activation}(fc1)")
+    tr.drop(fc1)
+    down = tr.new(hidden, "fc2")
+    tr.drop(act)
     output = tr.new(hidden, "residual add")
     tr.drop(down, residual)
     return output, cache
