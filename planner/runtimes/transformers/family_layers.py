@@ -393,19 +393,8 @@ def starcoder2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec:
     out, cache, k_rot, v = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
     projected = tr.new(hidden, "self_attn.o_proj")
     tr.drop(out, q_rot, normed, k_rot, v)
-    residual = tr.new(hidden, "residual add")
-    tr.drop(projected)
-    tr.at(op="post_attention_layernorm")
-    normed_mlp = layer_norm_fused(tr, hidden, tokens)
-    tr.at(op="mlp")
-    fc = tr.new(tokens * arch.intermediate_size * s, "mlp.c_fc")
-    act = tr.new(tokens * arch.intermediate_size * s, f"mlp.act ({arch.activation})")
-    tr.drop(fc)
-    down = tr.new(hidden, "mlp.c_proj")
-    tr.drop(act, normed_mlp)
-    output = tr.new(hidden, "residual add")
-    tr.drop(down, residual)
-    return output, cache
+    return _residual_and_mlp(tr, arch, s, tokens, projected, "post_attention_layernorm", ("mlp.c_fc", "mlp.c_proj"),
+                             norm_goes_first=False), cache
 
 
 def _opt_pre_norm(arch: Architecture) -> bool:
@@ -436,17 +425,29 @@ def opt_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpe
     out, cache, k, v = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k, v)
     projected = tr.new(hidden, "self_attn.out_proj")
     tr.drop(out, q, normed, k, v)
+    return _residual_and_mlp(tr, arch, s, tokens, projected, "final_layer_norm", ("fc1", "fc2"),
+                             norm_goes_first=True), cache
+
+
+def _residual_and_mlp(tr: Tracer, arch: Architecture, s: int, tokens: int, projected: int, norm_name: str,
+                      names: tuple[str, str], norm_goes_first: bool) -> int:
+    """The residual add (the attention's projection goes), a LayerNorm, two matrices with one
+    activation kernel between (each goes once the next exists), the residual add. The norm's
+    output goes once the first matrix read it when the MLP reassigns one name (OPT), else when the
+    MLP returns (StarCoder2). Returns the layer's output."""
+    hidden = tokens * arch.hidden_size * s
     residual = tr.new(hidden, "residual add")
     tr.drop(projected)
-    tr.at(op="final_layer_norm")
-    normed_mlp = layer_norm_fused(tr, hidden, tokens)
+    tr.at(op=norm_name)
+    normed = layer_norm_fused(tr, hidden, tokens)
     tr.at(op="mlp")
-    fc1 = tr.new(tokens * arch.intermediate_size * s, "fc1")
-    tr.drop(normed_mlp)
-    act = tr.new(tokens * arch.intermediate_size * s, f"{arch.activation}(fc1)")
-    tr.drop(fc1)
-    down = tr.new(hidden, "fc2")
-    tr.drop(act)
+    first = tr.new(tokens * arch.intermediate_size * s, names[0])
+    if norm_goes_first:
+        tr.drop(normed)
+    act = tr.new(tokens * arch.intermediate_size * s, f"{arch.activation}({names[0]})")
+    tr.drop(first)
+    down = tr.new(hidden, names[1])
+    tr.drop(act, None if norm_goes_first else normed)
     output = tr.new(hidden, "residual add")
     tr.drop(down, residual)
-    return output, cache
+    return output
