@@ -40,8 +40,6 @@ KNOWN_DEVICE_GAPS = {
         "falcon's new-decoder layout is replayed with the old one's order (-5.1%)",
     "tests/configs/flan-t5-base.json-bf16-sdpa-b2-n2048-t16-generate":
         "encoder-decoder runs are not replayed through the allocator (-7.2%)",
-    "mpt-7b-instruct-bf16-eager-b8-n960-t16-generate":
-        "use_cache: false re-runs the growing sequence every step; those segments are not replayed",
 }
 
 

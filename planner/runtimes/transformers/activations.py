@@ -54,6 +54,8 @@ class RunSpec(Frozen):
     # the first decode step that runs over a fresh cache (kv_cache.restart_step: Phi-3 past its
     # original positions); the prompt's cache stops growing the step before
     cache_restart_step: int | None = None
+    # generate() without a cache: the earlier, shorter passes before the longest (prompt_len)
+    reruns: int = 0
 
     @property
     def cache_growth_steps(self) -> int:

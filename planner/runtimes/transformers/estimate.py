@@ -121,15 +121,16 @@ def run_spec(arch: Architecture, workload: Workload, weights: WeightBreakdown, c
              compute: str) -> RunSpec:
     element = DTYPE_BYTES[compute]
     quant = {"bnb_int8": "int8", "bnb_4bit": "4bit"}.get(chosen.kind, "none")
-    prompt, new_tokens, keeps_cache = workload.prompt_len, workload.new_tokens, True
+    prompt, new_tokens, keeps_cache, reruns = workload.prompt_len, workload.new_tokens, True, 0
     if workload.mode == "generate" and not arch.use_cache:
         # every step re-runs the whole sequence: the last one, prompt + new_tokens - 1 long, is the largest
-        prompt, new_tokens, keeps_cache = prompt + max(new_tokens - 1, 0), 1, False
+        prompt, new_tokens, keeps_cache, reruns = prompt + max(new_tokens - 1, 0), 1, False, max(new_tokens - 1, 0)
     return RunSpec(batch=workload.batch, prompt_len=prompt, new_tokens=new_tokens, mode=workload.mode,
                    attn=workload.attn, activation_bytes=element, kv=kv_format(workload, compute),
                    quantization=quant, largest_linear_elements=weights.largest_linear_elements,
                    keeps_cache=keeps_cache,
-                   cache_restart_step=kv_cache.restart_step(arch, prompt, new_tokens) if keeps_cache else None)
+                   cache_restart_step=kv_cache.restart_step(arch, prompt, new_tokens) if keeps_cache else None,
+                   reruns=reruns)
 
 
 def kv_format(workload: Workload, compute: str) -> KvFormat:

@@ -23,10 +23,7 @@ from ...model.spec import Architecture
 from ..allocator import EXPANDABLE_RANGE, CachingAllocator, Capacity, OutOfMemory
 from . import attention, family_layers, kv_cache, layer_replay
 from .activations import RunSpec
-
-# Decode steps replayed one by one; later steps repeat the same pattern on slightly longer
-# blocks, so their reserve is carried over from the last replayed step (keeps the CLI fast).
-MAX_REPLAYED_DECODE_STEPS = 16
+from .decode_replay import MAX_REPLAYED_DECODE_STEPS, decode, last_token_logits
 
 # Families whose decoder layer is replayed request by request in transformers 5.17's order
 # (layer_replay.traced_layer), read from a dispatch-level trace of generate() on CPU (every tensor's
@@ -153,7 +150,7 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
             weight_allocations: list[int]) -> SimulatedRun:
     _load(tr, arch, weight_allocations)
     tr.at("inputs", "input_ids")
-    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    b, n = spec.batch, spec.prompt_len
     generate = spec.mode == "generate" and spec.keeps_cache
     tr.new(b * n * 8)
     tr.new(b * n * 8)  # input_ids, attention_mask
@@ -164,7 +161,21 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
         return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
                             reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries,
                             layer_order="none")
+    # without a cache (use_cache: false) generate() runs the whole sequence again at every step,
+    # one token longer each time: the shorter passes come first (the last ones, up to the bound)
+    for length in range(max(n - spec.reruns, n - MAX_REPLAYED_DECODE_STEPS), n):
+        tr.drop(*_pass(tr, arch, layout, spec.model_copy(update={"prompt_len": length}), generate))
+    _pass(tr, arch, layout, spec, generate)
+    return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
+                        reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries,
+                        layer_order=tr.layer_order)
 
+
+def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, generate: bool) -> list[int | None]:
+    """One forward over spec.prompt_len tokens (filling the cache and then decoding when
+    `generate`); returns what it leaves allocated that generate() lets go before its next pass."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    last_token = spec.mode == "generate"  # generate() asks for the last position's logits only
     hidden = b * n * arch.hidden_size * s
     inter = b * n * arch.intermediate_size * s
     q_bytes = b * n * arch.num_heads * arch.head_dim * s
@@ -311,38 +322,37 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     vocab = arch.vocab_size if arch.computes_logits else 0
     tr.at("prefill", "final norm")
     copy = None
-    if (traced or coded_layer is not None) and generate:
+    leftovers: list[int | None] = []
+    if (traced or coded_layer is not None) and last_token:
         # the traced order: the final norm, then the last layer's output and what the model held
         # (embeddings, rotary tables) go before the lm_head runs on the last token
         final = layer_replay.layer_norm(layout)(tr, hidden, b * n, s) if rms else \
             family_layers.final_norm(tr, arch, hidden, b * n, s)
         tr.drop(layer_input, *held_model)
         tr.at(op="lm_head (logits)")
-        logits = _last_token_logits(tr, layout, b * vocab * s)
+        logits = last_token_logits(tr, layout, b * vocab * s)
         tr.drop(final)
         copy = tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
         tr.drop(logits)
     else:
         final = tr.new(hidden)
         tr.at(op="lm_head (logits)")
-        if generate:
+        if last_token:
             logits = tr.new(b * vocab * s)
             tr.drop(final)
             copy = tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
             tr.drop(logits)
         else:
-            [tr.new(b * n * vocab * s) for _ in range(layout.forward_logit_copies)]
+            leftovers = [tr.new(b * n * vocab * s) for _ in range(layout.forward_logit_copies)]
             tr.drop(final)
         tr.drop(layer_input, *held_model)
 
     if generate and spec.new_tokens > 1:
-        _decode(tr, arch, layout, spec, cache, copy,
+        decode(tr, arch, layout, spec, cache, copy,
                 attention_temporaries=traced or coded_layer is not None or kernel == "math")
     else:
         tr.drop(copy)
-    return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
-                        reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries,
-                        layer_order=tr.layer_order)
+    return leftovers
 
 
 def _attention(tr: _Tracer, arch: Architecture, layout: FamilyLayout, kernel: str, b: int, n: int,
@@ -422,71 +432,3 @@ def _mlp(tr: _Tracer, copies: int, inter: int, fused_gate_up: bool, gated: bool)
     act = tr.new(inter) if copies == 2 else None
     tr.drop(fc)
     return [act]
-
-
-def _last_token_logits(tr: _Tracer, layout: FamilyLayout, nbytes: int) -> int | None:
-    """The lm_head's output for the last token; with final logit softcapping (Gemma-2) the
-    logits / cap, tanh and * cap follow, each one's input going once it exists."""
-    logits = tr.new(nbytes)
-    if layout.logit_softcapping:
-        for op in ("/ cap", "tanh", "* cap"):
-            capped = tr.new(nbytes, f"logit softcapping {op}")
-            tr.drop(logits)
-            logits = capped
-    return logits
-
-
-def _decode(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
-            cache: list[int | None], logits_copy: int | None, attention_temporaries: bool = False) -> None:
-    """Decode steps in generate()'s order (CPU trace of transformers 5.17): the layers' cache
-    cats, the logits, then _update_model_kwargs_for_generation's position_ids and
-    attention_mask cats (the old ones go), the fp32 copy of the logits (the previous step's
-    goes only now), the input_ids cat; the bf16 logits go once the stopping criteria ran."""
-    b, n = spec.batch, spec.prompt_len
-    steps = spec.new_tokens - 1
-    vocab = arch.vocab_size if arch.computes_logits else 0
-    positions = attention_mask = ids = None  # the prompt's own stay referenced by the caller
-    previous_fresh: list[int | None] = []
-    for step in range(1, min(steps, MAX_REPLAYED_DECODE_STEPS) + 1):
-        restarted = spec.cache_restart_step is not None and step >= spec.cache_restart_step
-        fresh: list[int | None] = []
-        for index, kind in enumerate(arch.layer_types):
-            if restarted:  # a fresh cache: the cat onto its empty tensors; the prompt's stays as it was
-                tr.at(f"decode step {step} layer {index}", "fresh KV cache (torch.cat)")
-                fresh += [tr.new(kv_cache.layer_bytes(arch, b, 1, spec.kv, 0, part)) for part in ("key", "value")]
-                if attention_temporaries:
-                    tr.at(op="attention")
-                    layer_replay.decode_attention(tr, arch, layout, spec, kind, 1)
-                continue
-            tr.at(f"decode step {step} layer {index}", "KV cache (torch.cat)")
-            length = kv_cache.stored_length(kind, arch.sliding_window, n, step)
-            old_key, old_value = cache[2 * index:2 * index + 2]
-            both_first = kv_cache.releases_after_both_cats(kind)
-            key = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, "key"))
-            if not both_first:
-                tr.drop(old_key)
-            value = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, "value"))
-            tr.drop(old_key if both_first else None, old_value)
-            cache[2 * index:2 * index + 2] = [key, value]
-            if attention_temporaries:
-                tr.at(op="attention")
-                layer_replay.decode_attention(tr, arch, layout, spec, kind, length)
-            if arch.moe is not None and index in arch.moe.sparse_layers and layout.experts is not None:
-                tr.at(op="experts (batched_mm)")
-                tr.drop(layer_replay.moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False))
-        tr.at(f"decode step {step}", "lm_head (logits)")
-        logits = _last_token_logits(tr, layout, b * vocab * spec.activation_bytes)
-        tr.drop(*previous_fresh)  # the previous step's fresh cache goes after this step's logits
-        previous_fresh = fresh
-        grown = b * (n + step) * 8
-        fresh = tr.new(grown, "position_ids (torch.cat)")
-        tr.drop(positions)
-        positions = fresh
-        fresh_mask = tr.new(grown, "attention_mask (torch.cat)")
-        copy = tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
-        tr.drop(logits_copy)
-        logits_copy = copy
-        fresh = tr.new(grown, "input_ids (torch.cat)")
-        tr.drop(ids, attention_mask, logits)
-        ids, attention_mask = fresh, fresh_mask
-    tr.drop(logits_copy, positions, attention_mask, ids, *previous_fresh)

@@ -1,0 +1,86 @@
+"""generate()'s decode steps, replayed through the caching allocator after the prefill
+(sequence.py): each layer's cache update, its attention temporaries where the family's order
+is exact, the step's logits, and generate()'s own bookkeeping tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...catalog import FamilyLayout
+from ...model.spec import Architecture
+from . import kv_cache, layer_replay
+from .activations import RunSpec
+
+Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
+
+# Decode steps replayed one by one; later steps repeat the same pattern on slightly longer
+# blocks, so their reserve is carried over from the last replayed step (keeps the CLI fast).
+MAX_REPLAYED_DECODE_STEPS = 16
+
+
+def last_token_logits(tr: Tracer, layout: FamilyLayout, nbytes: int) -> int | None:
+    """The lm_head's output for the last token; with final logit softcapping (Gemma-2) the
+    logits / cap, tanh and * cap follow, each one's input going once it exists."""
+    logits = tr.new(nbytes)
+    if layout.logit_softcapping:
+        for op in ("/ cap", "tanh", "* cap"):
+            capped = tr.new(nbytes, f"logit softcapping {op}")
+            tr.drop(logits)
+            logits = capped
+    return logits
+
+
+def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
+            cache: list[int | None], logits_copy: int | None, attention_temporaries: bool = False) -> None:
+    """Decode steps in generate()'s order (CPU trace of transformers 5.17): the layers' cache
+    cats, the logits, then _update_model_kwargs_for_generation's position_ids and
+    attention_mask cats (the old ones go), the fp32 copy of the logits (the previous step's
+    goes only now), the input_ids cat; the bf16 logits go once the stopping criteria ran."""
+    b, n = spec.batch, spec.prompt_len
+    steps = spec.new_tokens - 1
+    vocab = arch.vocab_size if arch.computes_logits else 0
+    positions = attention_mask = ids = None  # the prompt's own stay referenced by the caller
+    previous_fresh: list[int | None] = []
+    for step in range(1, min(steps, MAX_REPLAYED_DECODE_STEPS) + 1):
+        restarted = spec.cache_restart_step is not None and step >= spec.cache_restart_step
+        fresh: list[int | None] = []
+        for index, kind in enumerate(arch.layer_types):
+            if restarted:  # a fresh cache: the cat onto its empty tensors; the prompt's stays as it was
+                tr.at(f"decode step {step} layer {index}", "fresh KV cache (torch.cat)")
+                fresh += [tr.new(kv_cache.layer_bytes(arch, b, 1, spec.kv, 0, part)) for part in ("key", "value")]
+                if attention_temporaries:
+                    tr.at(op="attention")
+                    layer_replay.decode_attention(tr, arch, layout, spec, kind, 1)
+                continue
+            tr.at(f"decode step {step} layer {index}", "KV cache (torch.cat)")
+            length = kv_cache.stored_length(kind, arch.sliding_window, n, step)
+            old_key, old_value = cache[2 * index:2 * index + 2]
+            both_first = kv_cache.releases_after_both_cats(kind)
+            key = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, "key"))
+            if not both_first:
+                tr.drop(old_key)
+            value = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, "value"))
+            tr.drop(old_key if both_first else None, old_value)
+            cache[2 * index:2 * index + 2] = [key, value]
+            if attention_temporaries:
+                tr.at(op="attention")
+                layer_replay.decode_attention(tr, arch, layout, spec, kind, length)
+            if arch.moe is not None and index in arch.moe.sparse_layers and layout.experts is not None:
+                tr.at(op="experts (batched_mm)")
+                tr.drop(layer_replay.moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False))
+        tr.at(f"decode step {step}", "lm_head (logits)")
+        logits = last_token_logits(tr, layout, b * vocab * spec.activation_bytes)
+        tr.drop(*previous_fresh)  # the previous step's fresh cache goes after this step's logits
+        previous_fresh = fresh
+        grown = b * (n + step) * 8
+        fresh = tr.new(grown, "position_ids (torch.cat)")
+        tr.drop(positions)
+        positions = fresh
+        fresh_mask = tr.new(grown, "attention_mask (torch.cat)")
+        copy = tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
+        tr.drop(logits_copy)
+        logits_copy = copy
+        fresh = tr.new(grown, "input_ids (torch.cat)")
+        tr.drop(ids, attention_mask, logits)
+        ids, attention_mask = fresh, fresh_mask
+    tr.drop(logits_copy, positions, attention_mask, ids, *previous_fresh)
