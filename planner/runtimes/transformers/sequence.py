@@ -117,11 +117,13 @@ def _norm(tr: _Tracer, hidden_bytes: int, s: int, rms: bool) -> int:
 
 
 def _rope(tr: _Tracer, nbytes: int, rotary_fraction: float) -> int:
-    """q * cos + rotate_half(q) * sin: a product, a half negated, a cat, a product, a sum."""
+    """q * cos + rotate_half(q) * sin: a product, a half negated, the cat (then the negated half
+    goes: the traced order, falcon's trace too), a product, a sum."""
     rotated = int(nbytes * rotary_fraction)
     a = tr.new(rotated)
-    tr.temp(rotated // 2)
+    negated = tr.new(rotated // 2)
     half = tr.new(rotated)
+    tr.drop(negated)
     b = tr.new(rotated)
     tr.drop(half)
     out = tr.new(nbytes)
