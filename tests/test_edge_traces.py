@@ -208,8 +208,8 @@ KNOWN_ORDER_GAPS = {
     "qwen3-30b-a3b-l8-bf16-sdpa-n1024-default-b735-oom": "as at batch 724",
     "llama-3.1-8b-l8-nf4-sdpa-n2048-default-b372-ok": "the decode steps of the 4-bit layers: the GPU "
     "dequantizes each weight (112 MiB) where the planner replays no bitsandbytes matmul",
-    "falcon-7b-instruct-l8-bf16-sdpa-n2048-default-b20-ok": "falcon's rotate_half: the GPU's cat (355 MiB) is "
-    "allocated before the negated half (178 MiB) goes, the planner frees it first (request 6)",
+    "falcon-7b-instruct-l8-bf16-sdpa-n2048-default-b20-ok": "Falcon's parallel attention and MLP read one "
+    "LayerNorm; the coarse order replays a sequential block (post-attention norm, residual add; request 27)",
     "mixtral-8x7b-v0.1-l4-bf16-sdpa-n512-default-b149-ok": "Mixtral is replayed in the coarse order: on the GPU "
     "its RMSNorm's fp32 input goes after both 596 MiB casts, in the planner before the second (request 7)",
 }
