@@ -194,7 +194,8 @@ class Architecture(Frozen):
     # positions while the cache holds no more, and at every step after (config's
     # original_max_position_embeddings; None for the families that never drop it)
     cache_restart_positions: int | None = None
-    # the MLP's activation where the replay follows its expression op by op (GPT-2's gelu_new)
+    # the config's MLP activation, for the families whose replayed request order depends on it
+    # (GPT-2's gelu_new runs op by op; StarCoder2's and OPT's are one kernel)
     activation: str | None = None
     encoder: EncoderSpec | None = None  # encoder-decoder models (T5, BART)
 

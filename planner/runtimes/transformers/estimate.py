@@ -129,7 +129,8 @@ def run_spec(arch: Architecture, workload: Workload, weights: WeightBreakdown, c
                    attn=workload.attn, activation_bytes=element, kv=kv_format(workload, compute),
                    quantization=quant, largest_linear_elements=weights.largest_linear_elements,
                    keeps_cache=keeps_cache,
-                   cache_restart_step=kv_cache.restart_step(arch, prompt, new_tokens) if keeps_cache else None,
+                   cache_restart_step=kv_cache.restart_step(arch, prompt, new_tokens)
+                   if keeps_cache and workload.mode == "generate" else None,
                    reruns=reruns)
 
 
