@@ -400,9 +400,11 @@ def _router(tr: Tracer, arch: Architecture, tokens: int, s: int) -> list[int | N
         logits = tr.new(tokens * e * 4)
         tr.drop(*upcast)
         probs = tr.new(tokens * e * 4)
-    else:
+    else:  # softmax(dtype=float32) of half logits upcasts them into a copy first (H200 trace, Qwen3-MoE)
         logits = tr.new(tokens * e * s)
+        upcast = tr.new(tokens * e * 4) if s < 4 else None
         probs = tr.new(tokens * e * 4)
+        tr.drop(upcast)
     weights = tr.new(tokens * k * 4)
     indices = tr.new(tokens * k * 8)
     if not moe.routing_fp32:
