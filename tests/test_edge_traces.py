@@ -210,8 +210,6 @@ KNOWN_ORDER_GAPS = {
     "dequantizes each weight (112 MiB) where the planner replays no bitsandbytes matmul",
     "falcon-7b-instruct-l8-bf16-sdpa-n2048-default-b20-ok": "Falcon's parallel attention and MLP read one "
     "LayerNorm; the coarse order replays a sequential block (post-attention norm, residual add; request 27)",
-    "mixtral-8x7b-v0.1-l4-bf16-sdpa-n512-default-b149-ok": "Mixtral is replayed in the coarse order: on the GPU "
-    "its RMSNorm's fp32 input goes after both 596 MiB casts, in the planner before the second (request 7)",
 }
 
 

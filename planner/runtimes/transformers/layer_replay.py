@@ -478,12 +478,12 @@ def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int,
             reordered = tr.new(routed * h * r)
             tr.drop(weighted)
             weighted = reordered
-        summed = tr.new(tokens * h * r)
-        tr.drop(weighted, down, rows, down_bias, *order)
-        routed_out = summed
-        if r != s:
+        routed_out = tr.new(tokens * h * r)
+        if r != s:  # the fp32 sum's cast back is the function's return value: before its locals go
+            summed = routed_out
             routed_out = tr.new(tokens * h * s)
             tr.drop(summed)
+        tr.drop(weighted, down, rows, down_bias, *order)
     out = routed_out
     if moe.shared_intermediate and not moe.shared_first:
         shared = gated_mlp(tr, tokens, moe.shared_intermediate, h, s)

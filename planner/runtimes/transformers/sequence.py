@@ -28,7 +28,7 @@ from .decode_replay import MAX_REPLAYED_DECODE_STEPS, decode, last_token_logits
 # Families whose decoder layer is replayed request by request in transformers 5.17's order
 # (layer_replay.traced_layer), read from a dispatch-level trace of generate() on CPU (every tensor's
 # allocation and the moment its last reference goes). The others keep the coarser order below.
-TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"})
+TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"})
 
 
 class SimulatedRun(Frozen):
