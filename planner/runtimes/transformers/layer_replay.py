@@ -16,7 +16,7 @@ from typing import Any
 
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
-from . import attention, kv_cache
+from . import attention, kv_cache, sdpa_math
 from .activations import RunSpec
 
 Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
@@ -306,7 +306,7 @@ def decode_attention(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec:
     repeats = [tr.new(b * heads * kv_length * d * s, "repeat_kv") for _ in range(2)] \
         if attention.repeats_kv(arch, layout, kernel, masked) else []
     if kernel == "math":
-        tr.drop(math_sdpa(tr, b, heads, arch.num_kv_heads, 1, kv_length, d, s, masked))
+        tr.drop(sdpa_math.math_sdpa(tr, b, heads, arch.num_kv_heads, 1, kv_length, d, s, masked))
     if kernel == "eager":
         scores = b * heads * kv_length
         chain = tr.new(scores * s, "q @ k^T")
@@ -323,48 +323,6 @@ def decode_attention(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec:
         tr.temp(b * heads * d * s)  # weights @ v
         tr.drop(weights)
     tr.drop(*repeats)
-
-
-def math_sdpa(tr: Tracer, b: int, heads: int, kv_heads: int, q_len: int, kv_len: int, d: int, s: int,
-              masked: bool, enable_gqa: bool = False) -> int:
-    """SDPA's math kernel (torch 2.11 _scaled_dot_product_attention_math, read against the H200
-    trace of Falcon-7B's 71 query heads on one key/value head): the boolean mask converted to
-    the query's dtype; q, k and v upcast to fp32 (half types); q scaled, k transposed and
-    scaled; matmul's copies of the query (its heads are not the outer dimension: a view of the
-    projection) and of k broadcast to every head; the fp32 scores; _safe_softmax (the output,
-    the -inf flags, the all-masked rows); the weights cast back; v broadcast, the fp32 output
-    and its cast. With enable_gqa, k and v are first repeated to every query head
-    (repeat_interleave) instead. Returns the output; the rest goes when the kernel returns."""
-    upcast = s < 4
-    mask = tr.new(b * q_len * kv_len * s, "SDPA mask .to(dtype)") if masked else None
-    accumulators = [tr.new(b * heads * q_len * d * 4, "q .float()") if upcast else None]
-    if upcast:
-        accumulators += [tr.new(b * kv_heads * kv_len * d * 4, f"{name} .float()") for name in ("k", "v")]
-    query = tr.new(b * heads * q_len * d * 4, "q * scale")
-    if not masked:  # is_causal: the kernel builds its own lower-triangular mask
-        mask = tr.new(q_len * kv_len * 4, "causal mask")
-    repeated = [tr.new(b * heads * kv_len * d * 4, f"{name} repeat_interleave") for name in ("k", "v")] \
-        if enable_gqa and kv_heads != heads else []
-    if repeated:
-        kv_heads = heads
-    key = tr.new(b * kv_heads * kv_len * d * 4, "k^T * scale")
-    query_copy = tr.new(b * heads * q_len * d * 4, "matmul: q reshaped") if q_len > 1 else None
-    broadcast = kv_heads != heads
-    key_copy = tr.new(b * heads * kv_len * d * 4, "matmul: k broadcast") if broadcast else None
-    scores = tr.new(b * heads * q_len * kv_len * 4, "q @ k^T (fp32)")
-    tr.drop(key_copy, query_copy, key)
-    soft = tr.new(b * heads * q_len * kv_len * 4, "_safe_softmax")
-    flags = tr.new(b * heads * q_len * kv_len, "scores == -inf")
-    tr.drop(tr.new(b * heads * q_len, "all-masked rows"), flags, scores)
-    weights = tr.new(b * heads * q_len * kv_len * s, "weights .to(dtype)") if upcast else None
-    value_copy = tr.new(b * heads * kv_len * d * 4, "matmul: v broadcast") if broadcast else None
-    out = tr.new(b * heads * q_len * d * 4, "weights @ v (fp32)")
-    tr.drop(value_copy)
-    if upcast:
-        wide, out = out, tr.new(b * heads * q_len * d * s, "output .to(dtype)")
-        tr.drop(wide)
-    tr.drop(soft, *repeated[::-1], query, *accumulators[::-1], weights, mask)
-    return out
 
 
 def gated_mlp(tr: Tracer, tokens: int, width: int, hidden: int, s: int) -> int:
@@ -443,8 +401,14 @@ def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int,
         bias = moe.expert_bias
         if grouped:
             order = [tr.new(routed * 8), tr.new(routed * 8)]  # sorted ids, permutation
+            # torch.sort's pairs: the input indices, then cub's alternate key and value buffers (its
+            # own few hundred tile counters, 1.3 MiB at Qwen3-MoE's 5.9M pairs, not modelled)
+            tr.drop(tr.new(routed * 8), tr.new(2 * routed * 8))
+            token_index = tr.new(routed * 8)  # perm // top_k, gone once the rows are gathered
             rows = tr.new(routed * h * s)
-            order += [tr.new(routed * r), tr.new(routed)]  # sorted weights, sentinel mask
+            tr.drop(token_index)
+            # sorted weights, histc's int32 copy of the ids (a local to the end), sentinel mask
+            order += [tr.new(routed * r), tr.new(routed * 4), tr.new(routed)]
             up_bias = tr.new(routed * 2 * i * s) if bias else None
             up = tr.new(routed * 2 * i * s)
             masked = tr.new(routed * 2 * i * s)
@@ -479,6 +443,8 @@ def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int,
             tr.drop(weighted)
             weighted = reordered
         routed_out = tr.new(tokens * h * r)
+        if r < 4:  # a half-precision sum over the top-k accumulates in an fp32 buffer first
+            tr.temp(tokens * h * 4)
         if r != s:  # the fp32 sum's cast back is the function's return value: before its locals go
             summed = routed_out
             routed_out = tr.new(tokens * h * s)

@@ -21,14 +21,15 @@ from ...base import Frozen
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from ..allocator import EXPANDABLE_RANGE, CachingAllocator, Capacity, OutOfMemory
-from . import attention, family_layers, kv_cache, layer_replay
+from . import attention, family_layers, kv_cache, layer_replay, sdpa_math
 from .activations import RunSpec
 from .decode_replay import MAX_REPLAYED_DECODE_STEPS, decode, last_token_logits
 
 # Families whose decoder layer is replayed request by request in transformers 5.17's order
 # (layer_replay.traced_layer), read from a dispatch-level trace of generate() on CPU (every tensor's
 # allocation and the moment its last reference goes). The others keep the coarser order below.
-TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"})
+TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe",
+                                "gemma", "gemma2", "gemma3_text"})
 
 
 class SimulatedRun(Frozen):
@@ -370,7 +371,7 @@ def _attention(tr: _Tracer, arch: Architecture, layout: FamilyLayout, kernel: st
         # transformers passes enable_gqa when there is no mask; Falcon calls SDPA itself
         # (the matmul broadcasts its one key/value head)
         masked = masked or layout.sdpa_kernel == "math"
-        return layer_replay.math_sdpa(tr, b, heads, arch.num_kv_heads, n, n, d, s, masked,
+        return sdpa_math.math_sdpa(tr, b, heads, arch.num_kv_heads, n, n, d, s, masked,
                                       enable_gqa=layout.repeats_kv and not masked), None
     eager = layout.eager_scores
     chain = _score_chain(tr, scores * (4 if eager.dtype_copies == 0 else s))  # q@k^T, scale, mask
