@@ -209,8 +209,6 @@ KNOWN_ORDER_GAPS = {
     "qwen3-30b-a3b-l8-bf16-sdpa-n1024-default-b735-oom": "as at batch 724",
     "llama-3.1-8b-l8-nf4-sdpa-n2048-default-b372-ok": "the decode steps of the 4-bit layers: the GPU "
     "dequantizes each weight (112 MiB) where the planner replays no bitsandbytes matmul",
-    "falcon-7b-instruct-l8-bf16-sdpa-n2048-default-b20-ok": "Falcon's parallel attention and MLP read one "
-    "LayerNorm; the coarse order replays a sequential block (post-attention norm, residual add; request 27)",
 }
 
 

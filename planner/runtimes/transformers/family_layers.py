@@ -1,6 +1,6 @@
-"""Decoder layers of families without a GPU trace of their own (StableLM, GPT-NeoX with the
-sequential residual, OLMo-2, Phi-3, Cohere) as request sequences, in the order transformers 5.17
-allocates and frees.
+"""Decoder layers of RMSNorm and rotary-cat families (StableLM, GPT-NeoX with the sequential
+residual, OLMo-2, Phi-3, Cohere) as request sequences, in the order transformers 5.17 allocates
+and frees; the LayerNorm families are in layernorm_layers.py, the choice in coded_layers.py.
 
 Written from their modeling code in the terms of the llama-shaped layer that the H200 traces
 confirmed (layer_replay.py: its rotary helper, the KV cache's cat, SDPA's output); held to the
@@ -17,40 +17,6 @@ from .activations import RunSpec
 from .layer_replay import Tracer, gated_mlp, layer_norm, traced_norm, traced_rope
 
 
-def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
-    """The replay of this family's decoder layer written here, or None (the caller's order)."""
-    if kernel not in ("flash", "efficient") or spec.quantization != "none" or arch.moe is not None:
-        return None
-    if arch.model_type == "stablelm" and not rms:
-        return stablelm_layer
-    if arch.family == "gpt_neox_sequential":
-        return gpt_neox_layer
-    if arch.model_type == "olmo2":
-        return olmo2_layer
-    if arch.model_type == "phi3" and rms:
-        return phi3_layer
-    if arch.model_type == "cohere" and not any(".q_norm." in t.name for t in arch.tensors):
-        return cohere_layer
-    if arch.model_type == "gpt2" and arch.activation == "gelu_new":
-        return gpt2_layer
-    if arch.model_type == "starcoder2" and arch.activation in SINGLE_KERNEL_ACTIVATIONS:
-        return starcoder2_layer
-    if arch.model_type == "opt" and arch.activation in SINGLE_KERNEL_ACTIVATIONS and _opt_pre_norm(arch):
-        return opt_layer
-    return None
-
-
-# activations that are one kernel, one output tensor (ACT2FN in transformers 5.17)
-SINGLE_KERNEL_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "silu")
-
-
-def final_norm(tr: Tracer, arch: Architecture, hidden_bytes: int, rows: int, s: int) -> int:
-    """The model's last norm, for the families above whose norm is not RMSNorm."""
-    if arch.model_type == "cohere":
-        return cohere_norm(tr, hidden_bytes, rows, s)
-    return layer_norm_fused(tr, hidden_bytes, rows)
-
-
 def layer_norm_fused(tr: Tracer, hidden_bytes: int, rows: int) -> int:
     """nn.LayerNorm on CUDA: the output, then native_layer_norm's fp32 mean and rstd per row,
     which F.layer_norm drops at once."""
@@ -59,7 +25,7 @@ def layer_norm_fused(tr: Tracer, hidden_bytes: int, rows: int) -> int:
     return out
 
 
-def _cache_and_attend(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, kernel: str,
+def cache_and_attend(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, kernel: str,
                       masked: bool, generate: bool, key: int | None, value: int | None,
                       query_heads_first: bool = False) -> tuple[int | None, list[int | None], int | None, int | None]:
     """The KV cache's cat (the key and value it copies go, when they are tensors of their own),
@@ -113,7 +79,7 @@ def stablelm_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: R
     k_rot = traced_rope(tr, int(kv_bytes * fraction))
     q_cat = tr.new(q_bytes, "cat(query_rot, query_pass)")
     k_cat = tr.new(kv_bytes, "cat(key_rot, key_pass)")
-    out, cache, k_cat, v = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_cat, v,
+    out, cache, k_cat, v = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_cat, v,
                                            query_heads_first=True)
     attn_out = tr.new(hidden, "self_attn.o_proj")
     tr.drop(out, q_cat, k_cat, v, q, k, q_rot, k_rot)
@@ -153,7 +119,7 @@ def gpt_neox_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: R
     tr.drop(q_rope)
     k_embed = tr.new(kv_bytes, "cat(k_embed, k_pass)")
     tr.drop(k_rope)
-    out, cache, k_embed, _ = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_embed, None,
+    out, cache, k_embed, _ = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_embed, None,
                                            query_heads_first=True)
     dense = tr.new(hidden, "attention.dense")
     tr.drop(out, q_embed, k_embed, qkv, normed)
@@ -202,7 +168,7 @@ def olmo2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunS
     else:
         q_rot, k_rot = q_wide, k_wide
     tr.drop(q_normed, k_normed)
-    out, cache, k_rot, v = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
+    out, cache, k_rot, v = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
     projected = tr.new(hidden, "self_attn.o_proj")
     tr.drop(out, q_rot, k_rot, v)
     tr.at(op="post_attention_layernorm")
@@ -241,7 +207,7 @@ def phi3_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSp
     k_rope = traced_rope(tr, int(kv_bytes * fraction))
     k_embed = tr.new(kv_bytes, "cat(k rotated, k_pass)")
     tr.drop(k_rope)
-    out, cache, k_embed, _ = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_embed, None,
+    out, cache, k_embed, _ = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_embed, None,
                                            query_heads_first=True)
     projected = tr.new(hidden, "self_attn.o_proj")
     tr.drop(out, q_embed, k_embed, qkv, normed)
@@ -314,7 +280,7 @@ def cohere_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
     else:
         q_rot, k_rot = q_wide, k_wide
     tr.drop(q, k)
-    out, cache, k_rot, v = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
+    out, cache, k_rot, v = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
     attention_out = tr.new(hidden, "self_attn.o_proj")
     tr.drop(out, q_rot, k_rot, v)
     tr.at(op="mlp")
@@ -323,131 +289,3 @@ def cohere_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
     output = tr.new(hidden, "+ mlp")
     tr.drop(partial, normed, attention_out, down)
     return output, cache
-
-
-def new_gelu(tr: Tracer, nbytes: int) -> int:
-    """NewGELUActivation, 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))): 0.5 * x,
-    then each step of the tanh argument replaces the one before, 1 + tanh, the product."""
-    half = tr.new(nbytes, "gelu_new 0.5 * x")
-    chained = tr.new(nbytes, "gelu_new x^3")
-    for op in ("0.044715 * x^3", "x + that", "sqrt(2 / pi) * that", "tanh", "1 + tanh"):
-        step = tr.new(nbytes, f"gelu_new {op}")
-        tr.drop(chained)
-        chained = step
-    out = tr.new(nbytes, "gelu_new product")
-    tr.drop(half, chained)
-    return out
-
-
-def gpt2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
-               kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
-    """GPT2Block (transformers 5.17), as the H200 trace of GPT-2 medium at batch 906 shows it:
-    ln_1; one Conv1D c_attn whose split heads are views (it goes after c_proj); the cache cats;
-    SDPA (the heads-last query keeps flash's output heads-last, so no copy); c_proj; the
-    residual add (ln_1's output goes); ln_2; c_fc, gelu_new op by op (c_fc's output goes after
-    it), mlp.c_proj; the residual add; then ln_2, both residuals and the attention output go."""
-    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
-    tokens = b * n
-    hidden = tokens * arch.hidden_size * s
-    normed = layer_norm_fused(tr, hidden, tokens)
-    qkv = tr.new(hidden + 2 * tokens * arch.num_kv_heads * arch.head_dim * s, "attn.c_attn")
-    tr.matmul()  # no rotary tables: the first layer's c_attn is the run's first matmul
-    out, cache, _, _ = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, None, None)
-    projected = tr.new(hidden, "attn.c_proj")
-    tr.drop(out, qkv)
-    residual = tr.new(hidden, "residual add")
-    tr.drop(normed)
-    tr.at(op="ln_2")
-    normed_mlp = layer_norm_fused(tr, hidden, tokens)
-    tr.at(op="mlp")
-    fc = tr.new(tokens * arch.intermediate_size * s, "mlp.c_fc")
-    act = new_gelu(tr, tokens * arch.intermediate_size * s)
-    tr.drop(fc)
-    down = tr.new(hidden, "mlp.c_proj")
-    tr.drop(act)
-    output = tr.new(hidden, "residual add")
-    tr.drop(normed_mlp, residual, projected, down)
-    return output, cache
-
-
-def starcoder2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
-                     kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
-    """Starcoder2DecoderLayer (transformers 5.17), as the H200 trace of StarCoder2-7B at batch 235
-    shows it: the llama layer with LayerNorms and a two-matrix MLP: input LayerNorm; q, k, v; the
-    rotary of each (the projections go after both); the cache cats, then the rotated key and v
-    go; SDPA; o_proj (the rotated query and the norm go); the residual add; LayerNorm; c_fc, its
-    activation (c_fc's output goes), c_proj; the residual add."""
-    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
-    tokens = b * n
-    hidden = tokens * arch.hidden_size * s
-    q_bytes = tokens * arch.num_heads * arch.head_dim * s
-    kv_bytes = tokens * arch.num_kv_heads * arch.head_dim * s
-    normed = layer_norm_fused(tr, hidden, tokens)
-    q, k, v = (tr.new(q_bytes, "self_attn.q_proj"), tr.new(kv_bytes, "self_attn.k_proj"),
-               tr.new(kv_bytes, "self_attn.v_proj"))
-    tr.at(op="rotary embedding (query)")
-    q_rot = traced_rope(tr, q_bytes)
-    tr.at(op="rotary embedding (key)")
-    k_rot = traced_rope(tr, kv_bytes)
-    tr.drop(q, k)
-    out, cache, k_rot, v = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
-    projected = tr.new(hidden, "self_attn.o_proj")
-    tr.drop(out, q_rot, normed, k_rot, v)
-    return _residual_and_mlp(tr, arch, s, tokens, projected, "post_attention_layernorm", ("mlp.c_fc", "mlp.c_proj"),
-                             norm_goes_first=False), cache
-
-
-def _opt_pre_norm(arch: Architecture) -> bool:
-    """OPT with do_layer_norm_before (a model-level final norm exists only then) and without
-    the project_in/out pair of a narrower embedding (OPT-350m has both the other way)."""
-    names = [t.name for t in arch.tensors]
-    return any(n.startswith("model.decoder.final_layer_norm") for n in names) and \
-        not any(".project_in." in n for n in names)
-
-
-def opt_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
-              kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
-    """OPTDecoderLayer with do_layer_norm_before (transformers 5.17), as the H200 trace of
-    OPT-125m at batch 1256 shows it: the LayerNorm; q_proj then its product with the scaling (the
-    projection goes); k_proj, v_proj; the cache cats, then k and v go; SDPA; out_proj (the output,
-    the scaled query and the norm go); the residual add; the LayerNorm, fc1 (the norm goes), the
-    activation (fc1 goes), fc2 (the activation goes); the residual add."""
-    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
-    tokens = b * n
-    hidden = tokens * arch.hidden_size * s
-    kv_bytes = tokens * arch.num_kv_heads * arch.head_dim * s
-    normed = layer_norm_fused(tr, hidden, tokens)
-    projected_q = tr.new(tokens * arch.num_heads * arch.head_dim * s, "self_attn.q_proj")
-    tr.matmul()  # no rotary tables: the first layer's q_proj is the run's first matmul
-    q = tr.new(tokens * arch.num_heads * arch.head_dim * s, "q_proj * scaling")
-    tr.drop(projected_q)
-    k, v = tr.new(kv_bytes, "self_attn.k_proj"), tr.new(kv_bytes, "self_attn.v_proj")
-    out, cache, k, v = _cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k, v)
-    projected = tr.new(hidden, "self_attn.out_proj")
-    tr.drop(out, q, normed, k, v)
-    return _residual_and_mlp(tr, arch, s, tokens, projected, "final_layer_norm", ("fc1", "fc2"),
-                             norm_goes_first=True), cache
-
-
-def _residual_and_mlp(tr: Tracer, arch: Architecture, s: int, tokens: int, projected: int, norm_name: str,
-                      names: tuple[str, str], norm_goes_first: bool) -> int:
-    """The residual add (the attention's projection goes), a LayerNorm, two matrices with one
-    activation kernel between (each goes once the next exists), the residual add. The norm's
-    output goes once the first matrix read it when the MLP reassigns one name (OPT), else when the
-    MLP returns (StarCoder2). Returns the layer's output."""
-    hidden = tokens * arch.hidden_size * s
-    residual = tr.new(hidden, "residual add")
-    tr.drop(projected)
-    tr.at(op=norm_name)
-    normed = layer_norm_fused(tr, hidden, tokens)
-    tr.at(op="mlp")
-    first = tr.new(tokens * arch.intermediate_size * s, names[0])
-    if norm_goes_first:
-        tr.drop(normed)
-    act = tr.new(tokens * arch.intermediate_size * s, f"{arch.activation}({names[0]})")
-    tr.drop(first)
-    down = tr.new(hidden, names[1])
-    tr.drop(act, None if norm_goes_first else normed)
-    output = tr.new(hidden, "residual add")
-    tr.drop(down, residual)
-    return output

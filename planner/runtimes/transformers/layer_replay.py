@@ -105,6 +105,16 @@ def sliding_mask_pieces(tr: Tracer, n: int) -> int:
     return third
 
 
+def causal_mask_pieces(tr: Tracer, n: int) -> int:
+    """sdpa_mask of a plain causal mask that is materialized (Falcon passes one to SDPA): the
+    causal mask function's tokens x tokens booleans, and_mask's; the first goes at once, the
+    second once the batch's mask exists (H200 trace of Falcon-7B). Returns the second."""
+    causal = tr.new(n * n, "causal mask: causal_mask_function")
+    combined = tr.new(n * n, "causal mask: and_mask")
+    tr.drop(causal)
+    return combined
+
+
 def layer_norm(layout: FamilyLayout):
     """The family's RMSNorm request order."""
     return {"gemma": gemma_norm, "olmo2": olmo2_norm}.get(layout.norm_order, traced_norm)

@@ -21,7 +21,7 @@ from ...base import Frozen
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from ..allocator import EXPANDABLE_RANGE, CachingAllocator, Capacity, OutOfMemory
-from . import attention, family_layers, kv_cache, layer_replay, sdpa_math
+from . import attention, coded_layers, kv_cache, layer_replay, sdpa_math
 from .activations import RunSpec
 from .decode_replay import MAX_REPLAYED_DECODE_STEPS, decode, last_token_logits
 
@@ -197,8 +197,8 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
               and (arch.gated_mlp or arch.moe is not None)
               and kernel in ("flash", "efficient", "eager")
               and (spec.quantization == "none" or (spec.quantization == "4bit" and arch.moe is None and not qk_norm)))
-    # families replayed from their modeling code, without a trace of their own (family_layers.py)
-    coded_layer = family_layers.layer_for(arch, rms, kernel, spec)
+    # families replayed from their modeling code (coded_layers.py)
+    coded_layer = coded_layers.layer_for(arch, rms, kernel, spec)
     tr.layer_order = "traced" if traced else "code" if coded_layer is not None else "coarse"
 
     tr.at("prefill", "position ids")
@@ -226,8 +226,11 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
             held_model.append(tr.new(b * n * n * s, "causal mask"))
             tr.drop(boolean)
     elif spec.attn == "sdpa" and (layout.sdpa_kernel == "math" or not sdpa_unmasked):
-        piece = layer_replay.sliding_mask_pieces(tr, n) \
-            if not sdpa_unmasked and (traced or coded_layer is not None) else None
+        piece = None
+        if not sdpa_unmasked and (traced or coded_layer is not None):
+            piece = layer_replay.sliding_mask_pieces(tr, n)
+        elif coded_layer is not None:  # Falcon's own causal mask
+            piece = layer_replay.causal_mask_pieces(tr, n)
         held_model.append(tr.new(b * n * n, "causal mask"))  # the masks exist before the rotary tables
         tr.drop(piece)
     if arch.rotary_dim and (traced or coded_layer is not None):
@@ -330,7 +333,7 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
         # the traced order: the final norm, then the last layer's output and what the model held
         # (embeddings, rotary tables) go before the lm_head runs on the last token
         final = layer_replay.layer_norm(layout)(tr, hidden, b * n, s) if rms else \
-            family_layers.final_norm(tr, arch, hidden, b * n, s)
+            coded_layers.final_norm(tr, arch, hidden, b * n, s)
         tr.drop(layer_input, *held_model)
         tr.at(op="lm_head (logits)")
         logits = last_token_logits(tr, layout, b * vocab * s)

@@ -1,0 +1,60 @@
+"""Which decoder layers are replayed from their family's modeling code (family_layers.py,
+layernorm_layers.py) rather than in the traced llama order or the coarse one (sequence.py)."""
+
+from __future__ import annotations
+
+from ...model.spec import Architecture
+from .activations import RunSpec
+from .family_layers import (
+    Tracer,
+    cohere_layer,
+    cohere_norm,
+    gpt_neox_layer,
+    layer_norm_fused,
+    olmo2_layer,
+    phi3_layer,
+    stablelm_layer,
+)
+from .layernorm_layers import (
+    SINGLE_KERNEL_ACTIVATIONS,
+    falcon_parallel,
+    falcon_parallel_layer,
+    gpt2_layer,
+    opt_layer,
+    opt_pre_norm,
+    starcoder2_layer,
+)
+
+
+def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
+    """The replay of this family's decoder layer written here, or None (the caller's order)."""
+    if spec.quantization != "none" or arch.moe is not None:
+        return None
+    if arch.family == "falcon_mqa" and kernel == "math" and falcon_parallel(arch):
+        return falcon_parallel_layer
+    if kernel not in ("flash", "efficient"):
+        return None
+    if arch.model_type == "stablelm" and not rms:
+        return stablelm_layer
+    if arch.family == "gpt_neox_sequential":
+        return gpt_neox_layer
+    if arch.model_type == "olmo2":
+        return olmo2_layer
+    if arch.model_type == "phi3" and rms:
+        return phi3_layer
+    if arch.model_type == "cohere" and not any(".q_norm." in t.name for t in arch.tensors):
+        return cohere_layer
+    if arch.model_type == "gpt2" and arch.activation == "gelu_new":
+        return gpt2_layer
+    if arch.model_type == "starcoder2" and arch.activation in SINGLE_KERNEL_ACTIVATIONS:
+        return starcoder2_layer
+    if arch.model_type == "opt" and arch.activation in SINGLE_KERNEL_ACTIVATIONS and opt_pre_norm(arch):
+        return opt_layer
+    return None
+
+
+def final_norm(tr: Tracer, arch: Architecture, hidden_bytes: int, rows: int, s: int) -> int:
+    """The model's last norm, for the families above whose norm is not RMSNorm."""
+    if arch.model_type == "cohere":
+        return cohere_norm(tr, hidden_bytes, rows, s)
+    return layer_norm_fused(tr, hidden_bytes, rows)

@@ -1,0 +1,193 @@
+"""Decoder layers of LayerNorm families written from their modeling code and held to their H200
+traces (GPT-2 medium, StarCoder2-7B, OPT-125m, Falcon-7B: tests/test_edge_traces.py), as request
+sequences in the order transformers 5.17 allocates and frees."""
+
+from __future__ import annotations
+
+from ...catalog import FamilyLayout
+from ...model.spec import Architecture
+from . import kv_cache, sdpa_math
+from .activations import RunSpec
+from .family_layers import cache_and_attend, layer_norm_fused
+from .layer_replay import Tracer, traced_rope
+
+# activations that are one kernel, one output tensor (ACT2FN in transformers 5.17)
+SINGLE_KERNEL_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "silu")
+
+
+def new_gelu(tr: Tracer, nbytes: int) -> int:
+    """NewGELUActivation, 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))): 0.5 * x,
+    then each step of the tanh argument replaces the one before, 1 + tanh, the product."""
+    half = tr.new(nbytes, "gelu_new 0.5 * x")
+    chained = tr.new(nbytes, "gelu_new x^3")
+    for op in ("0.044715 * x^3", "x + that", "sqrt(2 / pi) * that", "tanh", "1 + tanh"):
+        step = tr.new(nbytes, f"gelu_new {op}")
+        tr.drop(chained)
+        chained = step
+    out = tr.new(nbytes, "gelu_new product")
+    tr.drop(half, chained)
+    return out
+
+
+def gpt2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+               kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
+    """GPT2Block (transformers 5.17), as the H200 trace of GPT-2 medium at batch 906 shows it:
+    ln_1; one Conv1D c_attn whose split heads are views (it goes after c_proj); the cache cats;
+    SDPA (the heads-last query keeps flash's output heads-last, so no copy); c_proj; the
+    residual add (ln_1's output goes); ln_2; c_fc, gelu_new op by op (c_fc's output goes after
+    it), mlp.c_proj; the residual add; then ln_2, both residuals and the attention output go."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    tokens = b * n
+    hidden = tokens * arch.hidden_size * s
+    normed = layer_norm_fused(tr, hidden, tokens)
+    qkv = tr.new(hidden + 2 * tokens * arch.num_kv_heads * arch.head_dim * s, "attn.c_attn")
+    tr.matmul()  # no rotary tables: the first layer's c_attn is the run's first matmul
+    out, cache, _, _ = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, None, None)
+    projected = tr.new(hidden, "attn.c_proj")
+    tr.drop(out, qkv)
+    residual = tr.new(hidden, "residual add")
+    tr.drop(normed)
+    tr.at(op="ln_2")
+    normed_mlp = layer_norm_fused(tr, hidden, tokens)
+    tr.at(op="mlp")
+    fc = tr.new(tokens * arch.intermediate_size * s, "mlp.c_fc")
+    act = new_gelu(tr, tokens * arch.intermediate_size * s)
+    tr.drop(fc)
+    down = tr.new(hidden, "mlp.c_proj")
+    tr.drop(act)
+    output = tr.new(hidden, "residual add")
+    tr.drop(normed_mlp, residual, projected, down)
+    return output, cache
+
+
+def starcoder2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+                     kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
+    """Starcoder2DecoderLayer (transformers 5.17), as the H200 trace of StarCoder2-7B at batch 235
+    shows it: the llama layer with LayerNorms and a two-matrix MLP: input LayerNorm; q, k, v; the
+    rotary of each (the projections go after both); the cache cats, then the rotated key and v
+    go; SDPA; o_proj (the rotated query and the norm go); the residual add; LayerNorm; c_fc, its
+    activation (c_fc's output goes), c_proj; the residual add."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    tokens = b * n
+    hidden = tokens * arch.hidden_size * s
+    q_bytes = tokens * arch.num_heads * arch.head_dim * s
+    kv_bytes = tokens * arch.num_kv_heads * arch.head_dim * s
+    normed = layer_norm_fused(tr, hidden, tokens)
+    q, k, v = (tr.new(q_bytes, "self_attn.q_proj"), tr.new(kv_bytes, "self_attn.k_proj"),
+               tr.new(kv_bytes, "self_attn.v_proj"))
+    tr.at(op="rotary embedding (query)")
+    q_rot = traced_rope(tr, q_bytes)
+    tr.at(op="rotary embedding (key)")
+    k_rot = traced_rope(tr, kv_bytes)
+    tr.drop(q, k)
+    out, cache, k_rot, v = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
+    projected = tr.new(hidden, "self_attn.o_proj")
+    tr.drop(out, q_rot, normed, k_rot, v)
+    return _residual_and_mlp(tr, arch, s, tokens, projected, "post_attention_layernorm", ("mlp.c_fc", "mlp.c_proj"),
+                             norm_goes_first=False), cache
+
+
+def opt_pre_norm(arch: Architecture) -> bool:
+    """OPT with do_layer_norm_before (a model-level final norm exists only then) and without
+    the project_in/out pair of a narrower embedding (OPT-350m has both the other way)."""
+    names = [t.name for t in arch.tensors]
+    return any(n.startswith("model.decoder.final_layer_norm") for n in names) and \
+        not any(".project_in." in n for n in names)
+
+
+def opt_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+              kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
+    """OPTDecoderLayer with do_layer_norm_before (transformers 5.17), as the H200 trace of
+    OPT-125m at batch 1256 shows it: the LayerNorm; q_proj then its product with the scaling (the
+    projection goes); k_proj, v_proj; the cache cats, then k and v go; SDPA; out_proj (the output,
+    the scaled query and the norm go); the residual add; the LayerNorm, fc1 (the norm goes), the
+    activation (fc1 goes), fc2 (the activation goes); the residual add."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    tokens = b * n
+    hidden = tokens * arch.hidden_size * s
+    kv_bytes = tokens * arch.num_kv_heads * arch.head_dim * s
+    normed = layer_norm_fused(tr, hidden, tokens)
+    projected_q = tr.new(tokens * arch.num_heads * arch.head_dim * s, "self_attn.q_proj")
+    tr.matmul()  # no rotary tables: the first layer's q_proj is the run's first matmul
+    q = tr.new(tokens * arch.num_heads * arch.head_dim * s, "q_proj * scaling")
+    tr.drop(projected_q)
+    k, v = tr.new(kv_bytes, "self_attn.k_proj"), tr.new(kv_bytes, "self_attn.v_proj")
+    out, cache, k, v = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k, v)
+    projected = tr.new(hidden, "self_attn.out_proj")
+    tr.drop(out, q, normed, k, v)
+    return _residual_and_mlp(tr, arch, s, tokens, projected, "final_layer_norm", ("fc1", "fc2"),
+                             norm_goes_first=True), cache
+
+
+def _residual_and_mlp(tr: Tracer, arch: Architecture, s: int, tokens: int, projected: int, norm_name: str,
+                      names: tuple[str, str], norm_goes_first: bool) -> int:
+    """The residual add (the attention's projection goes), a LayerNorm, two matrices with one
+    activation kernel between (each goes once the next exists), the residual add. The norm's
+    output goes once the first matrix read it when the MLP reassigns one name (OPT), else when the
+    MLP returns (StarCoder2). Returns the layer's output."""
+    hidden = tokens * arch.hidden_size * s
+    residual = tr.new(hidden, "residual add")
+    tr.drop(projected)
+    tr.at(op=norm_name)
+    normed = layer_norm_fused(tr, hidden, tokens)
+    tr.at(op="mlp")
+    first = tr.new(tokens * arch.intermediate_size * s, names[0])
+    if norm_goes_first:
+        tr.drop(normed)
+    act = tr.new(tokens * arch.intermediate_size * s, f"{arch.activation}({names[0]})")
+    tr.drop(first)
+    down = tr.new(hidden, names[1])
+    tr.drop(act, None if norm_goes_first else normed)
+    output = tr.new(hidden, "residual add")
+    tr.drop(down, residual)
+    return output
+
+
+def falcon_parallel(arch: Architecture) -> bool:
+    """Falcon's old decoder with parallel_attn: one input LayerNorm that attention and MLP read."""
+    return not any(".post_attention_layernorm." in t.name or ".ln_attn." in t.name for t in arch.tensors)
+
+
+def falcon_parallel_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+                          kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
+    """FalconDecoderLayer, old decoder with parallel_attn (transformers 5.17), as the H200 trace of
+    Falcon-7B at batch 20 shows it: the LayerNorm; the fused query_key_value, whose key and value
+    _split_heads copies (the query stays a view); the rotary of each (the key copy goes); the cache
+    cats, then the rotated key and the value go; SDPA's math kernel (Falcon passes its own mask);
+    the output's permute-reshape copy; dense (the copy, the fused projection and the rotated query
+    go); dense_h_to_4h, the activation, dense_4h_to_h; mlp + attention added in place, then
+    dropout_add with the residual; the norm, the attention and MLP outputs go."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    tokens = b * n
+    hidden = tokens * arch.hidden_size * s
+    heads, kv_heads, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    q_bytes, kv_bytes = tokens * heads * d * s, tokens * kv_heads * d * s
+    normed = layer_norm_fused(tr, hidden, tokens)
+    qkv = tr.new(q_bytes + 2 * kv_bytes, "self_attention.query_key_value")
+    key, value = tr.new(kv_bytes, "_split_heads key"), tr.new(kv_bytes, "_split_heads value")
+    tr.at(op="rotary embedding (query)")
+    q_rot = traced_rope(tr, q_bytes)
+    tr.at(op="rotary embedding (key)")
+    k_rot = traced_rope(tr, kv_bytes)
+    tr.drop(key)
+    cache: list[int | None] = []
+    if generate:
+        cache = [tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part=part), f"KV cache {part}s (torch.cat)")
+                 for part in ("key", "value")]
+        tr.drop(k_rot, value)
+        k_rot = value = None
+    tr.at(op="attention (math)")
+    out = sdpa_math.math_sdpa(tr, b, heads, kv_heads, n, n, d, s, masked=True)
+    merged = tr.new(hidden, "attn_output permute + reshape")
+    tr.drop(out)
+    dense = tr.new(hidden, "self_attention.dense")
+    tr.drop(merged, qkv, q_rot, k_rot, value)
+    tr.at(op="mlp")
+    up = tr.new(tokens * arch.intermediate_size * s, "mlp.dense_h_to_4h")
+    act = tr.new(tokens * arch.intermediate_size * s, "mlp.act")
+    tr.drop(up)
+    down = tr.new(hidden, "mlp.dense_4h_to_h")
+    tr.drop(act)
+    output = tr.new(hidden, "dropout_add(mlp + attention, residual)")
+    tr.drop(normed, dense, down)
+    return output, cache
