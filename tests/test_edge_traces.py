@@ -207,8 +207,6 @@ KNOWN_ORDER_GAPS = {
     "requests its two alternate buffers (90.5 MiB), the GPU 1.3 MiB more (cub's tile counters; request 79); "
     "every other request matches to the end",
     "qwen3-30b-a3b-l8-bf16-sdpa-n1024-default-b735-oom": "as at batch 724",
-    "llama-3.1-8b-l8-nf4-sdpa-n2048-default-b372-ok": "the decode steps of the 4-bit layers: the GPU "
-    "dequantizes each weight (112 MiB) where the planner replays no bitsandbytes matmul",
 }
 
 
