@@ -1,6 +1,7 @@
-"""Decoder layers of RMSNorm and rotary-cat families (StableLM, GPT-NeoX with the sequential
+"""Decoder layers read from their family's modeling code (StableLM, GPT-NeoX with the sequential
 residual, OLMo-2, Phi-3, Cohere) as request sequences, in the order transformers 5.17 allocates
-and frees; the LayerNorm families are in layernorm_layers.py, the choice in coded_layers.py.
+and frees, with the helpers every coded layer shares (the LayerNorm, the cache cat and SDPA);
+GPT-2's, StarCoder2's, OPT's and Falcon's are in layernorm_layers.py, the choice in coded_layers.py.
 
 Written from their modeling code in the terms of the llama-shaped layer that the H200 traces
 confirmed (layer_replay.py: its rotary helper, the KV cache's cat, SDPA's output); held to the
