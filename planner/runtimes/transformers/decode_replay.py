@@ -90,33 +90,19 @@ def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
     tr.drop(logits_copy, positions, attention_mask, ids, *previous_fresh)
 
 
-def _dequantized(tr: Tracer, out_features: int, in_features: int, rows: int, s: int, name: str) -> int:
-    """A bitsandbytes 4-bit projection of a decode step (bitsandbytes 0.50 _dequant_linear_fallback):
-    the weight dequantized to the compute dtype, the output, then the weight goes."""
-    weight = tr.new(out_features * in_features * s, f"{name} (dequantized weight)")
-    out = tr.new(rows * out_features * s, name)
-    tr.drop(weight)
-    return out
 
-
-def _dequantized_projections(tr: Tracer, arch: Architecture, b: int, s: int) -> list[int]:
+def _dequantized_projections(tr: Tracer, arch: Architecture, b: int, s: int) -> list[int | None]:
     """q, k and v of a 4-bit layer's decode step, before its cache update (the H200 trace of
     Llama-3.1-8B nf4 at batch 372: every projection dequantizes its whole weight, every step)."""
     h, d = arch.hidden_size, arch.head_dim
     shapes = ((arch.num_heads, "q_proj"), (arch.num_kv_heads, "k_proj"), (arch.num_kv_heads, "v_proj"))
-    return [_dequantized(tr, heads * d, h, b, s, name) for heads, name in shapes]
+    return [layer_replay.projection(tr, b, heads * d, h, s, name, dequantized=True) for heads, name in shapes]
 
 
-def _dequantized_mlp(tr: Tracer, arch: Architecture, b: int, s: int, projections: list[int]) -> None:
-    """The rest of the 4-bit decode step's layer: o_proj (q, k and v go), then the gated MLP's
-    three dequantized projections, each output going once the next op has read it."""
-    h, i = arch.hidden_size, arch.intermediate_size
-    attended = _dequantized(tr, h, arch.num_heads * arch.head_dim, b, s, "o_proj")
+def _dequantized_mlp(tr: Tracer, arch: Architecture, b: int, s: int, projections: list[int | None]) -> None:
+    """The rest of the 4-bit decode step's layer: o_proj (q, k and v go), then the gated MLP with
+    its three projections dequantized."""
+    attended = layer_replay.projection(tr, b, arch.hidden_size, arch.num_heads * arch.head_dim, s, "o_proj",
+                                       dequantized=True)
     tr.drop(*projections)
-    gate = _dequantized(tr, i, h, b, s, "mlp.gate_proj")
-    act = tr.new(b * i * s, "mlp.act_fn")
-    tr.drop(gate)
-    up = _dequantized(tr, i, h, b, s, "mlp.up_proj")
-    product = tr.new(b * i * s, "mlp act * up")
-    tr.drop(act, up)
-    tr.drop(_dequantized(tr, h, i, b, s, "mlp.down_proj"), product, attended)
+    tr.drop(layer_replay.gated_mlp(tr, b, arch.intermediate_size, arch.hidden_size, s, dequantized=True), attended)

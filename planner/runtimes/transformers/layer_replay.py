@@ -192,14 +192,10 @@ def traced_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
     hidden = tokens * h * s
     q_bytes, kv_bytes = tokens * heads * d * s, tokens * kv_heads * d * s
 
+    dequantized = spec.quantization == "4bit"
+
     def linear(out_features: int, in_features: int, name: str) -> int | None:
-        """A projection's output; under bitsandbytes 4-bit the weight is first dequantized to the
-        compute dtype (bitsandbytes 0.50 _dequant_linear_fallback) and goes once the output exists."""
-        weight = tr.new(out_features * in_features * s, f"{name} (dequantized weight)") \
-            if spec.quantization == "4bit" else None
-        out = tr.new(tokens * out_features * s, name)
-        tr.drop(weight)
-        return out
+        return projection(tr, tokens, out_features, in_features, s, name, dequantized)
 
     norm = layer_norm(layout)
     normed = norm(tr, hidden, tokens, s)
@@ -282,16 +278,7 @@ def traced_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
         tr.at(op="experts (grouped_mm)")
         down = moe_block(tr, arch, layout, tokens, s, grouped=True)
     else:
-        width = arch.intermediate_size
-        inter = tokens * width * s
-        gate = linear(width, h, "mlp.gate_proj")
-        act = tr.new(inter, "mlp.act_fn")
-        tr.drop(gate)
-        up = linear(width, h, "mlp.up_proj")
-        product = tr.new(inter, "mlp act * up")
-        tr.drop(act, up)
-        down = linear(h, width, "mlp.down_proj")
-        tr.drop(product)
+        down = gated_mlp(tr, tokens, arch.intermediate_size, h, s, dequantized)
     tr.drop(normed_mlp)
     if layout.sandwich_norms:  # post_feedforward_layernorm on the MLP output
         tr.at(op="post_feedforward_layernorm")
@@ -335,15 +322,26 @@ def decode_attention(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec:
     tr.drop(*repeats)
 
 
-def gated_mlp(tr: Tracer, tokens: int, width: int, hidden: int, s: int) -> int:
-    """down(act(gate(x)) * up(x)): returns the output."""
-    gate = tr.new(tokens * width * s)
-    act = tr.new(tokens * width * s)
+def projection(tr: Tracer, rows: int, out_features: int, in_features: int, s: int, name: str,
+               dequantized: bool = False) -> int | None:
+    """A linear layer's output; under bitsandbytes 4-bit (`dequantized`) the weight is first
+    dequantized to the compute dtype (bitsandbytes 0.50 _dequant_linear_fallback) and goes once
+    the output exists, in the prefill as in every decode step."""
+    weight = tr.new(out_features * in_features * s, f"{name} (dequantized weight)") if dequantized else None
+    out = tr.new(rows * out_features * s, name)
+    tr.drop(weight)
+    return out
+
+
+def gated_mlp(tr: Tracer, tokens: int, width: int, hidden: int, s: int, dequantized: bool = False) -> int | None:
+    """down(act(gate(x)) * up(x)), each input going once the next op has read it: returns the output."""
+    gate = projection(tr, tokens, width, hidden, s, "mlp.gate_proj", dequantized)
+    act = tr.new(tokens * width * s, "mlp.act_fn")
     tr.drop(gate)
-    up = tr.new(tokens * width * s)
-    product = tr.new(tokens * width * s)
+    up = projection(tr, tokens, width, hidden, s, "mlp.up_proj", dequantized)
+    product = tr.new(tokens * width * s, "mlp act * up")
     tr.drop(act, up)
-    out = tr.new(tokens * hidden * s)
+    out = projection(tr, tokens, hidden, width, s, "mlp.down_proj", dequantized)
     tr.drop(product)
     return out
 
