@@ -298,7 +298,7 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     if not spec.keeps_cache and workload.mode == "generate":
         notes.append("the config sets use_cache: false, so generate() keeps no KV cache and re-runs the whole "
                      "sequence at every step (pass use_cache=True to generate() to change that).")
-    if spec.restarted_steps and workload.mode == "generate":
+    if spec.restarted_steps:  # run_spec sets a restart for generate() only
         notes.append(f"the sequence passes original_max_position_embeddings ({arch.cache_restart_positions}) at "
                      f"decode step {spec.cache_restart_step}: from there transformers' Phi-3 drops its cache and "
                      "runs each step over a fresh one-token cache (the old one stays allocated until generate() "
