@@ -45,25 +45,22 @@ def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
         restarted = spec.cache_restart_step is not None and step >= spec.cache_restart_step
         fresh: list[int | None] = []
         for index, kind in enumerate(arch.layer_types):
-            if restarted:  # a fresh cache: the cat onto its empty tensors; the prompt's stays as it was
-                tr.at(f"decode step {step} layer {index}", "fresh KV cache (torch.cat)")
-                fresh += [tr.new(kv_cache.layer_bytes(arch, b, 1, spec.kv, 0, part)) for part in ("key", "value")]
-                if attention_temporaries:
-                    tr.at(op="attention")
-                    layer_replay.decode_attention(tr, arch, layout, spec, kind, 1)
-                continue
-            tr.at(f"decode step {step} layer {index}", "KV cache (torch.cat)")
+            tr.at(f"decode step {step} layer {index}", f"{'fresh ' if restarted else ''}KV cache (torch.cat)")
             projections = _dequantized_projections(tr, arch, b, spec.activation_bytes) \
                 if spec.quantization == "4bit" and attention_temporaries else None
-            length = kv_cache.stored_length(kind, arch.sliding_window, n, step)
-            old_key, old_value = cache[2 * index:2 * index + 2]
-            both_first = kv_cache.releases_after_both_cats(kind)
-            key = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, "key"))
-            if not both_first:
-                tr.drop(old_key)
-            value = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, "value"))
-            tr.drop(old_key if both_first else None, old_value)
-            cache[2 * index:2 * index + 2] = [key, value]
+            if restarted:  # a fresh cache: the cat onto its empty tensors; the prompt's stays as it was
+                fresh += [tr.new(kv_cache.layer_bytes(arch, b, 1, spec.kv, 0, part)) for part in ("key", "value")]
+                length = 1
+            else:
+                length = kv_cache.stored_length(kind, arch.sliding_window, n, step)
+                old_key, old_value = cache[2 * index:2 * index + 2]
+                both_first = kv_cache.releases_after_both_cats(kind)
+                key = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, "key"))
+                if not both_first:
+                    tr.drop(old_key)
+                value = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, "value"))
+                tr.drop(old_key if both_first else None, old_value)
+                cache[2 * index:2 * index + 2] = [key, value]
             if attention_temporaries:
                 tr.at(op="attention")
                 layer_replay.decode_attention(tr, arch, layout, spec, kind, length)
