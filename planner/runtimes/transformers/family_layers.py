@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
-from . import attention, kv_cache
+from . import attention
 from .activations import RunSpec
-from .layer_replay import Tracer, gated_mlp, layer_norm, traced_norm, traced_rope
+from .layer_replay import Tracer, gated_mlp, layer_norm, prefill_cache, traced_norm, traced_rope
 
 
 def layer_norm_fused(tr: Tracer, hidden_bytes: int, rows: int) -> int:
@@ -40,10 +40,7 @@ def cache_and_attend(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec:
     b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
     cache: list[int | None] = []
     if generate:
-        kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="key"), "KV cache keys (torch.cat)")
-        vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="value"), "KV cache values (torch.cat)")
-        tr.drop(key, value)
-        cache, key, value = [kc, vc], None, None
+        cache, key, value = prefill_cache(tr, arch, spec, key, value), None, None
     tr.at(op=f"attention ({kernel})")
     heads, d = arch.num_heads, arch.head_dim
     repeats = [tr.new(b * heads * n * d * s, "repeat_kv") for _ in range(2)] \

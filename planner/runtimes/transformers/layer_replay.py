@@ -224,11 +224,8 @@ def traced_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
     k_rot = traced_rope(tr, kv_bytes)
     tr.drop(q, k)
     cache: list[int | None] = []
-    if generate:  # torch.cat onto the empty cache: keys, values, then the states they copy go
-        kc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="key"), "KV cache keys (torch.cat)")
-        vc = tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part="value"), "KV cache values (torch.cat)")
-        tr.drop(k_rot, v)
-        cache = [kc, vc]
+    if generate:
+        cache = prefill_cache(tr, arch, spec, k_rot, v)
         k_rot = v = None
     tr.at(op=f"attention ({kernel})")
     repeats = [tr.new(b * heads * n * d * s, "repeat_kv") for _ in range(2)] \
@@ -320,6 +317,16 @@ def decode_attention(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec:
         tr.temp(b * heads * d * s)  # weights @ v
         tr.drop(weights)
     tr.drop(*repeats)
+
+
+def prefill_cache(tr: Tracer, arch: Architecture, spec: RunSpec, key: int | None,
+                  value: int | None) -> list[int | None]:
+    """DynamicLayer.update onto the empty cache in the prefill: torch.cat copies the keys, then the
+    values; the layer's own key and value go once both exist. Returns the layer's cache."""
+    cache = [tr.new(kv_cache.layer_bytes(arch, spec.batch, spec.prompt_len, spec.kv, part=part),
+                    f"KV cache {part}s (torch.cat)") for part in ("key", "value")]
+    tr.drop(key, value)
+    return cache
 
 
 def projection(tr: Tracer, rows: int, out_features: int, in_features: int, s: int, name: str,

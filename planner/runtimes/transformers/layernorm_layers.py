@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
-from . import kv_cache, sdpa_math
+from . import sdpa_math
 from .activations import RunSpec
 from .family_layers import cache_and_attend, layer_norm_fused
-from .layer_replay import Tracer, traced_rope
+from .layer_replay import Tracer, prefill_cache, traced_rope
 
 # activations that are one kernel, one output tensor (ACT2FN in transformers 5.17)
 SINGLE_KERNEL_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "silu")
@@ -172,9 +172,7 @@ def falcon_parallel_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, 
     tr.drop(key)
     cache: list[int | None] = []
     if generate:
-        cache = [tr.new(kv_cache.layer_bytes(arch, b, n, spec.kv, part=part), f"KV cache {part}s (torch.cat)")
-                 for part in ("key", "value")]
-        tr.drop(k_rot, value)
+        cache = prefill_cache(tr, arch, spec, k_rot, value)
         k_rot = value = None
     tr.at(op="attention (math)")
     out = sdpa_math.math_sdpa(tr, b, heads, kv_heads, n, n, d, s, masked=True)
