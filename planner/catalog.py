@@ -110,6 +110,8 @@ class FamilyLayout(Frozen):
     # q_norm and k_norm once q, k and v are all projected (Gemma-3), not each after its own (Qwen3)
     qk_norm_after_projections: bool = False
     rotary_per_layer_type: bool = False  # one cos/sin pair per attention kind (Gemma-3's local and global)
+    # create_causal_mask runs before the learned position embeddings are added (OPT, GPT-BigCode; GPT-2 after)
+    mask_before_positions: bool = False
 
 
 class MeasuredWith(Frozen):

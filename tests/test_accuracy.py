@@ -29,9 +29,7 @@ KNOWN_DEVICE_GAPS = {
         "this H100 row reserved 7,358 MiB; the same case re-run on the H200 by the edge protocol (fresh "
         "process, edge-h200-7 trace) reserved 6,512 and its device bytes are within 0.1% of the replay: "
         "the row's worker had built and run earlier cases",
-    "gpt_bigcode-santacoder-bf16-eager-b32-n480-t16-generate": "eager at batch 32, as above",
     "gpt-j-6b-bf16-eager-b32-n480-t16-generate": "GPT-J's fp32 score chain is not replayed op by op",
-    "octocoder-bf16-eager-b1-n6000-t60-generate": "GPT-BigCode's multi-query eager path is replayed with llama's order",
     "phi-2-nf4-sdpa-b8-n960-t16-generate": "bitsandbytes 4-bit matmuls are not replayed",
     "phi-2-nf4dq-sdpa-b8-n960-t16-generate": "bitsandbytes 4-bit matmuls are not replayed",
     "tests/configs/mamba2-codestral-7b.json-bf16-eager-b1-n128-t32-generate":

@@ -48,7 +48,8 @@ def _gpt2(raw: RawConfig) -> Architecture:
         raw, inv, **shape.arch_fields(), family="gpt_bigcode" if bigcode else "gpt2", intermediate_size=inner,
         **_learned_positions(positions), tie_word_embeddings=tied, attention_implementations=ALL_ATTENTION,
         buffers=(mask,) if bigcode else (),
-        activation=raw.str("activation_function", default="gelu_new"))  # GPT2Config's default
+        # GPT2Config's default, GPTBigCodeConfig's (octocoder's config names none)
+        activation=raw.str("activation_function", default="gelu_pytorch_tanh" if bigcode else "gelu_new"))
 
 
 @adapter("opt")

@@ -32,6 +32,9 @@ def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
         return None
     if arch.family == "falcon_mqa" and kernel == "math" and falcon_parallel(arch):
         return falcon_parallel_layer
+    if arch.model_type == "gpt_bigcode" and arch.activation in SINGLE_KERNEL_ACTIVATIONS and \
+            kernel in ("flash", "efficient", "eager"):
+        return gpt2_layer  # eager too: its layer keeps to eager_attention's order
     if kernel not in ("flash", "efficient"):
         return None
     if arch.model_type == "stablelm" and not rms:

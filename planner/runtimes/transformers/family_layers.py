@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
-from . import attention
+from . import attention, eager
 from .activations import RunSpec
 from .layer_replay import Tracer, gated_mlp, layer_norm, prefill_cache, traced_norm, traced_rope
 
@@ -28,21 +28,26 @@ def layer_norm_fused(tr: Tracer, hidden_bytes: int, rows: int) -> int:
 
 def cache_and_attend(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, kernel: str,
                       masked: bool, generate: bool, key: int | None, value: int | None,
-                      query_heads_first: bool = False) -> tuple[int | None, list[int | None], int | None, int | None]:
+                      query_heads_first: bool = False) -> tuple[int | None, list[int | None], int | None, int | None,
+                                                                int | None]:
     """The KV cache's cat (the key and value it copies go, when they are tensors of their own),
-    then SDPA: K and V repeated where the kernel needs it, the additive mask, the output.
+    then SDPA: K and V repeated where the kernel needs it, the additive mask, the output; or
+    eager attention (eager_attention).
     `query_heads_first`: the query is a cat's output, contiguous in (batch, heads, tokens, dim)
     order; flash and the efficient kernel write their output in the query's layout, so
     transformers' transpose(1, 2).contiguous() copies it (H200 traces: Phi-4-mini unmasked,
     flash; Phi-3-mini under its sliding-window mask, efficient). The rotary of the other layers
     keeps the projection's (batch, tokens, heads, dim) order: no copy.
-    Returns the output, the cache and the key and value still held."""
+    Returns the output, the cache, the key and value still held and eager's softmax weights."""
     b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
     cache: list[int | None] = []
     if generate:
         cache, key, value = prefill_cache(tr, arch, spec, key, value), None, None
     tr.at(op=f"attention ({kernel})")
     heads, d = arch.num_heads, arch.head_dim
+    if kernel == "eager":
+        out, weights = eager.eager_attention(tr, spec, heads, arch.num_kv_heads, n, n, d, query_heads_first)
+        return out, cache, key, value, weights
     repeats = [tr.new(b * heads * n * d * s, "repeat_kv") for _ in range(2)] \
         if attention.repeats_kv(arch, layout, kernel, masked) else []
     additive = tr.new(b * n * n * s, "SDPA additive mask") if masked else None
@@ -52,7 +57,7 @@ def cache_and_attend(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec:
         merged = tr.new(b * n * heads * d * s, "attention output (contiguous)")
         tr.drop(out)
         out = merged
-    return out, cache, key, value
+    return out, cache, key, value, None
 
 
 def stablelm_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
@@ -77,7 +82,7 @@ def stablelm_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: R
     k_rot = traced_rope(tr, int(kv_bytes * fraction))
     q_cat = tr.new(q_bytes, "cat(query_rot, query_pass)")
     k_cat = tr.new(kv_bytes, "cat(key_rot, key_pass)")
-    out, cache, k_cat, v = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_cat, v,
+    out, cache, k_cat, v, _ = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_cat, v,
                                            query_heads_first=True)
     attn_out = tr.new(hidden, "self_attn.o_proj")
     tr.drop(out, q_cat, k_cat, v, q, k, q_rot, k_rot)
@@ -117,7 +122,7 @@ def gpt_neox_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: R
     tr.drop(q_rope)
     k_embed = tr.new(kv_bytes, "cat(k_embed, k_pass)")
     tr.drop(k_rope)
-    out, cache, k_embed, _ = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_embed, None,
+    out, cache, k_embed, _, _ = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_embed, None,
                                            query_heads_first=True)
     dense = tr.new(hidden, "attention.dense")
     tr.drop(out, q_embed, k_embed, qkv, normed)
@@ -166,7 +171,7 @@ def olmo2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunS
     else:
         q_rot, k_rot = q_wide, k_wide
     tr.drop(q_normed, k_normed)
-    out, cache, k_rot, v = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
+    out, cache, k_rot, v, _ = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
     projected = tr.new(hidden, "self_attn.o_proj")
     tr.drop(out, q_rot, k_rot, v)
     tr.at(op="post_attention_layernorm")
@@ -205,7 +210,7 @@ def phi3_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSp
     k_rope = traced_rope(tr, int(kv_bytes * fraction))
     k_embed = tr.new(kv_bytes, "cat(k rotated, k_pass)")
     tr.drop(k_rope)
-    out, cache, k_embed, _ = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_embed, None,
+    out, cache, k_embed, _, _ = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_embed, None,
                                            query_heads_first=True)
     projected = tr.new(hidden, "self_attn.o_proj")
     tr.drop(out, q_embed, k_embed, qkv, normed)
@@ -278,7 +283,7 @@ def cohere_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
     else:
         q_rot, k_rot = q_wide, k_wide
     tr.drop(q, k)
-    out, cache, k_rot, v = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
+    out, cache, k_rot, v, _ = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
     attention_out = tr.new(hidden, "self_attn.o_proj")
     tr.drop(out, q_rot, k_rot, v)
     tr.at(op="mlp")

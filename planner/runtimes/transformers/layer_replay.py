@@ -16,7 +16,7 @@ from typing import Any
 
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
-from . import attention, kv_cache, sdpa_math
+from . import attention, eager, kv_cache, sdpa_math
 from .activations import RunSpec
 
 Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
@@ -106,9 +106,10 @@ def sliding_mask_pieces(tr: Tracer, n: int) -> int:
 
 
 def causal_mask_pieces(tr: Tracer, n: int) -> int:
-    """sdpa_mask of a plain causal mask that is materialized (Falcon passes one to SDPA): the
-    causal mask function's tokens x tokens booleans, and_mask's; the first goes at once, the
-    second once the batch's mask exists (H200 trace of Falcon-7B). Returns the second."""
+    """sdpa_mask of a plain causal mask that is materialized (Falcon passes one to SDPA, eager
+    attention's mask starts from it): the causal mask function's tokens x tokens booleans,
+    and_mask's; the first goes at once, the second once the batch's mask exists (H200 traces of
+    Falcon-7B and of the eager runs). Returns the second."""
     causal = tr.new(n * n, "causal mask: causal_mask_function")
     combined = tr.new(n * n, "causal mask: and_mask")
     tr.drop(causal)
@@ -228,29 +229,13 @@ def traced_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
         cache = prefill_cache(tr, arch, spec, k_rot, v)
         k_rot = v = None
     tr.at(op=f"attention ({kernel})")
-    repeats = [tr.new(b * heads * n * d * s, "repeat_kv") for _ in range(2)] \
-        if attention.repeats_kv(arch, layout, kernel, masked) else []
+    repeats: list[int | None] = []
     weights = None
-    if kernel == "eager":
-        scores = b * heads * n * n
-        query_copy = tr.new(q_bytes, "query copy for q @ k^T")  # the rotated query is not contiguous
-        chain = tr.new(scores * s, "q @ k^T")
-        tr.drop(query_copy)
-        scaled = tr.new(scores * s, "scores * scaling")
-        tr.drop(chain)
-        chain = tr.new(scores * s, "scores + mask")
-        tr.drop(scaled)
-        upcast = tr.new(scores * 4, "softmax upcast") if s < 4 else None
-        soft = tr.new(scores * 4, "softmax")
-        tr.drop(upcast)
-        weights = tr.new(scores * s, "softmax .to(dtype)") if s < 4 else soft
-        if weights is not soft:
-            tr.drop(soft)
-        tr.drop(chain)
-        raw = tr.new(q_bytes, "weights @ v")
-        out = tr.new(q_bytes, "attention output (contiguous)")  # transpose(1, 2).contiguous()
-        tr.drop(raw)
+    if kernel == "eager":  # the rotated query keeps the projection's layout: not contiguous
+        out, weights = eager.eager_attention(tr, spec, heads, kv_heads, n, n, d, query_contiguous=False)
     else:
+        repeats = [tr.new(b * heads * n * d * s, "repeat_kv") for _ in range(2)] \
+            if attention.repeats_kv(arch, layout, kernel, masked) else []
         # SDPA makes a boolean mask additive in the query's dtype; flash and efficient write
         # their output in (batch, tokens, heads, dim) order, so transformers' transpose back is free.
         # On the H200 (torch 2.11, no grad) neither allocates its log-sum-exp: the traces show
@@ -297,25 +282,13 @@ def decode_attention(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec:
     heads, d = arch.num_heads, arch.head_dim
     masked = spec.attn == "sdpa" and attention.needs_mask(arch, kind, kv_length)
     kernel = "eager" if spec.attn == "eager" else attention.sdpa_kernel(arch, layout, s, masked)
+    if kernel == "eager":  # one query token: its heads fold into bmm's batch as a view
+        tr.drop(*eager.eager_attention(tr, spec, heads, arch.num_kv_heads, 1, kv_length, d, query_contiguous=True))
+        return
     repeats = [tr.new(b * heads * kv_length * d * s, "repeat_kv") for _ in range(2)] \
         if attention.repeats_kv(arch, layout, kernel, masked) else []
     if kernel == "math":
         tr.drop(sdpa_math.math_sdpa(tr, b, heads, arch.num_kv_heads, 1, kv_length, d, s, masked))
-    if kernel == "eager":
-        scores = b * heads * kv_length
-        chain = tr.new(scores * s, "q @ k^T")
-        scaled = tr.new(scores * s, "scores * scaling")
-        tr.drop(chain)
-        masked_scores = tr.new(scores * s, "scores + mask")
-        tr.drop(scaled)
-        soft = [tr.new(scores * 4, "softmax") for _ in range(2 if s < 4 else 1)]
-        tr.drop(soft[0]) if len(soft) == 2 else None
-        weights = tr.new(scores * s, "softmax .to(dtype)") if s < 4 else soft[-1]
-        if weights is not soft[-1]:
-            tr.drop(soft[-1])
-        tr.drop(masked_scores)
-        tr.temp(b * heads * d * s)  # weights @ v
-        tr.drop(weights)
     tr.drop(*repeats)
 
 

@@ -31,18 +31,20 @@ def new_gelu(tr: Tracer, nbytes: int) -> int:
 
 def gpt2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
                kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
-    """GPT2Block (transformers 5.17), as the H200 trace of GPT-2 medium at batch 906 shows it:
-    ln_1; one Conv1D c_attn whose split heads are views (it goes after c_proj); the cache cats;
-    SDPA (the heads-last query keeps flash's output heads-last, so no copy); c_proj; the
-    residual add (ln_1's output goes); ln_2; c_fc, gelu_new op by op (c_fc's output goes after
-    it), mlp.c_proj; the residual add; then ln_2, both residuals and the attention output go."""
+    """GPT2Block and GPTBigCodeBlock (transformers 5.17), as the H200 traces of GPT-2 medium at
+    batch 906 and SantaCoder at batch 32 (eager) show them: ln_1; one c_attn whose split heads
+    are views (it goes after c_proj); the cache cats; SDPA (the heads-last query keeps flash's
+    output heads-last, so no copy) or eager attention (its weights stay in the block's `_` until
+    it returns); c_proj; the residual add (ln_1's output goes); ln_2; c_fc, the activation
+    (GPT-2's gelu_new op by op; c_fc's output goes after it), mlp.c_proj; the residual add; then
+    ln_2, both residuals and the attention output go."""
     b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
     tokens = b * n
     hidden = tokens * arch.hidden_size * s
     normed = layer_norm_fused(tr, hidden, tokens)
     qkv = tr.new(hidden + 2 * tokens * arch.num_kv_heads * arch.head_dim * s, "attn.c_attn")
     tr.matmul()  # no rotary tables: the first layer's c_attn is the run's first matmul
-    out, cache, _, _ = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, None, None)
+    out, cache, _, _, weights = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, None, None)
     projected = tr.new(hidden, "attn.c_proj")
     tr.drop(out, qkv)
     residual = tr.new(hidden, "residual add")
@@ -51,12 +53,15 @@ def gpt2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSp
     normed_mlp = layer_norm_fused(tr, hidden, tokens)
     tr.at(op="mlp")
     fc = tr.new(tokens * arch.intermediate_size * s, "mlp.c_fc")
-    act = new_gelu(tr, tokens * arch.intermediate_size * s)
+    if arch.activation == "gelu_new":
+        act = new_gelu(tr, tokens * arch.intermediate_size * s)
+    else:
+        act = tr.new(tokens * arch.intermediate_size * s, f"{arch.activation}(mlp.c_fc)")
     tr.drop(fc)
     down = tr.new(hidden, "mlp.c_proj")
     tr.drop(act)
     output = tr.new(hidden, "residual add")
-    tr.drop(normed_mlp, residual, projected, down)
+    tr.drop(normed_mlp, residual, projected, weights, down)
     return output, cache
 
 
@@ -80,7 +85,7 @@ def starcoder2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec:
     tr.at(op="rotary embedding (key)")
     k_rot = traced_rope(tr, kv_bytes)
     tr.drop(q, k)
-    out, cache, k_rot, v = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
+    out, cache, k_rot, v, _ = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_rot, v)
     projected = tr.new(hidden, "self_attn.o_proj")
     tr.drop(out, q_rot, normed, k_rot, v)
     return _residual_and_mlp(tr, arch, s, tokens, projected, "post_attention_layernorm", ("mlp.c_fc", "mlp.c_proj"),
@@ -112,7 +117,7 @@ def opt_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpe
     q = tr.new(tokens * arch.num_heads * arch.head_dim * s, "q_proj * scaling")
     tr.drop(projected_q)
     k, v = tr.new(kv_bytes, "self_attn.k_proj"), tr.new(kv_bytes, "self_attn.v_proj")
-    out, cache, k, v = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k, v)
+    out, cache, k, v, _ = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k, v)
     projected = tr.new(hidden, "self_attn.out_proj")
     tr.drop(out, q, normed, k, v)
     return _residual_and_mlp(tr, arch, s, tokens, projected, "final_layer_norm", ("fc1", "fc2"),

@@ -210,19 +210,29 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
         tr.drop(held_model[0])
         held_model = [scaled]
     first_input = None
-    if coded_layer is not None and arch.positions == "learned":
-        # inputs_embeds + position_embeds: both stay referenced until the model's final norm ran
+    learned_positions = coded_layer is not None and arch.positions == "learned"
+
+    def add_positions() -> int:
+        """inputs_embeds + position_embeds: both stay referenced until the model's final norm ran."""
         held_model.append(tr.new(hidden, "position embeddings"))
-        first_input = tr.new(hidden, "embeddings + positions")
+        return tr.new(hidden, "embeddings + positions")
+
+    if learned_positions and not layout.mask_before_positions:
+        first_input = add_positions()
     extra_copies = 0 if coded_layer is not None else max(0, layout.mlp_point.hidden - 4)
     for _ in range(extra_copies):  # the coarse order's extra model-level copies (gpt2)
         held_model.append(tr.new(hidden))
     sdpa_unmasked = spec.attn == "sdpa" and not any(attention.needs_mask(arch, k, n) for k in arch.layer_types)
     if (traced or coded_layer is not None) and sdpa_unmasked:
         layer_replay.traced_mask_check(tr, b, n)
-    if spec.attn == "eager":  # eager_mask: the boolean mask, then its additive copy in the model dtype
+    if spec.attn == "eager":
+        # sdpa_mask's tokens x tokens pieces, the batch's boolean mask (the pieces go), then
+        # eager_mask's additive copy in the model dtype (the boolean goes): H200 traces of
+        # Llama-3.2-1B, Qwen3-0.6B, SantaCoder, GPT-J and OctoCoder, all eager
         for _ in set(arch.layer_types):
+            pieces = layer_replay.causal_mask_pieces(tr, n)
             boolean = tr.new(b * n * n, "causal mask (bool)")
+            tr.drop(pieces)
             held_model.append(tr.new(b * n * n * s, "causal mask"))
             tr.drop(boolean)
     elif spec.attn == "sdpa" and (layout.sdpa_kernel == "math" or not sdpa_unmasked):
@@ -233,6 +243,8 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
             piece = layer_replay.causal_mask_pieces(tr, n)
         held_model.append(tr.new(b * n * n, "causal mask"))  # the masks exist before the rotary tables
         tr.drop(piece)
+    if learned_positions and layout.mask_before_positions:
+        first_input = add_positions()
     if arch.rotary_dim and (traced or coded_layer is not None):
         tables = 4 if layout.rope_fp32 else s  # fp32 tables (OLMo-2): no cast
         for _ in set(arch.layer_types) if layout.rotary_per_layer_type else [None]:
