@@ -96,7 +96,11 @@ def test_without_the_top_down_addresses_the_model_disagrees():
 
 OK_TRACES = [t for t in TRACES if t["status"] == "ok"]
 SEQUENCE_TOLERANCE = 0.005  # reserved peak at the H200's capacity, planner replay vs the GPU's requests
-KNOWN_SEQUENCE_GAPS: dict[str, str] = {}
+KNOWN_SEQUENCE_GAPS: dict[str, str] = {
+    "phi-2-nf4-sdpa-n960-default-b8-ok": "bitsandbytes 0.50 runs fc1 of each decode step (8 rows, 10240 outputs) "
+    "through its own gemm_4bit kernel on the H200 (_gemm_4bit_use_custom_cuda, a per-GPU choice); the replay "
+    "dequantizes every 4-bit projection, 50 MiB more per layer and step (+1.9% reserved)",
+}
 
 
 def _sequence_param(trace: dict):

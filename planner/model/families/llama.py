@@ -156,8 +156,9 @@ def _phi(raw: RawConfig) -> Architecture:
         raise UnsupportedModelError(f"{raw.where}: phi with qk_layernorm is not modelled yet.")
     _, _, head_dim = read_heads(raw, raw.int("hidden_size"))
     # attention and MLP read the same LayerNorm output in parallel
-    return llama_like(raw, family="phi", tied_default=False, qkv_bias=True, o_bias=True,
-                       mlp_bias=True, mlp="fc", o_name="dense", norms=("input_layernorm",),
-                       norm_bias=True, final_norm="final_layernorm", head_bias=True,
-                       rotary_dim=read_rotary_dim(raw, head_dim))
+    arch = llama_like(raw, family="phi", tied_default=False, qkv_bias=True, o_bias=True,
+                      mlp_bias=True, mlp="fc", o_name="dense", norms=("input_layernorm",),
+                      norm_bias=True, final_norm="final_layernorm", head_bias=True,
+                      rotary_dim=read_rotary_dim(raw, head_dim))
+    return arch.model_copy(update={"activation": raw.str("hidden_act", default="gelu_new")})  # PhiConfig's default
 

@@ -22,13 +22,19 @@ from .layernorm_layers import (
     gpt2_layer,
     opt_layer,
     opt_pre_norm,
+    phi_layer,
     starcoder2_layer,
 )
 
 
 def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
     """The replay of this family's decoder layer written here, or None (the caller's order)."""
-    if spec.quantization != "none" or arch.moe is not None:
+    if arch.moe is not None or spec.quantization not in ("none", "4bit"):
+        return None
+    if arch.model_type == "phi" and kernel in ("flash", "efficient", "eager") and \
+            arch.activation in (*SINGLE_KERNEL_ACTIVATIONS, "gelu_new"):
+        return phi_layer  # its projections dequantize under bitsandbytes 4-bit
+    if spec.quantization != "none":
         return None
     if arch.family == "falcon_mqa" and kernel == "math" and falcon_parallel(arch):
         return falcon_parallel_layer

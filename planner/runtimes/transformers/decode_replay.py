@@ -97,9 +97,19 @@ def _dequantized_projections(tr: Tracer, arch: Architecture, b: int, s: int) -> 
 
 
 def _dequantized_mlp(tr: Tracer, arch: Architecture, b: int, s: int, projections: list[int | None]) -> None:
-    """The rest of the 4-bit decode step's layer: o_proj (q, k and v go), then the gated MLP with
-    its three projections dequantized."""
-    attended = layer_replay.projection(tr, b, arch.hidden_size, arch.num_heads * arch.head_dim, s, "o_proj",
-                                       dequantized=True)
+    """The rest of the 4-bit decode step's layer: o_proj (q, k and v go), then the MLP with its
+    projections dequantized: the gated MLP's three, or fc1, the activation, fc2 (Phi-2).
+    bitsandbytes 0.50 runs some decode shapes through its own gemm_4bit kernel instead, without
+    the dequantized weight (_gemm_4bit_use_custom_cuda: on the H200 Phi-2's fc1 at batch 8);
+    that per-GPU choice is not modelled: every projection dequantizes here."""
+    h, inter = arch.hidden_size, arch.intermediate_size
+    attended = layer_replay.projection(tr, b, h, arch.num_heads * arch.head_dim, s, "o_proj", dequantized=True)
     tr.drop(*projections)
-    tr.drop(layer_replay.gated_mlp(tr, b, arch.intermediate_size, arch.hidden_size, s, dequantized=True), attended)
+    if arch.gated_mlp:
+        tr.drop(layer_replay.gated_mlp(tr, b, inter, h, s, dequantized=True), attended)
+        return
+    up = layer_replay.projection(tr, b, inter, h, s, "mlp.fc1", dequantized=True)
+    act = tr.new(b * inter * s, "mlp activation")
+    tr.drop(up)
+    down = layer_replay.projection(tr, b, h, inter, s, "mlp.fc2", dequantized=True)
+    tr.drop(act, down, attended)

@@ -1,6 +1,6 @@
 """Decoder layers of LayerNorm families written from their modeling code and held to their H200
-traces (GPT-2 medium, StarCoder2-7B, OPT-125m, Falcon-7B: tests/test_edge_traces.py), as request
-sequences in the order transformers 5.17 allocates and frees."""
+traces (GPT-2 medium, SantaCoder, OctoCoder, StarCoder2-7B, OPT-125m, Falcon-7B, Phi-2:
+tests/test_edge_traces.py), as request sequences in the order transformers 5.17 allocates and frees."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from ...model.spec import Architecture
 from . import sdpa_math
 from .activations import RunSpec
 from .family_layers import cache_and_attend, layer_norm_fused
-from .layer_replay import Tracer, prefill_cache, traced_rope
+from .layer_replay import Tracer, prefill_cache, projection, traced_rope
 
 # activations that are one kernel, one output tensor (ACT2FN in transformers 5.17)
 SINGLE_KERNEL_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "silu")
@@ -193,4 +193,53 @@ def falcon_parallel_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, 
     tr.drop(act)
     output = tr.new(hidden, "dropout_add(mlp + attention, residual)")
     tr.drop(normed, dense, down)
+    return output, cache
+
+
+def phi_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+              kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
+    """PhiDecoderLayer (transformers 5.17), as the H200 trace of Phi-2 in nf4 at batch 8 shows
+    it: one LayerNorm that attention and MLP both read; q, k, v (under bitsandbytes 4-bit each
+    weight dequantized first); the rotary of the first rotary_dim of each head; the cats back
+    (the pass-through slices keep q and k alive until the attention returns); the cache cats
+    (the key cat and v go); SDPA (the heads-first query: its output is copied by
+    transpose().contiguous()) or eager attention; dense (the attention's locals go); fc1,
+    gelu_new op by op (fc1's output goes after it), fc2; attention + MLP, + residual; the norm,
+    dense and fc2 go."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    heads, kv_heads, d, h = arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.hidden_size
+    tokens = b * n
+    hidden = tokens * h * s
+    q_bytes, kv_bytes = tokens * heads * d * s, tokens * kv_heads * d * s
+    fraction = (arch.rotary_dim or d) / d
+    dequantized = spec.quantization == "4bit"
+
+    def linear(out_features: int, in_features: int, name: str) -> int | None:
+        return projection(tr, tokens, out_features, in_features, s, name, dequantized)
+
+    normed = layer_norm_fused(tr, hidden, tokens)
+    q, k, v = (linear(heads * d, h, "self_attn.q_proj"), linear(kv_heads * d, h, "self_attn.k_proj"),
+               linear(kv_heads * d, h, "self_attn.v_proj"))
+    tr.at(op="rotary embedding (query)")
+    q_rot = traced_rope(tr, int(q_bytes * fraction))
+    tr.at(op="rotary embedding (key)")
+    k_rot = traced_rope(tr, int(kv_bytes * fraction))
+    q_cat = tr.new(q_bytes, "cat(query_rot, query_pass)")
+    k_cat = tr.new(kv_bytes, "cat(key_rot, key_pass)")
+    out, cache, k_cat, v, weights = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_cat, v,
+                                                     query_heads_first=True)
+    dense = linear(h, heads * d, "self_attn.dense")
+    tr.drop(out, q_cat, q_rot, q, k_rot, k, k_cat, v, weights)
+    tr.at(op="mlp")
+    fc1 = linear(arch.intermediate_size, h, "mlp.fc1")
+    if arch.activation == "gelu_new":
+        act = new_gelu(tr, tokens * arch.intermediate_size * s)
+    else:
+        act = tr.new(tokens * arch.intermediate_size * s, f"{arch.activation}(mlp.fc1)")
+    tr.drop(fc1)
+    fc2 = linear(h, arch.intermediate_size, "mlp.fc2")
+    tr.drop(act)
+    summed = tr.new(hidden, "attention + mlp")
+    output = tr.new(hidden, "+ residual")
+    tr.drop(summed, normed, dense, fc2)
     return output, cache
