@@ -29,7 +29,6 @@ KNOWN_DEVICE_GAPS = {
         "this H100 row reserved 7,358 MiB; the same case re-run on the H200 by the edge protocol (fresh "
         "process, edge-h200-7 trace) reserved 6,512 and its device bytes are within 0.1% of the replay: "
         "the row's worker had built and run earlier cases",
-    "gpt-j-6b-bf16-eager-b32-n480-t16-generate": "GPT-J's fp32 score chain is not replayed op by op",
     "tests/configs/mamba2-codestral-7b.json-bf16-eager-b1-n128-t32-generate":
         "Mamba-2's torch-fallback scan is not replayed: its 4 GiB C x B product leaves a second segment reserved",
     "tests/configs/falcon-new-decoder.json-bf16-sdpa-b8-n960-t16-generate":

@@ -218,6 +218,7 @@ def _gptj(raw: RawConfig) -> Architecture:
         max_positions=positions, tie_word_embeddings=tied,
         # transformers 5.17 raises for GPT-J with sdpa
         attention_implementations=("eager", "flash_attention_2"), buffers=(table,),
+        activation=raw.str("activation_function", default="gelu_new"),  # GPTJConfig's default
     )
 
 

@@ -20,6 +20,9 @@ from .layernorm_layers import (
     falcon_parallel,
     falcon_parallel_layer,
     gpt2_layer,
+    gptj_decode_attention,
+    gptj_layer,
+    gptj_position_table,
     opt_layer,
     opt_pre_norm,
     phi_layer,
@@ -36,6 +39,8 @@ def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
         return phi_layer  # its projections dequantize under bitsandbytes 4-bit
     if spec.quantization != "none":
         return None
+    if arch.model_type == "gptj" and kernel == "eager" and arch.activation in (*SINGLE_KERNEL_ACTIVATIONS, "gelu_new"):
+        return gptj_layer
     if arch.family == "falcon_mqa" and kernel == "math" and falcon_parallel(arch):
         return falcon_parallel_layer
     if arch.model_type == "gpt_bigcode" and arch.activation in SINGLE_KERNEL_ACTIVATIONS and \
@@ -67,3 +72,13 @@ def final_norm(tr: Tracer, arch: Architecture, hidden_bytes: int, rows: int, s: 
     if arch.model_type == "cohere":
         return cohere_norm(tr, hidden_bytes, rows, s)
     return layer_norm_fused(tr, hidden_bytes, rows)
+
+
+def decode_layer_steps(arch: Architecture, spec: RunSpec):
+    """A coded family whose decode steps differ from the shared ones (decode_replay.decode): a
+    function run before the layer's cache update, returning what it holds until the layer's
+    attention is done, and the attention itself; or None."""
+    if arch.model_type == "gptj" and spec.attn == "eager" and spec.quantization == "none":
+        return (lambda tr: [gptj_position_table(tr, arch, spec.batch)],
+                lambda tr, kv_length: gptj_decode_attention(tr, arch, spec, kv_length))
+    return None

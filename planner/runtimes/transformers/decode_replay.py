@@ -8,7 +8,7 @@ from typing import Any
 
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
-from . import kv_cache, layer_replay
+from . import coded_layers, kv_cache, layer_replay
 from .activations import RunSpec
 
 Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
@@ -41,6 +41,7 @@ def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
     vocab = arch.vocab_size if arch.computes_logits else 0
     positions = attention_mask = ids = None  # the prompt's own stay referenced by the caller
     previous_fresh: list[int | None] = []
+    family_steps = coded_layers.decode_layer_steps(arch, spec) if attention_temporaries else None
     for step in range(1, min(steps, MAX_REPLAYED_DECODE_STEPS) + 1):
         restarted = spec.cache_restart_step is not None and step >= spec.cache_restart_step
         fresh: list[int | None] = []
@@ -48,6 +49,7 @@ def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
             tr.at(f"decode step {step} layer {index}", f"{'fresh ' if restarted else ''}KV cache (torch.cat)")
             projections = _dequantized_projections(tr, arch, b, spec.activation_bytes) \
                 if spec.quantization == "4bit" and attention_temporaries else None
+            held = family_steps[0](tr) if family_steps else []
             if restarted:  # a fresh cache: the cat onto its empty tensors; the prompt's stays as it was
                 fresh += [tr.new(kv_cache.layer_bytes(arch, b, 1, spec.kv, 0, part)) for part in ("key", "value")]
                 length = 1
@@ -63,7 +65,11 @@ def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
                 cache[2 * index:2 * index + 2] = [key, value]
             if attention_temporaries:
                 tr.at(op="attention")
-                layer_replay.decode_attention(tr, arch, layout, spec, kind, length)
+                if family_steps:
+                    family_steps[1](tr, length)
+                else:
+                    layer_replay.decode_attention(tr, arch, layout, spec, kind, length)
+            tr.drop(*held)
             if projections is not None:
                 _dequantized_mlp(tr, arch, b, spec.activation_bytes, projections)
             if arch.moe is not None and index in arch.moe.sparse_layers and layout.experts is not None:

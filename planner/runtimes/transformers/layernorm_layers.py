@@ -1,5 +1,5 @@
 """Decoder layers of LayerNorm families written from their modeling code and held to their H200
-traces (GPT-2 medium, SantaCoder, OctoCoder, StarCoder2-7B, OPT-125m, Falcon-7B, Phi-2:
+traces (GPT-2 medium, SantaCoder, OctoCoder, StarCoder2-7B, OPT-125m, Falcon-7B, Phi-2, GPT-J-6B:
 tests/test_edge_traces.py), as request sequences in the order transformers 5.17 allocates and frees."""
 
 from __future__ import annotations
@@ -243,3 +243,117 @@ def phi_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpe
     output = tr.new(hidden, "+ residual")
     tr.drop(summed, normed, dense, fc2)
     return output, cache
+
+
+def _gptj_rope(tr: Tracer, nbytes: int, table_bytes: int) -> int:
+    """GPT-J's apply_rotary_pos_emb on the rotary slice: sin and cos repeat_interleave'd, x * cos,
+    rotate_every_two (-x2, the stack; -x2 goes), its product with sin (the stack goes), the sum
+    (both products go), then the repeated tables go."""
+    sin, cos = tr.new(table_bytes, "sin repeat_interleave"), tr.new(table_bytes, "cos repeat_interleave")
+    product = tr.new(nbytes, "x * cos")
+    negated = tr.new(nbytes // 2, "rotate_every_two -x2")
+    stacked = tr.new(nbytes, "rotate_every_two stack")
+    tr.drop(negated)
+    rotated = tr.new(nbytes, "rotate_every_two(x) * sin")
+    tr.drop(stacked)
+    out = tr.new(nbytes, "rotary sum")
+    tr.drop(product, rotated, sin, cos)
+    return out
+
+
+def gptj_position_table(tr: Tracer, arch: Architecture, b: int) -> int:
+    """_get_embed_positions: the fp32 sin/cos table repeated once per sequence, in every layer
+    and every step (it goes when the attention returns)."""
+    return tr.new(b * (arch.max_positions or 0) * (arch.rotary_dim or arch.head_dim) * 4, "embed_positions.repeat")
+
+
+def gptj_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+               kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None], int | None]:
+    """GPTJBlock with GPT-J's own eager attention (transformers 5.17), as the H200 trace of
+    GPT-J-6B at batch 32 shows it: ln_1 (attention and MLP both read it); q, k, v; the position
+    table repeated per sequence, the position ids repeated, gathered (fp32) and cast; the rotary
+    of the key's then the query's first rotary_dim; the cats back (key first); the cache cats
+    (the key cat and v go); _attn in fp32: the query and key upcast, matmul's copy of the
+    permuted query, the scores, / scale, + mask, softmax, the cast back (each replaces the one
+    before), weights @ v (the upcasts go); _merge_heads' copy, out_proj (the attention's locals
+    go); fc_in, gelu_new op by op, fc_out; attention + MLP + residual. The softmax weights are
+    returned with the block's output and held until the next block returns."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    heads, d, h = arch.num_heads, arch.head_dim, arch.hidden_size
+    r = arch.rotary_dim or d
+    tokens = b * n
+    hidden = tokens * h * s
+    q_bytes = kv_bytes = tokens * heads * d * s
+    normed = layer_norm_fused(tr, hidden, tokens)
+    q = tr.new(q_bytes, "attn.q_proj")
+    tr.matmul()  # no rotary tables at the model level: the first layer's q_proj is the first matmul
+    k, v = tr.new(kv_bytes, "attn.k_proj"), tr.new(kv_bytes, "attn.v_proj")
+    tr.at(op="rotary embedding")
+    table = gptj_position_table(tr, arch, b)
+    ids = tr.new(tokens * r * 8, "position ids repeated")
+    gathered = tr.new(tokens * r * 4, "gather(embed_positions)")
+    sincos = gathered
+    if s < 4:
+        sincos = tr.new(tokens * r * s, "sincos .to(dtype)")
+        tr.drop(gathered)
+    k_rot = _gptj_rope(tr, tokens * heads * r * s, tokens * r * s)
+    q_rot = _gptj_rope(tr, tokens * heads * r * s, tokens * r * s)
+    k_cat = tr.new(kv_bytes, "cat(k_rot, k_pass)") if r < d else k_rot
+    q_cat = tr.new(q_bytes, "cat(q_rot, q_pass)") if r < d else q_rot
+    cache: list[int | None] = []
+    if generate:
+        cache, k_cat, v = prefill_cache(tr, arch, spec, k_cat, v), None, None
+    tr.at(op="attention (eager, fp32)")
+    scores = b * heads * n * n
+    query = tr.new(q_bytes * 4 // s, "query .to(float32)") if s < 4 else None
+    key = tr.new(kv_bytes * 4 // s, "key .to(float32)") if s < 4 else None
+    copy = tr.new(q_bytes * 4 // s, "query copy for q @ k^T") if b > 1 else None
+    chain = tr.new(scores * 4, "q @ k^T")
+    tr.drop(copy)
+    for op in ("/ scale_attn", "+ mask", "softmax"):
+        step = tr.new(scores * 4, f"scores {op}")
+        tr.drop(chain)
+        chain = step
+    weights = chain
+    if s < 4:
+        weights = tr.new(scores * s, "weights .to(dtype)")
+        tr.drop(chain)
+    raw = tr.new(q_bytes, "weights @ v")
+    tr.drop(query, key)
+    merged = tr.new(q_bytes, "_merge_heads (contiguous)")
+    tr.drop(raw)
+    attended = tr.new(hidden, "attn.out_proj")
+    tr.drop(merged, q_cat if q_cat is not q_rot else None, table, ids, sincos, k_rot, k, q_rot, q, k_cat, v)
+    tr.at(op="mlp")
+    fc_in = tr.new(tokens * arch.intermediate_size * s, "mlp.fc_in")
+    if arch.activation == "gelu_new":
+        act = new_gelu(tr, tokens * arch.intermediate_size * s)
+    else:
+        act = tr.new(tokens * arch.intermediate_size * s, f"{arch.activation}(mlp.fc_in)")
+    tr.drop(fc_in)
+    fc_out = tr.new(hidden, "mlp.fc_out")
+    tr.drop(act)
+    summed = tr.new(hidden, "attention + mlp")
+    output = tr.new(hidden, "+ residual")
+    tr.drop(summed, normed, attended, fc_out)
+    return output, cache, weights
+
+
+def gptj_decode_attention(tr: Tracer, arch: Architecture, spec: RunSpec, kv_length: int) -> None:
+    """One decode step's _attn (the H200 trace of GPT-J-6B): the one-token query and the whole
+    cached key upcast to fp32 (the key's copy dominates), the fp32 score chain, the cast, weights
+    @ v; the upcasts go when _attn returns."""
+    b, s = spec.batch, spec.activation_bytes
+    heads, d = arch.num_heads, arch.head_dim
+    query = tr.new(b * heads * d * 4, "query .to(float32)") if s < 4 else None
+    key = tr.new(b * heads * kv_length * d * 4, "key .to(float32)") if s < 4 else None
+    chain = tr.new(b * heads * kv_length * 4, "q @ k^T")
+    for op in ("/ scale_attn", "+ mask", "softmax"):
+        step = tr.new(b * heads * kv_length * 4, f"scores {op}")
+        tr.drop(chain)
+        chain = step
+    weights = chain
+    if s < 4:
+        weights = tr.new(b * heads * kv_length * s, "weights .to(dtype)")
+        tr.drop(chain)
+    tr.drop(tr.new(b * heads * d * s, "weights @ v"), query, key, weights)

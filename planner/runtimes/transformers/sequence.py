@@ -245,11 +245,11 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
         tr.drop(piece)
     if learned_positions and layout.mask_before_positions:
         first_input = add_positions()
-    if arch.rotary_dim and (traced or coded_layer is not None):
+    if arch.rotary_dim and layout.rope_tables and (traced or coded_layer is not None):
         tables = 4 if layout.rope_fp32 else s  # fp32 tables (OLMo-2): no cast
         for _ in set(arch.layer_types) if layout.rotary_per_layer_type else [None]:
             held_model += layer_replay.traced_rotary_tables(tr, b, n, arch.rotary_dim, tables)
-    elif arch.rotary_dim:
+    elif arch.rotary_dim and not traced and coded_layer is None:  # (a coded GPT-J builds its own per layer)
         element = 4 if layout.rope_fp32 else s
         held_model += [tr.new(b * n * arch.rotary_dim * element, "rotary cos/sin") for _ in range(layout.rope_tables)]
         tr.matmul()
@@ -260,8 +260,12 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
     for layer in range(arch.num_layers):
         tr.at(f"prefill layer {layer}", "input_layernorm")
         if coded_layer is not None:
-            output, cache_kv = coded_layer(tr, arch, layout, spec, layer, kernel, masked_last, generate)
+            # a layer may return what its caller holds until the next layer returns (GPT-J's
+            # attention weights, in the model loop's `outputs`)
+            output, cache_kv, *held = coded_layer(tr, arch, layout, spec, layer, kernel, masked_last, generate)
             cache += cache_kv
+            tr.drop(previous_weights)
+            previous_weights = held[0] if held else None
             if layer_input is not held_model[0]:
                 tr.drop(layer_input)
             layer_input = output
@@ -335,7 +339,9 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
         if layer_input is not held_model[0]:
             tr.drop(layer_input)
         layer_input = output
-    tr.drop(previous_weights)
+    if coded_layer is None:
+        tr.drop(previous_weights)
+        previous_weights = None  # a coded layer's go with what the model held, after the final norm
 
     vocab = arch.vocab_size if arch.computes_logits else 0
     tr.at("prefill", "final norm")
@@ -346,7 +352,7 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
         # (embeddings, rotary tables) go before the lm_head runs on the last token
         final = layer_replay.layer_norm(layout)(tr, hidden, b * n, s) if rms else \
             coded_layers.final_norm(tr, arch, hidden, b * n, s)
-        tr.drop(layer_input, *held_model)
+        tr.drop(layer_input, *held_model, previous_weights)
         tr.at(op="lm_head (logits)")
         logits = last_token_logits(tr, layout, b * vocab * s)
         tr.drop(final)
@@ -363,7 +369,7 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
         else:
             leftovers = [tr.new(b * n * vocab * s) for _ in range(layout.forward_logit_copies)]
             tr.drop(final)
-        tr.drop(layer_input, *held_model)
+        tr.drop(layer_input, *held_model, previous_weights)
 
     if generate and spec.new_tokens > 1:
         decode(tr, arch, layout, spec, cache, copy,
