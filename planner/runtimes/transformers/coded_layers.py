@@ -28,10 +28,14 @@ from .layernorm_layers import (
     phi_layer,
     starcoder2_layer,
 )
+from .mla_layers import deepseek_v2_layer, mla_decode_attention
 
 
 def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
     """The replay of this family's decoder layer written here, or None (the caller's order)."""
+    if arch.model_type == "deepseek_v2" and arch.mla is not None and kernel in ("flash", "efficient") and \
+            spec.quantization == "none":
+        return deepseek_v2_layer
     if arch.moe is not None or spec.quantization not in ("none", "4bit"):
         return None
     if arch.model_type == "phi" and kernel in ("flash", "efficient", "eager") and \
@@ -81,4 +85,7 @@ def decode_layer_steps(arch: Architecture, spec: RunSpec):
     if arch.model_type == "gptj" and spec.attn == "eager" and spec.quantization == "none":
         return (lambda tr: [gptj_position_table(tr, arch, spec.batch)],
                 lambda tr, kv_length: gptj_decode_attention(tr, arch, spec, kv_length))
+    if arch.model_type == "deepseek_v2" and arch.mla is not None and spec.attn == "sdpa" and \
+            spec.quantization == "none":
+        return (lambda tr: [], lambda tr, kv_length: mla_decode_attention(tr, arch, spec, kv_length))
     return None

@@ -353,6 +353,10 @@ def _router(tr: Tracer, arch: Architecture, tokens: int, s: int) -> list[int | N
         tr.drop(upcast)
     weights = tr.new(tokens * k * 4)
     indices = tr.new(tokens * k * 8)
+    if moe.router_fp32:  # topk_weights * routed_scaling_factor: a new tensor, even times 1.0
+        scaled = tr.new(tokens * k * 4)
+        tr.drop(weights)
+        weights = scaled
     if not moe.routing_fp32:
         cast = tr.new(tokens * k * s)
         tr.drop(weights)

@@ -21,7 +21,7 @@ from ...base import Frozen
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from ..allocator import EXPANDABLE_RANGE, CachingAllocator, Capacity, OutOfMemory
-from . import attention, coded_layers, kv_cache, layer_replay, sdpa_math
+from . import attention, coded_layers, kv_cache, layer_replay, mla_layers, sdpa_math
 from .activations import RunSpec
 from .decode_replay import MAX_REPLAYED_DECODE_STEPS, decode, last_token_logits
 
@@ -245,7 +245,9 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
         tr.drop(piece)
     if learned_positions and layout.mask_before_positions:
         first_input = add_positions()
-    if arch.rotary_dim and layout.rope_tables and (traced or coded_layer is not None):
+    if arch.rotary_dim and layout.complex_rotary and coded_layer is not None:
+        held_model.append(mla_layers.complex_rotary_table(tr, b, n, arch.rotary_dim))
+    elif arch.rotary_dim and layout.rope_tables and (traced or coded_layer is not None):
         tables = 4 if layout.rope_fp32 else s  # fp32 tables (OLMo-2): no cast
         for _ in set(arch.layer_types) if layout.rotary_per_layer_type else [None]:
             held_model += layer_replay.traced_rotary_tables(tr, b, n, arch.rotary_dim, tables)
