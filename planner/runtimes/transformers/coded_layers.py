@@ -17,6 +17,8 @@ from .family_layers import (
 )
 from .layernorm_layers import (
     SINGLE_KERNEL_ACTIVATIONS,
+    bloom_decode_attention,
+    bloom_layer,
     falcon_parallel,
     falcon_parallel_layer,
     gpt2_layer,
@@ -45,6 +47,8 @@ def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
         return None
     if arch.model_type == "gptj" and kernel == "eager" and arch.activation in (*SINGLE_KERNEL_ACTIVATIONS, "gelu_new"):
         return gptj_layer
+    if arch.model_type == "bloom" and kernel == "eager":
+        return bloom_layer
     if arch.family == "falcon_mqa" and kernel == "math" and falcon_parallel(arch):
         return falcon_parallel_layer
     if arch.model_type == "gpt_bigcode" and arch.activation in SINGLE_KERNEL_ACTIVATIONS and \
@@ -85,6 +89,8 @@ def decode_layer_steps(arch: Architecture, spec: RunSpec):
     if arch.model_type == "gptj" and spec.attn == "eager" and spec.quantization == "none":
         return (lambda tr: [gptj_position_table(tr, arch, spec.batch)],
                 lambda tr, kv_length: gptj_decode_attention(tr, arch, spec, kv_length))
+    if arch.model_type == "bloom" and spec.attn == "eager" and spec.quantization == "none":
+        return (lambda tr: [], lambda tr, kv_length: bloom_decode_attention(tr, arch, spec, kv_length))
     if arch.model_type == "deepseek_v2" and arch.mla is not None and spec.attn == "sdpa" and \
             spec.quantization == "none":
         return (lambda tr: [], lambda tr, kv_length: mla_decode_attention(tr, arch, spec, kv_length))

@@ -357,3 +357,102 @@ def gptj_decode_attention(tr: Tracer, arch: Architecture, spec: RunSpec, kv_leng
         weights = tr.new(b * heads * kv_length * s, "weights .to(dtype)")
         tr.drop(chain)
     tr.drop(tr.new(b * heads * d * s, "weights @ v"), query, key, weights)
+
+
+def bloom_embeddings(tr: Tracer, arch: Architecture, b: int, n: int, s: int) -> tuple[int | None, int | None]:
+    """BloomModel before its blocks: word_embeddings_layernorm over the embeddings (the first
+    block's input), then build_alibi_tensor (the fp32 slopes x positions, cast to the model
+    dtype: the fp32 one goes). Returns the norm's output and the ALiBi tensor."""
+    normed = layer_norm_fused(tr, b * n * arch.hidden_size * s, b * n)
+    wide = tr.new(b * arch.num_heads * n * 4, "alibi (fp32)")
+    alibi = tr.new(b * arch.num_heads * n * s, "alibi .to(dtype)") if s < 4 else wide
+    if s < 4:
+        tr.drop(wide)
+    return normed, alibi
+
+
+def _bloom_gelu(tr: Tracer, nbytes: int) -> int:
+    """bloom_gelu_forward, x * 0.5 * (1.0 + tanh(0.79788456 * x * (1 + 0.044715 * x * x))),
+    left to right: x * 0.5 stays to the end; 0.79788456 * x waits for (1 + 0.044715 * x * x)."""
+    half = tr.new(nbytes, "bloom_gelu x * 0.5")
+    scaled = tr.new(nbytes, "bloom_gelu 0.79788456 * x")
+    inner = tr.new(nbytes, "bloom_gelu 0.044715 * x")
+    for op in ("* x", "1 + that"):
+        step = tr.new(nbytes, f"bloom_gelu {op}")
+        tr.drop(inner)
+        inner = step
+    chained = tr.new(nbytes, "bloom_gelu product")
+    tr.drop(scaled, inner)
+    for op in ("tanh", "1.0 + tanh"):
+        step = tr.new(nbytes, f"bloom_gelu {op}")
+        tr.drop(chained)
+        chained = step
+    out = tr.new(nbytes, "bloom_gelu out")
+    tr.drop(half, chained)
+    return out
+
+
+def _bloom_scores(tr: Tracer, b: int, heads: int, q_len: int, kv_len: int, s: int) -> list[int | None]:
+    """BloomAttention's scores: alibi.baddbmm(q, k^T), + mask, softmax in fp32 (upcast and output;
+    the upcast goes), .to(dtype) (the fp32 softmax goes). Returns the scores, the masked scores
+    (locals to the end of the attention) and the weights (returned)."""
+    scores = b * heads * q_len * kv_len
+    raw = tr.new(scores * s, "alibi.baddbmm(q, k^T)")
+    masked = tr.new(scores * s, "scores + mask")
+    upcast = tr.new(scores * 4, "softmax upcast") if s < 4 else None
+    soft = tr.new(scores * 4, "softmax")
+    tr.drop(upcast)
+    weights = soft
+    if s < 4:
+        weights = tr.new(scores * s, "softmax .to(dtype)")
+        tr.drop(soft)
+    return [raw, masked, weights]
+
+
+def bloom_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+                kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None], int | None]:
+    """BloomBlock (transformers 5.17, residual before the norms), as the H200 trace of
+    BLOOMZ-560m at batch 16 shows it: input LayerNorm; query_key_value, whose key and value views
+    the cache cats copy; the query's reshape copy; the ALiBi score chain (_bloom_scores); bmm
+    with the values, _merge_heads' copy; dense and dropout_add with the residual (the fused
+    projection, the query copy, both score tensors and the merged heads go); the post-attention
+    LayerNorm (the input norm goes); dense_h_to_4h, bloom_gelu op by op (the projection goes
+    after it), dense_4h_to_h, dropout_add. The softmax weights are returned with the block's
+    output and held until the next block returns."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    heads, d, h = arch.num_heads, arch.head_dim, arch.hidden_size
+    tokens = b * n
+    hidden = tokens * h * s
+    normed = layer_norm_fused(tr, hidden, tokens)
+    qkv = tr.new(3 * hidden, "self_attention.query_key_value")
+    tr.matmul()  # no rotary tables: the first block's projection is the run's first matmul
+    cache: list[int | None] = []
+    if generate:
+        cache = prefill_cache(tr, arch, spec, None, None)
+    tr.at(op="attention (eager, alibi)")
+    query = tr.new(tokens * heads * d * s, "query reshape (copy)")
+    raw, masked_scores, weights = _bloom_scores(tr, b, heads, n, n, s)
+    context = tr.new(tokens * heads * d * s, "bmm(weights, v)")
+    merged = tr.new(hidden, "_merge_heads (copy)")
+    tr.drop(context)
+    dense = tr.new(hidden, "self_attention.dense")
+    attention_output = tr.new(hidden, "dropout_add")
+    tr.drop(dense, qkv, query, raw, masked_scores, merged)
+    tr.at(op="post_attention_layernorm")
+    normed_mlp = layer_norm_fused(tr, hidden, tokens)
+    tr.drop(normed)
+    tr.at(op="mlp")
+    up = tr.new(tokens * arch.intermediate_size * s, "mlp.dense_h_to_4h")
+    act = _bloom_gelu(tr, tokens * arch.intermediate_size * s)
+    tr.drop(up)
+    down = tr.new(hidden, "mlp.dense_4h_to_h")
+    output = tr.new(hidden, "dropout_add")
+    tr.drop(act, down, normed_mlp, attention_output)
+    return output, cache, weights
+
+
+def bloom_decode_attention(tr: Tracer, arch: Architecture, spec: RunSpec, kv_length: int) -> None:
+    """One decode step's ALiBi score chain over the cache (the one-token query's copy and the
+    output are a few kilobytes); everything goes by the step's end."""
+    b, s = spec.batch, spec.activation_bytes
+    tr.drop(*_bloom_scores(tr, b, arch.num_heads, 1, kv_length, s), tr.new(b * arch.hidden_size * s, "bmm(weights, v)"))

@@ -21,7 +21,7 @@ from ...base import Frozen
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from ..allocator import EXPANDABLE_RANGE, CachingAllocator, Capacity, OutOfMemory
-from . import attention, coded_layers, kv_cache, layer_replay, mla_layers, sdpa_math
+from . import attention, coded_layers, kv_cache, layer_replay, layernorm_layers, mla_layers, sdpa_math
 from .activations import RunSpec
 from .decode_replay import MAX_REPLAYED_DECODE_STEPS, decode, last_token_logits
 
@@ -219,6 +219,9 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
 
     if learned_positions and not layout.mask_before_positions:
         first_input = add_positions()
+    if coded_layer is not None and arch.positions == "alibi":  # BLOOM: its embedding norm and ALiBi
+        first_input, alibi = layernorm_layers.bloom_embeddings(tr, arch, b, n, s)
+        held_model.append(alibi)
     extra_copies = 0 if coded_layer is not None else max(0, layout.mlp_point.hidden - 4)
     for _ in range(extra_copies):  # the coarse order's extra model-level copies (gpt2)
         held_model.append(tr.new(hidden))
