@@ -112,6 +112,7 @@ class FamilyLayout(Frozen):
     rotary_per_layer_type: bool = False  # one cos/sin pair per attention kind (Gemma-3's local and global)
     # create_causal_mask runs before the learned position embeddings are added (OPT, GPT-BigCode; GPT-2 after)
     mask_before_positions: bool = False
+    materialized_mask: bool = False  # the family builds its causal mask for SDPA even when none is needed (Falcon)
     complex_rotary: bool = False  # one complex64 rotary table (torch.polar), not cos and sin (DeepSeek-V2)
 
 

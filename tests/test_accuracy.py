@@ -31,8 +31,6 @@ KNOWN_DEVICE_GAPS = {
         "the row's worker had built and run earlier cases",
     "tests/configs/mamba2-codestral-7b.json-bf16-eager-b1-n128-t32-generate":
         "Mamba-2's torch-fallback scan is not replayed: its 4 GiB C x B product leaves a second segment reserved",
-    "tests/configs/falcon-new-decoder.json-bf16-sdpa-b8-n960-t16-generate":
-        "falcon's new-decoder layout is replayed with the old one's order (-5.1%)",
     "tests/configs/flan-t5-base.json-bf16-sdpa-b2-n2048-t16-generate":
         "encoder-decoder runs are not replayed through the allocator (-7.2%)",
 }

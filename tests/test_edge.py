@@ -139,6 +139,10 @@ TRIALS = [r for r in committed_rows() if r.get("kind") == "edge" and r.get("stat
 KNOWN_SEARCH_GAPS: dict[str, str] = {}
 KNOWN_TRIAL_GAPS: dict[str, str] = {}
 KNOWN_DEVICE_GAPS: dict[str, str] = {}
+KNOWN_SMALL_DEVICE_GAPS = {
+    "tests/configs/flan-t5-base.json-bf16-sdpa-n2048-default-b2":
+        "encoder-decoder runs are not replayed through the allocator: the H100 row's -7.2% again on the H200 (-7.4%)",
+}
 
 
 def _h200():
@@ -199,7 +203,7 @@ SMALL_TRIALS = [r for r in TRIALS if r["status"] == "ok" and not fills_the_gpu(r
 SMALL_DEVICE_TOLERANCE = 0.05  # issue 10: the runs far from the edge stay within 5%
 
 
-@pytest.mark.parametrize("row", SMALL_TRIALS, ids=[_trial_id(r) for r in SMALL_TRIALS])
+@pytest.mark.parametrize("row", [_param(r, _trial_id(r), KNOWN_SMALL_DEVICE_GAPS) for r in SMALL_TRIALS])
 def test_small_trial_device_bytes(row):
     """The H200 runs under half the GPU (the traced small eager runs among them), measured by the
     edge protocol: a fresh process, nothing run before."""
@@ -211,7 +215,7 @@ def test_small_trial_device_bytes(row):
 
 def test_known_gaps_are_real_trials():
     ids = {_trial_id(r) for r in TRIALS}
-    assert set(KNOWN_TRIAL_GAPS) <= ids and set(KNOWN_DEVICE_GAPS) <= ids
+    assert set(KNOWN_TRIAL_GAPS) <= ids and set(KNOWN_DEVICE_GAPS) <= ids and set(KNOWN_SMALL_DEVICE_GAPS) <= ids
 
 
 def test_capacity_of_the_h200_comes_from_its_edge_rows():

@@ -45,6 +45,10 @@ KNOWN_TRACE_GAPS = {
         "the re-run (edge-h200-11) show why: the driver puts the decode steps' 2 MiB segments upward into "
         "holes left between large segments, where the model places every segment below the earlier ones, "
         "and best fit among small blocks of one size follows those addresses; that placement is not modelled",
+    "qwen1.5-moe-a2.7b-l4-bf16-sdpa-n1024-expandable-b1160-ok":
+        "expandable segments after 15 retries: at event 2605 (a 49.8 GiB request) the GPU maps 4.66 GiB more onto "
+        "a free block at a segment's end, where the model finds no block it may grow, releases its cache and "
+        "retries; which segment end torch grows among several is not modelled (the search's boundary holds)",
 }
 
 
@@ -96,7 +100,9 @@ def test_without_the_top_down_addresses_the_model_disagrees():
 
 OK_TRACES = [t for t in TRACES if t["status"] == "ok"]
 SEQUENCE_TOLERANCE = 0.005  # reserved peak at the H200's capacity, planner replay vs the GPU's requests
+ENCODER_DECODER = "encoder-decoder runs (T5) are not replayed request by request: only the weights and inputs"
 KNOWN_SEQUENCE_GAPS: dict[str, str] = {
+    "tests/configs/flan-t5-base.json-bf16-sdpa-n2048-default-b2-ok": ENCODER_DECODER,
     "phi-2-nf4-sdpa-n960-default-b8-ok": "bitsandbytes 0.50 runs fc1 of each decode step (8 rows, 10240 outputs) "
     "through its own gemm_4bit kernel on the H200 (_gemm_4bit_use_custom_cuda, a per-GPU choice); the replay "
     "dequantizes every 4-bit projection, 50 MiB more per layer and step (+1.9% reserved)",
@@ -211,6 +217,10 @@ KNOWN_ORDER_GAPS = {
     "requests its two alternate buffers (90.5 MiB), the GPU 1.3 MiB more (cub's tile counters; request 79); "
     "every other request matches to the end",
     "qwen3-30b-a3b-l8-bf16-sdpa-n1024-default-b735-oom": "as at batch 724",
+    "qwen1.5-moe-a2.7b-l4-bf16-sdpa-n1024-expandable-b1160-ok": "torch.sort's cub scratch, as Qwen3-MoE's: 1 MiB "
+    "more than the two alternate buffers (72.5 MiB) at 4.75M pairs; every other request matches",
+    "qwen1.5-moe-a2.7b-l4-bf16-sdpa-n1024-expandable-b1171-oom": "as at batch 1160",
+    "tests/configs/flan-t5-base.json-bf16-sdpa-n2048-default-b2-ok": ENCODER_DECODER,
 }
 
 

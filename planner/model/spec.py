@@ -197,6 +197,9 @@ class Architecture(Frozen):
     # the config's MLP activation, for the families whose replayed request order depends on it
     # (GPT-2's gelu_new runs op by op; StarCoder2's and OPT's are one kernel)
     activation: str | None = None
+    # Qwen2MoeModel (transformers 5.17) builds a sliding-window mask for every forward even when no
+    # layer slides (its config sets the window to 0 then): a batch x tokens x tokens mask nothing reads
+    unused_sliding_mask: bool = False
     encoder: EncoderSpec | None = None  # encoder-decoder models (T5, BART)
 
     @field_validator("layer_types")

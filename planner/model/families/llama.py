@@ -65,7 +65,7 @@ def _embed_scale(prefix: str = "model.") -> BufferSpec:
 
 @adapter("gemma")
 def _gemma(raw: RawConfig) -> Architecture:
-    return llama_like(raw, family="llama", tied_default=True, extra_buffers=(_embed_scale(),))
+    return llama_like(raw, family="gemma", tied_default=True, extra_buffers=(_embed_scale(),))
 
 
 @adapter("gemma2")

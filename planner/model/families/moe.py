@@ -40,9 +40,11 @@ def _qwen2_moe(raw: RawConfig) -> Architecture:
     # Qwen2MoeConfig: with use_sliding_window, the even layers below max_window_layers slide
     window = read_window(raw) if raw.bool("use_sliding_window", default=False) else None
     first_full = raw.int("max_window_layers", default=28, minimum=0)
-    return llama_like(raw, family="moe", tied_default=False, qkv_bias=True, moe=moe, window=window,
-                       layer_rule=lambda i: "sliding" if window and i % 2 == 0 and i < first_full else "full",
-                       moe_layout=MoeLayout(shared="shared_expert", shared_gate=True))
+    arch = llama_like(raw, family="moe", tied_default=False, qkv_bias=True, moe=moe, window=window,
+                      layer_rule=lambda i: "sliding" if window and i % 2 == 0 and i < first_full else "full",
+                      moe_layout=MoeLayout(shared="shared_expert", shared_gate=True))
+    # create_sliding_window_causal_mask runs whatever the layers are (H200 trace of Qwen1.5-MoE)
+    return arch.model_copy(update={"unused_sliding_mask": "sliding" not in arch.layer_types})
 
 
 @adapter("qwen3_moe")

@@ -19,6 +19,7 @@ from .layernorm_layers import (
     SINGLE_KERNEL_ACTIVATIONS,
     bloom_decode_attention,
     bloom_layer,
+    falcon_new_layer,
     falcon_parallel,
     falcon_parallel_layer,
     gpt2_layer,
@@ -51,6 +52,8 @@ def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
         return bloom_layer
     if arch.family == "falcon_mqa" and kernel == "math" and falcon_parallel(arch):
         return falcon_parallel_layer
+    if arch.family == "falcon" and spec.attn == "sdpa" and arch.cache_heads == arch.num_heads:
+        return falcon_new_layer  # the new decoder layout
     if arch.model_type == "gpt_bigcode" and arch.activation in SINGLE_KERNEL_ACTIVATIONS and \
             kernel in ("flash", "efficient", "eager"):
         return gpt2_layer  # eager too: its layer keeps to eager_attention's order

@@ -456,3 +456,51 @@ def bloom_decode_attention(tr: Tracer, arch: Architecture, spec: RunSpec, kv_len
     output are a few kilobytes); everything goes by the step's end."""
     b, s = spec.batch, spec.activation_bytes
     tr.drop(*_bloom_scores(tr, b, arch.num_heads, 1, kv_length, s), tr.new(b * arch.hidden_size * s, "bmm(weights, v)"))
+
+
+def falcon_new_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+                     kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
+    """FalconDecoderLayer with new_decoder_architecture (transformers 5.17), as the H200 trace of
+    the falcon new-decoder test config at batch 8 shows it: ln_attn and ln_mlp (or one input
+    LayerNorm); the fused query_key_value; _split_heads indexes each group's key and value (two
+    small copies), broadcasts them to every query head and flattens query, key and value into
+    three copies (the indexed ones go); the rotary of query and key (their flattened copies go);
+    the cache cats of the broadcast key and value (the rotated key and the value go); SDPA with
+    Falcon's own mask, made additive per layer (the efficient kernel, heads-last output: the
+    permute-reshape is a view); dense (the fused projection and the rotated query go); the MLP;
+    mlp_output += attention in place, dropout_add with the residual."""
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    heads, kv_heads, d, h = arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.hidden_size
+    tokens = b * n
+    hidden = tokens * h * s
+    q_bytes = tokens * heads * d * s
+    ln_attn = layer_norm_fused(tr, hidden, tokens)
+    ln_mlp = layer_norm_fused(tr, hidden, tokens) if not falcon_parallel(arch) else ln_attn
+    qkv = tr.new(tokens * (heads + 2 * kv_heads) * d * s, "self_attention.query_key_value")
+    tr.at(op="_split_heads")
+    picked = [tr.new(tokens * kv_heads * d * s, f"qkv[..., [{i}]] (copy)") for i in (-2, -1)]
+    query, key, value = (tr.new(q_bytes, f"{name} flatten (copy)") for name in ("query", "key", "value"))
+    tr.drop(*picked)
+    tr.at(op="rotary embedding (query)")
+    q_rot = traced_rope(tr, q_bytes)
+    tr.at(op="rotary embedding (key)")
+    k_rot = traced_rope(tr, q_bytes)
+    tr.drop(query, key)
+    cache: list[int | None] = []
+    if generate:
+        cache, k_rot, value = prefill_cache(tr, arch, spec, k_rot, value), None, None
+    tr.at(op="attention (efficient, Falcon's mask)")
+    additive = tr.new(b * n * n * s, "SDPA additive mask")
+    out = tr.new(q_bytes, "SDPA output")
+    tr.drop(additive)
+    dense = tr.new(hidden, "self_attention.dense")
+    tr.drop(out, qkv, q_rot, k_rot, value)
+    tr.at(op="mlp")
+    up = tr.new(tokens * arch.intermediate_size * s, "mlp.dense_h_to_4h")
+    act = tr.new(tokens * arch.intermediate_size * s, "mlp.act")
+    tr.drop(up)
+    down = tr.new(hidden, "mlp.dense_4h_to_h")
+    tr.drop(act)
+    output = tr.new(hidden, "dropout_add(mlp + attention, residual)")
+    tr.drop(ln_attn, ln_mlp if ln_mlp is not ln_attn else None, dense, down)
+    return output, cache

@@ -28,7 +28,7 @@ from .decode_replay import MAX_REPLAYED_DECODE_STEPS, decode, last_token_logits
 # Families whose decoder layer is replayed request by request in transformers 5.17's order
 # (layer_replay.traced_layer), read from a dispatch-level trace of generate() on CPU (every tensor's
 # allocation and the moment its last reference goes). The others keep the coarser order below.
-TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe",
+TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
                                 "gemma", "gemma2", "gemma3_text"})
 
 
@@ -232,19 +232,23 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
         # sdpa_mask's tokens x tokens pieces, the batch's boolean mask (the pieces go), then
         # eager_mask's additive copy in the model dtype (the boolean goes): H200 traces of
         # Llama-3.2-1B, Qwen3-0.6B, SantaCoder, GPT-J and OctoCoder, all eager
-        for _ in set(arch.layer_types):
+        for _ in [*set(arch.layer_types), *(["unused sliding"] if arch.unused_sliding_mask else [])]:
             pieces = layer_replay.causal_mask_pieces(tr, n)
             boolean = tr.new(b * n * n, "causal mask (bool)")
             tr.drop(pieces)
             held_model.append(tr.new(b * n * n * s, "causal mask"))
             tr.drop(boolean)
-    elif spec.attn == "sdpa" and (layout.sdpa_kernel == "math" or not sdpa_unmasked):
+    elif spec.attn == "sdpa" and (layout.sdpa_kernel == "math" or layout.materialized_mask or not sdpa_unmasked):
         piece = None
         if not sdpa_unmasked and (traced or coded_layer is not None):
             piece = layer_replay.sliding_mask_pieces(tr, n)
         elif coded_layer is not None:  # Falcon's own causal mask
             piece = layer_replay.causal_mask_pieces(tr, n)
         held_model.append(tr.new(b * n * n, "causal mask"))  # the masks exist before the rotary tables
+        tr.drop(piece)
+    if arch.unused_sliding_mask and spec.attn == "sdpa":  # built and held, never read
+        piece = layer_replay.sliding_mask_pieces(tr, n)
+        held_model.append(tr.new(b * n * n, "sliding mask nothing reads"))
         tr.drop(piece)
     if learned_positions and layout.mask_before_positions:
         first_input = add_positions()
