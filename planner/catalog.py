@@ -113,6 +113,7 @@ class FamilyLayout(Frozen):
     # create_causal_mask runs before the learned position embeddings are added (OPT, GPT-BigCode; GPT-2 after)
     mask_before_positions: bool = False
     materialized_mask: bool = False  # the family builds its causal mask for SDPA even when none is needed (Falcon)
+    bool_causal_mask: bool = False  # the eager mask cast back to booleans and held so (MPT's masked_fill)
     complex_rotary: bool = False  # one complex64 rotary table (torch.polar), not cos and sin (DeepSeek-V2)
 
 

@@ -271,7 +271,7 @@ def test_the_replay_fails_at_the_request_the_gpu_failed_at(row):
 @pytest.mark.parametrize("model, order", [
     ("llama-3.1-8b", "traced"), ("gemma-2-2b-it", "traced"), ("stablelm-2-zephyr-1_6b", "code"),
     ("phi-3.5-mini-instruct", "code"), ("falcon-7b-instruct", "code"), ("phi-2", "code"), ("bloomz-560m", "code"),
-    ("mpt-7b-instruct", "coarse"),
+    ("mpt-7b-instruct", "code"), ("gpt-oss-20b", "coarse"),
     ("tests/configs/mamba-2.8b.json", "none"),
 ])
 def test_the_verdict_says_what_its_request_order_rests_on(model, order):

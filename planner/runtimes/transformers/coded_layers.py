@@ -1,5 +1,6 @@
 """Which decoder layers are replayed from their family's modeling code (family_layers.py,
-layernorm_layers.py) rather than in the traced llama order or the coarse one (sequence.py)."""
+layernorm_layers.py, own_attention_layers.py, mla_layers.py) rather than in the traced llama
+order or the coarse one (sequence.py), and the decode steps of those that differ."""
 
 from __future__ import annotations
 
@@ -17,21 +18,24 @@ from .family_layers import (
 )
 from .layernorm_layers import (
     SINGLE_KERNEL_ACTIVATIONS,
-    bloom_decode_attention,
-    bloom_layer,
     falcon_new_layer,
     falcon_parallel,
     falcon_parallel_layer,
     gpt2_layer,
-    gptj_decode_attention,
-    gptj_layer,
-    gptj_position_table,
     opt_layer,
     opt_pre_norm,
     phi_layer,
     starcoder2_layer,
 )
 from .mla_layers import deepseek_v2_layer, mla_decode_attention
+from .own_attention_layers import (
+    bloom_decode_attention,
+    bloom_layer,
+    gptj_decode_attention,
+    gptj_layer,
+    gptj_position_table,
+    mpt_layer,
+)
 
 
 def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
@@ -50,6 +54,8 @@ def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
         return gptj_layer
     if arch.model_type == "bloom" and kernel == "eager":
         return bloom_layer
+    if arch.model_type == "mpt" and kernel == "eager":
+        return mpt_layer
     if arch.family == "falcon_mqa" and kernel == "math" and falcon_parallel(arch):
         return falcon_parallel_layer
     if arch.family == "falcon" and spec.attn == "sdpa" and arch.cache_heads == arch.num_heads:

@@ -21,7 +21,7 @@ from ...base import Frozen
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from ..allocator import EXPANDABLE_RANGE, CachingAllocator, Capacity, OutOfMemory
-from . import attention, coded_layers, kv_cache, layer_replay, layernorm_layers, mla_layers, sdpa_math
+from . import attention, coded_layers, kv_cache, layer_replay, mla_layers, own_attention_layers, sdpa_math
 from .activations import RunSpec
 from .decode_replay import MAX_REPLAYED_DECODE_STEPS, decode, last_token_logits
 
@@ -183,7 +183,8 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
     inter = b * n * arch.intermediate_size * s
     q_bytes = b * n * arch.num_heads * arch.head_dim * s
     kv_bytes = b * n * arch.num_kv_heads * arch.head_dim * s
-    rms = not any(t.kind == "norm" and t.name.endswith(".bias") for t in arch.tensors)
+    # RMSNorm unless the norms carry a bias; MPT's LayerNorms have none (its config's no_bias)
+    rms = not any(t.kind == "norm" and t.name.endswith(".bias") for t in arch.tensors) and arch.model_type != "mpt"
     rotary_fraction = arch.rotary_dim / arch.head_dim if arch.rotary_dim else 0.0
     fused_gate_up = any(".gate_up_proj." in t.name for t in arch.tensors)
 
@@ -219,8 +220,8 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
 
     if learned_positions and not layout.mask_before_positions:
         first_input = add_positions()
-    if coded_layer is not None and arch.positions == "alibi":  # BLOOM: its embedding norm and ALiBi
-        first_input, alibi = layernorm_layers.bloom_embeddings(tr, arch, b, n, s)
+    if coded_layer is not None and arch.model_type == "bloom":  # its embedding norm and ALiBi
+        first_input, alibi = own_attention_layers.bloom_embeddings(tr, arch, b, n, s)
         held_model.append(alibi)
     extra_copies = 0 if coded_layer is not None else max(0, layout.mlp_point.hidden - 4)
     for _ in range(extra_copies):  # the coarse order's extra model-level copies (gpt2)
@@ -236,8 +237,13 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
             pieces = layer_replay.causal_mask_pieces(tr, n)
             boolean = tr.new(b * n * n, "causal mask (bool)")
             tr.drop(pieces)
-            held_model.append(tr.new(b * n * n * s, "causal mask"))
+            additive = tr.new(b * n * n * s, "causal mask")
             tr.drop(boolean)
+            if layout.bool_causal_mask:  # .to(torch.bool): the additive one goes
+                held_model.append(tr.new(b * n * n, "causal mask .to(bool)"))
+                tr.drop(additive)
+            else:
+                held_model.append(additive)
     elif spec.attn == "sdpa" and (layout.sdpa_kernel == "math" or layout.materialized_mask or not sdpa_unmasked):
         piece = None
         if not sdpa_unmasked and (traced or coded_layer is not None):
