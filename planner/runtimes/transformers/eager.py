@@ -35,13 +35,7 @@ def eager_attention(tr: Tracer, spec: RunSpec, heads: int, kv_heads: int, q_len:
         step = tr.new(scores * s, f"scores {op}")
         tr.drop(chain)
         chain = step
-    upcast = tr.new(scores * 4, "softmax upcast") if s < 4 else None
-    soft = tr.new(scores * 4, "softmax")
-    tr.drop(upcast)
-    weights = soft
-    if s < 4:
-        weights = tr.new(scores * s, "softmax .to(dtype)")
-        tr.drop(soft)
+    weights = fp32_softmax(tr, scores, s)
     tr.drop(chain)
     value_copy = tr.new(expanded, "value broadcast for weights @ v") if broadcast else None
     raw = tr.new(q_bytes, "weights @ v")
@@ -53,3 +47,16 @@ def eager_attention(tr: Tracer, spec: RunSpec, heads: int, kv_heads: int, q_len:
     tr.drop(*repeats)
     return out, weights
 
+
+def fp32_softmax(tr: Tracer, scores: int, s: int, upcast_input: bool = True) -> int | None:
+    """softmax in fp32, then .to(dtype): scores in the model dtype are upcast into a copy first
+    (it goes once the softmax exists; `upcast_input` False for scores already fp32); the fp32
+    softmax goes once cast, and in an fp32 run it is the weights. Returns the weights."""
+    upcast = tr.new(scores * 4, "softmax upcast") if upcast_input and s < 4 else None
+    soft = tr.new(scores * 4, "softmax")
+    tr.drop(upcast)
+    if s >= 4:
+        return soft
+    weights = tr.new(scores * s, "softmax .to(dtype)")
+    tr.drop(soft)
+    return weights

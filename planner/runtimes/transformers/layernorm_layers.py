@@ -31,6 +31,23 @@ def new_gelu(tr: Tracer, nbytes: int) -> int:
     return out
 
 
+def two_matrix_mlp(tr: Tracer, arch: Architecture, tokens: int, s: int, names: tuple[str, str],
+                   dequantized: bool = False) -> int | None:
+    """The LayerNorm families' MLP: the first matrix, its activation (gelu_new op by op, any other
+    one kernel), the first matrix's output goes, the second matrix (under bitsandbytes 4-bit each
+    weight dequantized first), the activation goes. Returns the second matrix's output."""
+    width = tokens * arch.intermediate_size * s
+    first = projection(tr, tokens, arch.intermediate_size, arch.hidden_size, s, names[0], dequantized)
+    if arch.activation == "gelu_new":
+        act = new_gelu(tr, width)
+    else:
+        act = tr.new(width, f"{arch.activation or 'act'}({names[0]})")
+    tr.drop(first)
+    down = projection(tr, tokens, arch.hidden_size, arch.intermediate_size, s, names[1], dequantized)
+    tr.drop(act)
+    return down
+
+
 def gpt2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
                kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
     """GPT2Block and GPTBigCodeBlock (transformers 5.17), as the H200 traces of GPT-2 medium at
@@ -54,14 +71,7 @@ def gpt2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSp
     tr.at(op="ln_2")
     normed_mlp = layer_norm_fused(tr, hidden, tokens)
     tr.at(op="mlp")
-    fc = tr.new(tokens * arch.intermediate_size * s, "mlp.c_fc")
-    if arch.activation == "gelu_new":
-        act = new_gelu(tr, tokens * arch.intermediate_size * s)
-    else:
-        act = tr.new(tokens * arch.intermediate_size * s, f"{arch.activation}(mlp.c_fc)")
-    tr.drop(fc)
-    down = tr.new(hidden, "mlp.c_proj")
-    tr.drop(act)
+    down = two_matrix_mlp(tr, arch, tokens, s, ("mlp.c_fc", "mlp.c_proj"))
     output = tr.new(hidden, "residual add")
     tr.drop(normed_mlp, residual, projected, weights, down)
     return output, cache
@@ -188,11 +198,7 @@ def falcon_parallel_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, 
     dense = tr.new(hidden, "self_attention.dense")
     tr.drop(merged, qkv, q_rot, k_rot, value)
     tr.at(op="mlp")
-    up = tr.new(tokens * arch.intermediate_size * s, "mlp.dense_h_to_4h")
-    act = tr.new(tokens * arch.intermediate_size * s, "mlp.act")
-    tr.drop(up)
-    down = tr.new(hidden, "mlp.dense_4h_to_h")
-    tr.drop(act)
+    down = two_matrix_mlp(tr, arch, tokens, s, ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"))
     output = tr.new(hidden, "dropout_add(mlp + attention, residual)")
     tr.drop(normed, dense, down)
     return output, cache
@@ -233,14 +239,7 @@ def phi_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpe
     dense = linear(h, heads * d, "self_attn.dense")
     tr.drop(out, q_cat, q_rot, q, k_rot, k, k_cat, v, weights)
     tr.at(op="mlp")
-    fc1 = linear(arch.intermediate_size, h, "mlp.fc1")
-    if arch.activation == "gelu_new":
-        act = new_gelu(tr, tokens * arch.intermediate_size * s)
-    else:
-        act = tr.new(tokens * arch.intermediate_size * s, f"{arch.activation}(mlp.fc1)")
-    tr.drop(fc1)
-    fc2 = linear(h, arch.intermediate_size, "mlp.fc2")
-    tr.drop(act)
+    fc2 = two_matrix_mlp(tr, arch, tokens, s, ("mlp.fc1", "mlp.fc2"), dequantized)
     summed = tr.new(hidden, "attention + mlp")
     output = tr.new(hidden, "+ residual")
     tr.drop(summed, normed, dense, fc2)
@@ -285,11 +284,7 @@ def falcon_new_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec:
     dense = tr.new(hidden, "self_attention.dense")
     tr.drop(out, qkv, q_rot, k_rot, value)
     tr.at(op="mlp")
-    up = tr.new(tokens * arch.intermediate_size * s, "mlp.dense_h_to_4h")
-    act = tr.new(tokens * arch.intermediate_size * s, "mlp.act")
-    tr.drop(up)
-    down = tr.new(hidden, "mlp.dense_4h_to_h")
-    tr.drop(act)
+    down = two_matrix_mlp(tr, arch, tokens, s, ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"))
     output = tr.new(hidden, "dropout_add(mlp + attention, residual)")
     tr.drop(ln_attn, ln_mlp if ln_mlp is not ln_attn else None, dense, down)
     return output, cache

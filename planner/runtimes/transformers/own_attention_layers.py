@@ -10,9 +10,10 @@ from __future__ import annotations
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from .activations import RunSpec
+from .eager import fp32_softmax
 from .family_layers import layer_norm_fused
 from .layer_replay import Tracer, prefill_cache
-from .layernorm_layers import new_gelu
+from .layernorm_layers import two_matrix_mlp
 
 
 def _gptj_rope(tr: Tracer, nbytes: int, table_bytes: int) -> int:
@@ -95,14 +96,7 @@ def gptj_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSp
     attended = tr.new(hidden, "attn.out_proj")
     tr.drop(merged, q_cat if q_cat is not q_rot else None, table, ids, sincos, k_rot, k, q_rot, q, k_cat, v)
     tr.at(op="mlp")
-    fc_in = tr.new(tokens * arch.intermediate_size * s, "mlp.fc_in")
-    if arch.activation == "gelu_new":
-        act = new_gelu(tr, tokens * arch.intermediate_size * s)
-    else:
-        act = tr.new(tokens * arch.intermediate_size * s, f"{arch.activation}(mlp.fc_in)")
-    tr.drop(fc_in)
-    fc_out = tr.new(hidden, "mlp.fc_out")
-    tr.drop(act)
+    fc_out = two_matrix_mlp(tr, arch, tokens, s, ("mlp.fc_in", "mlp.fc_out"))
     summed = tr.new(hidden, "attention + mlp")
     output = tr.new(hidden, "+ residual")
     tr.drop(summed, normed, attended, fc_out)
@@ -169,14 +163,7 @@ def _bloom_scores(tr: Tracer, b: int, heads: int, q_len: int, kv_len: int, s: in
     scores = b * heads * q_len * kv_len
     raw = tr.new(scores * s, "alibi.baddbmm(q, k^T)")
     masked = tr.new(scores * s, "scores + mask")
-    upcast = tr.new(scores * 4, "softmax upcast") if s < 4 else None
-    soft = tr.new(scores * 4, "softmax")
-    tr.drop(upcast)
-    weights = soft
-    if s < 4:
-        weights = tr.new(scores * s, "softmax .to(dtype)")
-        tr.drop(soft)
-    return [raw, masked, weights]
+    return [raw, masked, fp32_softmax(tr, scores, s)]
 
 
 def bloom_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
@@ -258,11 +245,7 @@ def mpt_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpe
         step = tr.new(scores * width, f"scores {op}")
         tr.drop(chain)
         chain = step
-    soft = tr.new(scores * 4, "softmax")
-    weights = soft
-    if s < 4:
-        weights = tr.new(scores * s, "softmax .to(dtype)")
-        tr.drop(soft)
+    weights = fp32_softmax(tr, scores, s, upcast_input=False)  # the scores are fp32 already
     value = tr.new(q_bytes, "value copy for weights @ v")
     context = tr.new(q_bytes, "weights @ v")
     tr.drop(value)
