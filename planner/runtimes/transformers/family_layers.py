@@ -60,6 +60,19 @@ def cache_and_attend(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec:
     return out, cache, key, value, None
 
 
+def partial_rotary_with_cats(tr: Tracer, q_bytes: int, kv_bytes: int,
+                             fraction: float) -> tuple[int | None, int | None, int | None, int | None]:
+    """The rotary of the first `fraction` of each query and key head, then torch.cat back with
+    the pass-through slices, query first (StableLM, Phi-2). Returns the rotated halves and the
+    cats; the caller's code decides when each goes."""
+    tr.at(op="rotary embedding (query)")
+    q_rot = traced_rope(tr, int(q_bytes * fraction))
+    tr.at(op="rotary embedding (key)")
+    k_rot = traced_rope(tr, int(kv_bytes * fraction))
+    return (q_rot, k_rot, tr.new(q_bytes, "cat(query_rot, query_pass)"),
+            tr.new(kv_bytes, "cat(key_rot, key_pass)"))
+
+
 def stablelm_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
                    kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
     """StableLmDecoderLayer (transformers 5.17, sequential residual, no qk-norm), read from its
@@ -76,12 +89,7 @@ def stablelm_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: R
     normed = layer_norm_fused(tr, hidden, tokens)
     q, k, v = (tr.new(q_bytes, "self_attn.q_proj"), tr.new(kv_bytes, "self_attn.k_proj"),
                tr.new(kv_bytes, "self_attn.v_proj"))
-    tr.at(op="rotary embedding (query)")
-    q_rot = traced_rope(tr, int(q_bytes * fraction))
-    tr.at(op="rotary embedding (key)")
-    k_rot = traced_rope(tr, int(kv_bytes * fraction))
-    q_cat = tr.new(q_bytes, "cat(query_rot, query_pass)")
-    k_cat = tr.new(kv_bytes, "cat(key_rot, key_pass)")
+    q_rot, k_rot, q_cat, k_cat = partial_rotary_with_cats(tr, q_bytes, kv_bytes, fraction)
     out, cache, k_cat, v, _ = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_cat, v,
                                            query_heads_first=True)
     attn_out = tr.new(hidden, "self_attn.o_proj")

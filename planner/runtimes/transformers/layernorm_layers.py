@@ -10,7 +10,7 @@ from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from . import sdpa_math
 from .activations import RunSpec
-from .family_layers import cache_and_attend, layer_norm_fused
+from .family_layers import cache_and_attend, layer_norm_fused, partial_rotary_with_cats
 from .layer_replay import Tracer, prefill_cache, projection, traced_rope
 
 # activations that are one kernel, one output tensor (ACT2FN in transformers 5.17)
@@ -228,12 +228,7 @@ def phi_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpe
     normed = layer_norm_fused(tr, hidden, tokens)
     q, k, v = (linear(heads * d, h, "self_attn.q_proj"), linear(kv_heads * d, h, "self_attn.k_proj"),
                linear(kv_heads * d, h, "self_attn.v_proj"))
-    tr.at(op="rotary embedding (query)")
-    q_rot = traced_rope(tr, int(q_bytes * fraction))
-    tr.at(op="rotary embedding (key)")
-    k_rot = traced_rope(tr, int(kv_bytes * fraction))
-    q_cat = tr.new(q_bytes, "cat(query_rot, query_pass)")
-    k_cat = tr.new(kv_bytes, "cat(key_rot, key_pass)")
+    q_rot, k_rot, q_cat, k_cat = partial_rotary_with_cats(tr, q_bytes, kv_bytes, fraction)
     out, cache, k_cat, v, weights = cache_and_attend(tr, arch, layout, spec, kernel, masked, generate, k_cat, v,
                                                      query_heads_first=True)
     dense = linear(h, heads * d, "self_attn.dense")
