@@ -100,9 +100,12 @@ def test_without_the_top_down_addresses_the_model_disagrees():
 
 OK_TRACES = [t for t in TRACES if t["status"] == "ok"]
 SEQUENCE_TOLERANCE = 0.005  # reserved peak at the H200's capacity, planner replay vs the GPU's requests
-ENCODER_DECODER = "encoder-decoder runs (T5) are not replayed request by request: only the weights and inputs"
+MAMBA2_SCAN = ("Mamba-2's torch-fallback scan (torch_forward's mamba2_chunk_scan) is not replayed request by "
+               "request: its trace shows the C x B product's 4 GiB segment reused by three layers, then split by a "
+               "block that outlives the layer, so the fourth layer's product takes a second 4 GiB segment (reserved "
+               "12.0 GiB, allocated 8.0)")
 KNOWN_SEQUENCE_GAPS: dict[str, str] = {
-    "tests/configs/flan-t5-base.json-bf16-sdpa-n2048-default-b2-ok": ENCODER_DECODER,
+    "tests/configs/mamba2-codestral-7b.json-l16-bf16-eager-n128-default-b1-ok": MAMBA2_SCAN,
     "phi-2-nf4-sdpa-n960-default-b8-ok": "bitsandbytes 0.50 runs fc1 of each decode step (8 rows, 10240 outputs) "
     "through its own gemm_4bit kernel on the H200 (_gemm_4bit_use_custom_cuda, a per-GPU choice); the replay "
     "dequantizes every 4-bit projection, 50 MiB more per layer and step (+1.9% reserved)",
@@ -213,6 +216,7 @@ def test_compact_trace_keeps_requests_blocks_and_relative_addresses():
 
 LARGE_REQUEST = 64 << 20
 KNOWN_ORDER_GAPS = {
+    "tests/configs/mamba2-codestral-7b.json-l16-bf16-eager-n128-default-b1-ok": MAMBA2_SCAN,
     "qwen3-30b-a3b-l8-bf16-sdpa-n1024-default-b724-ok": "torch.sort's cub scratch for the routed ids: the planner "
     "requests its two alternate buffers (90.5 MiB), the GPU 1.3 MiB more (cub's tile counters; request 79); "
     "every other request matches to the end",
@@ -220,7 +224,6 @@ KNOWN_ORDER_GAPS = {
     "qwen1.5-moe-a2.7b-l4-bf16-sdpa-n1024-expandable-b1160-ok": "torch.sort's cub scratch, as Qwen3-MoE's: 1 MiB "
     "more than the two alternate buffers (72.5 MiB) at 4.75M pairs; every other request matches",
     "qwen1.5-moe-a2.7b-l4-bf16-sdpa-n1024-expandable-b1171-oom": "as at batch 1160",
-    "tests/configs/flan-t5-base.json-bf16-sdpa-n2048-default-b2-ok": ENCODER_DECODER,
 }
 
 

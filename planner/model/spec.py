@@ -153,6 +153,9 @@ class EncoderSpec(Frozen):
     gated_ffn: bool = False  # T5's gated-GELU (wi_0, wi_1)
     relative_bias: bool = False  # T5: a B-independent heads x N x N position bias, SDPA's math kernel
     forced_eos: bool = False  # forced_eos_token_id: a logits processor adds fp32 copies of the scores
+    # T5 scales the decoder's output by d_model**-0.5 before the lm_head unless the config's
+    # tie_word_embeddings is false (T5Config.scale_decoder_outputs, transformers 5.17)
+    scaled_decoder_output: bool = False
 
 
 class Architecture(Frozen):

@@ -248,5 +248,8 @@ def _mpt(raw: RawConfig) -> Architecture:
     inv.head("lm_head", shape.vocab, hidden, tied)
     return whole_model_arch(
         raw, inv, **shape.arch_fields(), family="mpt", intermediate_size=ratio * hidden, rotary_dim=0,
-        positions="alibi", max_positions=None, tie_word_embeddings=tied, attention_implementations=("eager",),
+        # MptModel builds its ALiBi bias for config.max_seq_len positions and slices it per step: a longer
+        # sequence is a shape error (the H200 edge search of MPT-7B at 2048 + 16 tokens, edge-h200-18)
+        positions="alibi", max_positions=raw.int("max_seq_len", default=2048), tie_word_embeddings=tied,
+        attention_implementations=("eager",),
     )

@@ -61,7 +61,8 @@ def _t5(raw: RawConfig) -> Architecture:
     _t5_stack(inv, "decoder", decoder_layers, d_model, inner, ffn, heads, buckets, gated, decoder=True)
     # transformers 5.17's T5Config sets tie_word_embeddings = True whatever the file says
     encoder = EncoderSpec(layers=encoder_layers, ffn=ffn, gated_ffn=gated, relative_bias=True,
-                          forced_eos=raw.raw("forced_eos_token_id", default=None) is not None)
+                          forced_eos=raw.raw("forced_eos_token_id", default=None) is not None,
+                          scaled_decoder_output=raw.bool("tie_word_embeddings", default=True) is not False)
     notes = ()
     if raw.bool("tie_word_embeddings", default=True) is False:
         notes = ("the config unties lm_head, but transformers 5.17's T5Config always ties it to the shared "
@@ -71,6 +72,8 @@ def _t5(raw: RawConfig) -> Architecture:
         vocab_size=vocab, num_heads=heads, num_kv_heads=heads, head_dim=d_kv, intermediate_size=ffn,
         rotary_dim=0, positions="none", max_positions=None, tie_word_embeddings=True,
         attention_implementations=("sdpa", "eager"), encoder=encoder, notes=notes,
+        # T5Config's dense_act_fn: "gated-gelu" means gelu_new (configuration_t5.py, 5.17)
+        activation="gelu_new" if projection == "gated-gelu" else projection.removeprefix("gated-"),
     )
 
 

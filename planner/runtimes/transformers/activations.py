@@ -56,6 +56,15 @@ class RunSpec(Frozen):
     cache_restart_step: int | None = None
     # generate() without a cache: the earlier, shorter passes before the longest (prompt_len)
     reruns: int = 0
+    # the compute dtype is fp16: torch's softmax(x, dtype=float32) of a CUDA half tensor is one
+    # fused kernel (half_to_float), where bf16 is first upcast into an fp32 copy
+    # (aten/src/ATen/native/SoftMax.cpp; the H200 edge search of Llama-3.2-1B fp16 eager)
+    fp16: bool = False
+
+    @property
+    def softmax_upcasts(self) -> bool:
+        """Whether softmax(x, dtype=torch.float32) of this run's activations copies x to fp32 first."""
+        return self.activation_bytes < 4 and not self.fp16
 
     @property
     def cache_growth_steps(self) -> int:
@@ -213,7 +222,8 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
         ("current keys/values", 0 if generate and spec.keeps_cache else 2 * block_bytes(
             b * arch.num_kv_heads * n * arch.head_dim * s), "this layer's K and V (no cache)"),
         ("attention weights", held_in_attention, "the previous layer's eager weights, still referenced"),
-        ("attention workspace", attention.kernel_workspace(arch, layout, kernel, b, n, kv_len, s, masked),
+        ("attention workspace", attention.kernel_workspace(arch, layout, kernel, b, n, kv_len, s, masked,
+                                                           spec.softmax_upcasts),
          f"{kernel} attention: output" + (" and B x heads x N x N scores" if kernel in ("eager", "math")
                                           else " and softmax statistics")),
     ]

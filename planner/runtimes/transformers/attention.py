@@ -54,7 +54,8 @@ def repeats_kv(arch: Architecture, layout: FamilyLayout, kernel: Kernel, masked:
 
 
 def kernel_workspace(arch: Architecture, layout: FamilyLayout, kernel: Kernel, batch: int,
-                     q_len: int, kv_len: int, activation_bytes: int, masked: bool) -> int:
+                     q_len: int, kv_len: int, activation_bytes: int, masked: bool,
+                     softmax_upcast: bool = True) -> int:
     """Bytes the attention call itself allocates for one layer, output included."""
     heads, d = arch.num_heads, arch.head_dim
     scores = batch * heads * q_len * kv_len
@@ -80,11 +81,17 @@ def kernel_workspace(arch: Architecture, layout: FamilyLayout, kernel: Kernel, b
         else:  # is_causal: a lower-triangular N x N mask, made additive in fp32
             total += block_bytes(q_len * kv_len * 4)
         return total
-    # eager: q @ k^T (+ mask) in the model dtype, softmax in fp32 (input upcast and output)
+    # eager: q @ k^T (+ mask) in the model dtype, softmax in fp32 (input upcast, except fp16's
+    # fused kernel, and output)
     eager = layout.eager_scores
-    upcasts = eager.upcast_copies if activation_bytes < 4 else 0
-    return (eager.dtype_copies * block_bytes(scores * activation_bytes)
-            + (eager.fp32_copies + upcasts) * block_bytes(scores * 4))
+    upcasts = eager.upcast_copies if activation_bytes < 4 and softmax_upcast else 0
+    low, wide = block_bytes(scores * activation_bytes), block_bytes(scores * 4)
+    at_softmax = eager.dtype_copies * low + (eager.fp32_copies + upcasts) * wide
+    if activation_bytes >= 4 or not eager.upcast_copies or softmax_upcast:
+        return at_softmax
+    # fp16's fused softmax makes no upcast: the cast back to the model dtype, its output beside
+    # the fp32 softmax and the scores, is then the larger moment (H200, Llama-3.2-1B fp16 eager)
+    return max(at_softmax, (eager.dtype_copies + 1) * low + eager.fp32_copies * wide)
 
 
 def held_weights(layout: FamilyLayout, kernel: Kernel, batch: int, heads: int, q_len: int,

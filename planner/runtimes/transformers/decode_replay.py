@@ -74,7 +74,8 @@ def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
                 _dequantized_mlp(tr, arch, b, spec.activation_bytes, projections)
             if arch.moe is not None and index in arch.moe.sparse_layers and layout.experts is not None:
                 tr.at(op="experts (batched_mm)")
-                tr.drop(layer_replay.moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False))
+                tr.drop(layer_replay.moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False,
+                                                       upcast_softmax=spec.softmax_upcasts))
         tr.at(f"decode step {step}", "lm_head (logits)")
         logits = last_token_logits(tr, layout, b * vocab * spec.activation_bytes)
         tr.drop(*previous_fresh)  # the previous step's fresh cache goes after this step's logits

@@ -35,7 +35,7 @@ def eager_attention(tr: Tracer, spec: RunSpec, heads: int, kv_heads: int, q_len:
         step = tr.new(scores * s, f"scores {op}")
         tr.drop(chain)
         chain = step
-    weights = fp32_softmax(tr, scores, s)
+    weights = fp32_softmax(tr, scores, s, spec.softmax_upcasts)
     tr.drop(chain)
     value_copy = tr.new(expanded, "value broadcast for weights @ v") if broadcast else None
     raw = tr.new(q_bytes, "weights @ v")
@@ -50,7 +50,8 @@ def eager_attention(tr: Tracer, spec: RunSpec, heads: int, kv_heads: int, q_len:
 
 def fp32_softmax(tr: Tracer, scores: int, s: int, upcast_input: bool = True) -> int | None:
     """softmax in fp32, then .to(dtype): scores in the model dtype are upcast into a copy first
-    (it goes once the softmax exists; `upcast_input` False for scores already fp32); the fp32
+    (it goes once the softmax exists; `upcast_input` False for scores already fp32, and for fp16
+    scores, which torch's fused half-to-float softmax reads as they are); the fp32
     softmax goes once cast, and in an fp32 run it is the weights. Returns the weights."""
     upcast = tr.new(scores * 4, "softmax upcast") if upcast_input and s < 4 else None
     soft = tr.new(scores * 4, "softmax")

@@ -131,7 +131,7 @@ def run_spec(arch: Architecture, workload: Workload, weights: WeightBreakdown, c
                    keeps_cache=keeps_cache,
                    cache_restart_step=kv_cache.restart_step(arch, prompt, new_tokens)
                    if keeps_cache and workload.mode == "generate" else None,
-                   reruns=reruns)
+                   reruns=reruns, fp16=compute == "fp16")
 
 
 def kv_format(workload: Workload, compute: str) -> KvFormat:
@@ -169,7 +169,8 @@ def _order_notes(arch: Architecture, run: sequence.SimulatedRun) -> list[str]:
                 "(neither traced on a GPU nor read op by op from its code for this attention and precision): "
                 "near the capacity the verdict is less certain than for traced families."]
     if run.layer_order == "none":
-        return ["this model's layers are not replayed request by request (recurrent scans, encoder-decoder): "
+        return ["this model's layers are not replayed request by request (recurrent scans; encoder-decoder "
+                "runs other than T5's under SDPA in bf16 or fp32): "
                 "the verdict holds the allocated peak to the capacity, without the caching allocator's reserve."]
     return []
 

@@ -258,7 +258,7 @@ def traced_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
     tr.at(op="mlp")
     if arch.moe is not None and layer in arch.moe.sparse_layers and layout.experts is not None:
         tr.at(op="experts (grouped_mm)")
-        down = moe_block(tr, arch, layout, tokens, s, grouped=True)
+        down = moe_block(tr, arch, layout, tokens, s, grouped=True, upcast_softmax=spec.softmax_upcasts)
     else:
         down = gated_mlp(tr, tokens, arch.intermediate_size, h, s, dequantized)
     tr.drop(normed_mlp)
@@ -326,7 +326,7 @@ def gated_mlp(tr: Tracer, tokens: int, width: int, hidden: int, s: int, dequanti
     return out
 
 
-def _router(tr: Tracer, arch: Architecture, tokens: int, s: int) -> list[int | None]:
+def _router(tr: Tracer, arch: Architecture, tokens: int, s: int, upcast_softmax: bool) -> list[int | None]:
     """The router's requests; returns what the block keeps (logits, top-k weights, indices)."""
     moe = arch.moe
     assert moe is not None
@@ -346,9 +346,9 @@ def _router(tr: Tracer, arch: Architecture, tokens: int, s: int) -> list[int | N
         logits = tr.new(tokens * e * 4)
         tr.drop(*upcast)
         probs = tr.new(tokens * e * 4)
-    else:  # softmax(dtype=float32) of half logits upcasts them into a copy first (H200 trace, Qwen3-MoE)
+    else:  # softmax(dtype=float32) of bf16 logits upcasts them into a copy first (H200 trace, Qwen3-MoE)
         logits = tr.new(tokens * e * s)
-        upcast = tr.new(tokens * e * 4) if s < 4 else None
+        upcast = tr.new(tokens * e * 4) if upcast_softmax else None
         probs = tr.new(tokens * e * 4)
         tr.drop(upcast)
     weights = tr.new(tokens * k * 4)
@@ -366,7 +366,7 @@ def _router(tr: Tracer, arch: Architecture, tokens: int, s: int) -> list[int | N
 
 
 def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int, s: int,
-               grouped: bool) -> int:
+               grouped: bool, upcast_softmax: bool | None = None) -> int:
     """One sparse MLP in the order transformers runs it (experts.py describes the kernels);
     returns its output (tokens x hidden)."""
     moe, experts = arch.moe, layout.experts
@@ -375,7 +375,7 @@ def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int,
     shared_first = None
     if moe.shared_first and moe.shared_intermediate:
         shared_first = gated_mlp(tr, tokens, moe.shared_intermediate, h, s)
-    kept = _router(tr, arch, tokens, s)
+    kept = _router(tr, arch, tokens, s, s < 4 if upcast_softmax is None else upcast_softmax)
     if moe.all_experts:
         e = moe.num_experts
         routed_in = tr.new(e * tokens * h * s)

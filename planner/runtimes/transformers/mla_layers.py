@@ -98,7 +98,7 @@ def deepseek_v2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec
     tr.at(op="mlp")
     if arch.moe is not None and layer in arch.moe.sparse_layers and layout.experts is not None:
         tr.at(op="experts (grouped_mm)")
-        down = moe_block(tr, arch, layout, tokens, s, grouped=True)
+        down = moe_block(tr, arch, layout, tokens, s, grouped=True, upcast_softmax=spec.softmax_upcasts)
     else:
         down = gated_mlp(tr, tokens, arch.intermediate_size, h, s)
     tr.drop(normed_mlp)

@@ -156,14 +156,15 @@ def _bloom_gelu(tr: Tracer, nbytes: int) -> int:
     return out
 
 
-def _bloom_scores(tr: Tracer, b: int, heads: int, q_len: int, kv_len: int, s: int) -> list[int | None]:
+def _bloom_scores(tr: Tracer, b: int, heads: int, q_len: int, kv_len: int, s: int,
+                  upcast: bool) -> list[int | None]:
     """BloomAttention's scores: alibi.baddbmm(q, k^T), + mask, softmax in fp32 (upcast and output;
     the upcast goes), .to(dtype) (the fp32 softmax goes). Returns the scores, the masked scores
     (locals to the end of the attention) and the weights (returned)."""
     scores = b * heads * q_len * kv_len
     raw = tr.new(scores * s, "alibi.baddbmm(q, k^T)")
     masked = tr.new(scores * s, "scores + mask")
-    return [raw, masked, fp32_softmax(tr, scores, s)]
+    return [raw, masked, fp32_softmax(tr, scores, s, upcast)]
 
 
 def bloom_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
@@ -188,7 +189,7 @@ def bloom_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunS
         cache = prefill_cache(tr, arch, spec, None, None)
     tr.at(op="attention (eager, alibi)")
     query = tr.new(tokens * heads * d * s, "query reshape (copy)")
-    raw, masked_scores, weights = _bloom_scores(tr, b, heads, n, n, s)
+    raw, masked_scores, weights = _bloom_scores(tr, b, heads, n, n, s, spec.softmax_upcasts)
     context = tr.new(tokens * heads * d * s, "bmm(weights, v)")
     merged = tr.new(hidden, "_merge_heads (copy)")
     tr.drop(context)
@@ -212,7 +213,8 @@ def bloom_decode_attention(tr: Tracer, arch: Architecture, spec: RunSpec, kv_len
     """One decode step's ALiBi score chain over the cache (the one-token query's copy and the
     output are a few kilobytes); everything goes by the step's end."""
     b, s = spec.batch, spec.activation_bytes
-    tr.drop(*_bloom_scores(tr, b, arch.num_heads, 1, kv_length, s), tr.new(b * arch.hidden_size * s, "bmm(weights, v)"))
+    scores = _bloom_scores(tr, b, arch.num_heads, 1, kv_length, s, spec.softmax_upcasts)
+    tr.drop(*scores, tr.new(b * arch.hidden_size * s, "bmm(weights, v)"))
 
 
 

@@ -21,7 +21,7 @@ from ...base import Frozen
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from ..allocator import EXPANDABLE_RANGE, CachingAllocator, Capacity, OutOfMemory
-from . import attention, coded_layers, kv_cache, layer_replay, mla_layers, own_attention_layers, sdpa_math
+from . import attention, coded_layers, kv_cache, layer_replay, mla_layers, own_attention_layers, sdpa_math, t5_layers
 from .activations import RunSpec
 from .decode_replay import MAX_REPLAYED_DECODE_STEPS, decode, last_token_logits
 
@@ -158,8 +158,14 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     tr.new(b * n * 8)
     tr.new(b * n * 8)  # input_ids, attention_mask
     reserved_before = tr.alloc.reserved
+    if t5_layers.replays(arch, spec):  # an encoder-decoder: its own generate()
+        tr.layer_order = "code"
+        t5_layers.generate(tr, arch, spec)
+        return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
+                            reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries,
+                            layer_order=tr.layer_order)
     if arch.recurrent is not None or arch.encoder is not None:
-        # neither the torch-fallback scans nor encoder-decoder runs are replayed op by op
+        # neither the torch-fallback scans nor the other encoder-decoder runs are replayed op by op
         tr.matmul()
         return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
                             reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries,
@@ -326,7 +332,7 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
         tr.at(op=f"attention ({kernel})")
         repeats = [tr.new(b * arch.num_heads * n * arch.head_dim * s, "repeat_kv") for _ in range(2)] \
             if attention.repeats_kv(arch, layout, kernel, masked_last) else []
-        out, weights = _attention(tr, arch, layout, kernel, b, n, s, masked_last)
+        out, weights = _attention(tr, arch, layout, kernel, b, n, s, masked_last, spec.softmax_upcasts)
         tr.drop(*repeats, q_rot, fused, *current)
         merged = tr.new(q_bytes, "attention output (contiguous)")  # transpose(1, 2).contiguous()
         tr.drop(out)
@@ -339,7 +345,8 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
         tr.at(op="mlp")
         if arch.moe is not None and layer in arch.moe.sparse_layers and layout.experts is not None:
             tr.at(op="experts (grouped_mm)")
-            down = layer_replay.moe_block(tr, arch, layout, b * n, s, grouped=True)
+            down = layer_replay.moe_block(tr, arch, layout, b * n, s, grouped=True,
+                                          upcast_softmax=spec.softmax_upcasts)
             tr.drop(normed_mlp)
         else:
             intermediates = _mlp(tr, layout.mlp_point.intermediate, inter, fused_gate_up, arch.gated_mlp)
@@ -395,7 +402,7 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
 
 
 def _attention(tr: _Tracer, arch: Architecture, layout: FamilyLayout, kernel: str, b: int, n: int,
-               s: int, masked: bool) -> tuple[int | None, int | None]:
+               s: int, masked: bool, softmax_upcast: bool) -> tuple[int | None, int | None]:
     """The kernel's own allocations; returns (output, weights kept by the layer)."""
     heads, d = arch.num_heads, arch.head_dim
     scores = b * heads * n * n
@@ -412,10 +419,10 @@ def _attention(tr: _Tracer, arch: Architecture, layout: FamilyLayout, kernel: st
     eager = layout.eager_scores
     chain = _score_chain(tr, scores * (4 if eager.dtype_copies == 0 else s))  # q@k^T, scale, mask
     kept = [tr.new(scores * s) for _ in range(max(0, eager.dtype_copies - 1))]
-    if eager.dtype_copies == 0 or (eager.upcast_copies and s < 4) or eager.fp32_copies:
+    if eager.dtype_copies == 0 or (eager.upcast_copies and softmax_upcast) or eager.fp32_copies:
         # softmax in fp32 (an upcast copy first, unless the scores already are fp32), then the
         # weights are cast back to the model dtype
-        upcast = tr.new(scores * 4) if eager.upcast_copies and s < 4 else None
+        upcast = tr.new(scores * 4) if eager.upcast_copies and softmax_upcast else None
         soft = [tr.new(scores * 4) for _ in range(max(1, eager.fp32_copies - (eager.dtype_copies == 0)))]
         tr.drop(upcast)
         weights = tr.new(scores * s)
