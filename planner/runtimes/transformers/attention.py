@@ -55,7 +55,7 @@ def repeats_kv(arch: Architecture, layout: FamilyLayout, kernel: Kernel, masked:
 
 def kernel_workspace(arch: Architecture, layout: FamilyLayout, kernel: Kernel, batch: int,
                      q_len: int, kv_len: int, activation_bytes: int, masked: bool,
-                     softmax_upcast: bool = True) -> int:
+                     softmax_upcast: bool) -> int:
     """Bytes the attention call itself allocates for one layer, output included."""
     heads, d = arch.num_heads, arch.head_dim
     scores = batch * heads * q_len * kv_len

@@ -22,15 +22,20 @@ from .activations import RunSpec
 Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
 
 
-def _rms_scaled(tr: Tracer, hidden_bytes: int, rows: int, s: int,
-                keep_mean: bool) -> tuple[int | None, int | None]:
+def rms_scaled(tr: Tracer, hidden_bytes: int, rows: int, s: int,
+                keep_mean: bool, keep_upcast: bool = True) -> tuple[int | None, int | None]:
     """The RMSNorm steps every family shares: x.float() (none in fp32), pow(2), mean (the square
     goes), + eps, rsqrt (the sum goes), x * rsqrt (the root and the upcast go). Returns the scaled
     fp32 tensor and the mean, which stays a local until the norm returns unless `keep_mean` is
-    False (Gemma's _norm drops it once + eps exists)."""
+    False (Gemma's _norm drops it once + eps exists). Without `keep_upcast` the upcast is a
+    temporary of pow(2) alone (T5LayerNorm scales the input as it came) and goes once the square
+    exists."""
     wide = hidden_bytes * 4 // s
     upcast = tr.new(wide, "RMSNorm upcast") if s < 4 else None
     squared = tr.new(wide, "RMSNorm pow(2)")
+    if not keep_upcast:
+        tr.drop(upcast)
+        upcast = None
     mean = tr.new(rows * 4)
     tr.drop(squared)
     shifted = tr.new(rows * 4)
@@ -55,7 +60,7 @@ def traced_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
         out = tr.new(hidden_bytes)
         tr.drop(mean)
         return out
-    scaled, mean = _rms_scaled(tr, hidden_bytes, rows, s, keep_mean=True)
+    scaled, mean = rms_scaled(tr, hidden_bytes, rows, s, keep_mean=True)
     cast = tr.new(hidden_bytes, "RMSNorm cast")
     out = tr.new(hidden_bytes, "RMSNorm weight *")
     tr.drop(cast, scaled, mean)
@@ -65,7 +70,7 @@ def traced_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
 def gemma_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
     """Gemma's RMSNorm: _norm(x.float()) (pow(2), mean, + eps, rsqrt, x * rsqrt; each goes once
     the next exists), then * (1 + weight) in fp32 and .type_as(x) (H200 trace of Gemma-2)."""
-    scaled, _ = _rms_scaled(tr, hidden_bytes, rows, s, keep_mean=False)
+    scaled, _ = rms_scaled(tr, hidden_bytes, rows, s, keep_mean=False)
     weighted = tr.new(hidden_bytes * 4 // s, "RMSNorm * (1 + weight)")
     tr.drop(scaled)
     if s >= 4:
@@ -79,7 +84,7 @@ def olmo2_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
     """Olmo2RMSNorm: x.to(float32), pow(2).mean, x * rsqrt(variance + eps) (the upcast goes once
     the product exists), then (weight * x) in fp32 and .to(input_dtype); the variance stays a
     local until the norm returns."""
-    scaled, mean = _rms_scaled(tr, hidden_bytes, rows, s, keep_mean=True)
+    scaled, mean = rms_scaled(tr, hidden_bytes, rows, s, keep_mean=True)
     weighted = tr.new(hidden_bytes * 4 // s, "RMSNorm weight * x")
     if s >= 4:
         tr.drop(scaled, mean)
@@ -366,7 +371,7 @@ def _router(tr: Tracer, arch: Architecture, tokens: int, s: int, upcast_softmax:
 
 
 def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int, s: int,
-               grouped: bool, upcast_softmax: bool | None = None) -> int:
+               grouped: bool, upcast_softmax: bool) -> int:
     """One sparse MLP in the order transformers runs it (experts.py describes the kernels);
     returns its output (tokens x hidden)."""
     moe, experts = arch.moe, layout.experts
@@ -375,7 +380,7 @@ def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int,
     shared_first = None
     if moe.shared_first and moe.shared_intermediate:
         shared_first = gated_mlp(tr, tokens, moe.shared_intermediate, h, s)
-    kept = _router(tr, arch, tokens, s, s < 4 if upcast_softmax is None else upcast_softmax)
+    kept = _router(tr, arch, tokens, s, upcast_softmax)
     if moe.all_experts:
         e = moe.num_experts
         routed_in = tr.new(e * tokens * h * s)

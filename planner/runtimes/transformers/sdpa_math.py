@@ -35,15 +35,15 @@ def math_sdpa(tr: Tracer, b: int, heads: int, kv_heads: int, q_len: int, kv_len:
         kv_heads = heads
     key = tr.new(b * kv_heads * kv_len * d * 4, "k^T * scale")
     query_copy = tr.new(b * heads * q_len * d * 4, "matmul: q reshaped") if q_len > 1 else None
-    broadcast = kv_heads != heads or strided_kv
-    key_copy = tr.new(b * heads * kv_len * d * 4, "matmul: k copy") if broadcast else None
+    copied = kv_heads != heads or strided_kv  # matmul materializes a broadcast or strided k and v
+    key_copy = tr.new(b * heads * kv_len * d * 4, "matmul: k copy") if copied else None
     scores = tr.new(b * heads * q_len * kv_len * 4, "q @ k^T (fp32)")
     tr.drop(key_copy, query_copy, key)
     soft = tr.new(b * heads * q_len * kv_len * 4, "_safe_softmax")
     flags = tr.new(b * heads * q_len * kv_len, "scores == -inf")
     tr.drop(tr.new(b * heads * q_len, "all-masked rows"), flags, scores)
     weights = tr.new(b * heads * q_len * kv_len * s, "weights .to(dtype)") if upcast else None
-    value_copy = tr.new(b * heads * kv_len * d * 4, "matmul: v copy") if broadcast else None
+    value_copy = tr.new(b * heads * kv_len * d * 4, "matmul: v copy") if copied else None
     out = tr.new(b * heads * q_len * d * 4, "weights @ v (fp32)")
     tr.drop(value_copy)
     if upcast:

@@ -161,20 +161,16 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     if t5_layers.replays(arch, spec):  # an encoder-decoder: its own generate()
         tr.layer_order = "code"
         t5_layers.generate(tr, arch, spec)
-        return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
-                            reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries,
-                            layer_order=tr.layer_order)
-    if arch.recurrent is not None or arch.encoder is not None:
+    elif arch.recurrent is not None or arch.encoder is not None:
         # neither the torch-fallback scans nor the other encoder-decoder runs are replayed op by op
+        tr.layer_order = "none"
         tr.matmul()
-        return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
-                            reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries,
-                            layer_order="none")
-    # without a cache (use_cache: false) generate() runs the whole sequence again at every step,
-    # one token longer each time: the shorter passes come first (the last ones, up to the bound)
-    for length in range(max(n - spec.reruns, n - MAX_REPLAYED_DECODE_STEPS), n):
-        tr.drop(*_pass(tr, arch, layout, spec.model_copy(update={"prompt_len": length}), generate))
-    _pass(tr, arch, layout, spec, generate)
+    else:
+        # without a cache (use_cache: false) generate() runs the whole sequence again at every step,
+        # one token longer each time: the shorter passes come first (the last ones, up to the bound)
+        for length in range(max(n - spec.reruns, n - MAX_REPLAYED_DECODE_STEPS), n):
+            tr.drop(*_pass(tr, arch, layout, spec.model_copy(update={"prompt_len": length}), generate))
+        _pass(tr, arch, layout, spec, generate)
     return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
                         reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries,
                         layer_order=tr.layer_order)

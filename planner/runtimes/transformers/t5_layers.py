@@ -16,7 +16,7 @@ from __future__ import annotations
 from ...model.spec import Architecture
 from . import sdpa_math
 from .activations import RunSpec
-from .layer_replay import Tracer
+from .layer_replay import Tracer, rms_scaled
 from .layernorm_layers import SINGLE_KERNEL_ACTIVATIONS, new_gelu
 
 # decoder forwards replayed one by one: the first runs with no self-attention cache and fills
@@ -36,19 +36,9 @@ def replays(arch: Architecture, spec: RunSpec) -> bool:
 
 
 def t5_norm(tr: Tracer, rows: int, width: int, s: int) -> int | None:
-    """T5LayerNorm: x.to(float32).pow(2).mean(-1), + eps, rsqrt, x * that (fp32), cast back to
-    the weight's dtype, weight * x; the variance goes last."""
-    wide = rows * width * 4
-    upcast = tr.new(wide, "layer_norm x.to(float32)") if s < 4 else None
-    squared = tr.new(wide, "layer_norm pow(2)")
-    tr.drop(upcast)
-    variance = tr.new(rows * 4, "layer_norm mean")
-    tr.drop(squared)
-    shifted = tr.new(rows * 4, "layer_norm variance + eps")
-    root = tr.new(rows * 4, "layer_norm rsqrt")
-    tr.drop(shifted)
-    normed = tr.new(wide, "layer_norm x * rsqrt")
-    tr.drop(root)
+    """T5LayerNorm: x.to(float32).pow(2).mean(-1) (the upcast a temporary of pow), + eps, rsqrt,
+    x * that (fp32), cast back to the weight's dtype, weight * x; the variance goes last."""
+    normed, variance = rms_scaled(tr, rows * width * s, rows, s, keep_mean=True, keep_upcast=False)
     if s < 4:
         cast = tr.new(rows * width * s, "layer_norm .to(weight dtype)")
         tr.drop(normed)
