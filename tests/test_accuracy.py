@@ -30,9 +30,6 @@ KNOWN_DEVICE_GAPS = {
         "case reserves 6,512 MiB whether run fresh (edge protocol, edge-h200-7 trace) or after the H100 worker's "
         "own earlier cases (h200-history.jsonl: not the worker's history, then); the replay holds the H200 to "
         "0.1%. What the H100 requests differently is not known without an H100 trace (none is lent)",
-    "H100 tests/configs/mamba2-codestral-7b.json-bf16-eager-b1-n128-t32-generate":
-        "Mamba-2's torch-fallback scan is not replayed: its 4 GiB C x B product leaves a second segment reserved "
-        "(the same 12,970 MiB on the H200, whose trace shows it: tests/test_edge_traces.py)",
 }
 
 

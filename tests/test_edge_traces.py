@@ -100,12 +100,7 @@ def test_without_the_top_down_addresses_the_model_disagrees():
 
 OK_TRACES = [t for t in TRACES if t["status"] == "ok"]
 SEQUENCE_TOLERANCE = 0.005  # reserved peak at the H200's capacity, planner replay vs the GPU's requests
-MAMBA2_SCAN = ("Mamba-2's torch-fallback scan (torch_forward's mamba2_chunk_scan) is not replayed request by "
-               "request: its trace shows the C x B product's 4 GiB segment reused by three layers, then split by a "
-               "block that outlives the layer, so the fourth layer's product takes a second 4 GiB segment (reserved "
-               "12.0 GiB, allocated 8.0)")
 KNOWN_SEQUENCE_GAPS: dict[str, str] = {
-    "tests/configs/mamba2-codestral-7b.json-l16-bf16-eager-n128-default-b1-ok": MAMBA2_SCAN,
     "phi-2-nf4-sdpa-n960-default-b8-ok": "bitsandbytes 0.50 runs fc1 of each decode step (8 rows, 10240 outputs) "
     "through its own gemm_4bit kernel on the H200 (_gemm_4bit_use_custom_cuda, a per-GPU choice); the replay "
     "dequantizes every 4-bit projection, 50 MiB more per layer and step (+1.9% reserved)",
@@ -216,7 +211,6 @@ def test_compact_trace_keeps_requests_blocks_and_relative_addresses():
 
 LARGE_REQUEST = 64 << 20
 KNOWN_ORDER_GAPS = {
-    "tests/configs/mamba2-codestral-7b.json-l16-bf16-eager-n128-default-b1-ok": MAMBA2_SCAN,
     "qwen3-30b-a3b-l8-bf16-sdpa-n1024-default-b724-ok": "torch.sort's cub scratch for the routed ids: the planner "
     "requests its two alternate buffers (90.5 MiB), the GPU 1.3 MiB more (cub's tile counters; request 79); "
     "every other request matches to the end",
@@ -245,7 +239,7 @@ def _grouped(requests: list[tuple[str, int]]) -> list[tuple[str, object]]:
     return grouped
 
 
-def _planner_requests(trace: dict, monkeypatch) -> list[tuple[str, int]]:
+def _planner_requests(trace: dict, monkeypatch, smallest: int = LARGE_REQUEST) -> list[tuple[str, int]]:
     from vramplan.catalog import runtime_profile
     from vramplan.request import PrecisionChoice
     from vramplan.runtimes import allocator
@@ -270,8 +264,8 @@ def _planner_requests(trace: dict, monkeypatch) -> list[tuple[str, int]]:
     case = trace["case"]
     run = _Run(_architecture(case), _workload(case), PrecisionChoice(name=case["precision"]), runtime_profile())
     run.replay(_workload(case), None, case["allocator"])  # uncapped: every request the run makes
-    start = next(i for i, r in enumerate(requests) if "inputs" in r[2])  # after the model's build
-    return [(action, size) for action, size, _ in requests[start:] if size >= LARGE_REQUEST]
+    start = next(i for i, r in enumerate(requests) if "inputs" in r[2]) + 2  # after input_ids and attention_mask
+    return [(action, size) for action, size, _ in requests[start:] if size >= smallest]
 
 
 def _order_param(trace: dict):
@@ -280,24 +274,39 @@ def _order_param(trace: dict):
                         marks=[pytest.mark.xfail(reason=gap, strict=True)] if gap else [])
 
 
-@pytest.mark.parametrize("trace", [_order_param(t) for t in TRACES])
-def test_planner_requests_are_the_gpus_one_by_one(trace, monkeypatch):
-    """Every request of 64 MiB or more after generate() starts, in the GPU's order and size, for
-    as far as both go (the planner replays a bounded number of decode steps; an out-of-memory
-    trace ends at its failing request): the sequence the verdict is computed from is the run's."""
+def _first_difference(trace: dict, monkeypatch, smallest: int) -> tuple[int, int | None, str]:
+    """Requests of `smallest` bytes or more after generate() starts, the GPU's against the
+    planner's, grouped: how many both have (the last group of either may be cut short: the end of
+    the replayed steps, or the OOM) and the first that differs."""
     from vramplan.runtimes.allocator import round_size
     from vramplan.validate.traces import generate_starts
 
     gpu = _grouped([("alloc" if action == "alloc" else "free", round_size(size))
                     for action, _, size, _ in trace["events"][generate_starts(trace):]
-                    if action in ("alloc", "free_completed") and size >= LARGE_REQUEST])
-    planned = _grouped(_planner_requests(trace, monkeypatch))
-    # the last group of either may be cut short (the end of the replayed steps, or the OOM)
+                    if action in ("alloc", "free_completed") and size >= smallest])
+    planned = _grouped(_planner_requests(trace, monkeypatch, smallest))
     common = min(len(gpu), len(planned)) - 1
     first = next((k for k in range(common) if gpu[k] != planned[k]), None)
-    assert common > 0 and first is None, (
-        f"{_trace_id(trace)}: request {first} differs: GPU {gpu[first] if first is not None else None}, "
-        f"planner {planned[first] if first is not None else None}")
+    where = "" if first is None else f"request {first} differs: GPU {gpu[first]}, planner {planned[first]}"
+    return common, first, where
+
+
+@pytest.mark.parametrize("trace", [_order_param(t) for t in TRACES])
+def test_planner_requests_are_the_gpus_one_by_one(trace, monkeypatch):
+    """Every request of 64 MiB or more after generate() starts, in the GPU's order and size, for
+    as far as both go (the planner replays a bounded number of decode steps; an out-of-memory
+    trace ends at its failing request): the sequence the verdict is computed from is the run's."""
+    common, first, where = _first_difference(trace, monkeypatch, LARGE_REQUEST)
+    assert common > 0 and first is None, f"{_trace_id(trace)}: {where}"
+
+
+def test_mamba2_replay_is_its_trace_request_for_request(monkeypatch):
+    """Mamba-2's replay (mamba2_layers.py), read op by op from modeling_mamba2.py, makes every
+    request of its H200 trace down to the 1-byte flags, in order, through the prefill and the
+    16 replayed decode steps (about 26,000 allocations and frees)."""
+    trace = next(t for t in TRACES if t["case"]["model"].endswith("mamba2-codestral-7b.json"))
+    common, first, where = _first_difference(trace, monkeypatch, 1)
+    assert common > 15_000 and first is None, where
 
 
 def test_known_order_gaps_are_real_traces():

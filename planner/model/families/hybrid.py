@@ -47,7 +47,7 @@ def _mamba_mixer(inv: Inventory, prefix: str, hidden: int, inner: int, state: in
     inv.per_layer(f"{prefix}.D", (inner,), "other", layers=layers)
     inv.per_layer(f"{prefix}.conv1d.weight", (inner, 1, kernel), "other", layers=layers)
     if conv_bias:
-        inv.per_layer(f"{prefix}.conv1d.bias", (inner,), "bias", layers=layers)
+        inv.per_layer(f"{prefix}.conv1d.bias", (inner,), "other", layers=layers)  # a conv's, not a Linear's
     inv.linear(f"{prefix}.in_proj", 2 * inner, hidden, proj_bias, layers=layers)
     inv.linear(f"{prefix}.x_proj", rank + 2 * state, inner, False, layers=layers)
     inv.linear(f"{prefix}.dt_proj", inner, rank, True, layers=layers)
@@ -67,7 +67,7 @@ def _mamba2_mixer(inv: Inventory, prefix: str, hidden: int, spec: RecurrentSpec,
     inv.per_layer(f"{prefix}.D", (heads,), "other", layers=layers)
     inv.per_layer(f"{prefix}.conv1d.weight", (spec.conv_dim, 1, spec.conv_kernel), "other", layers=layers)
     if conv_bias:
-        inv.per_layer(f"{prefix}.conv1d.bias", (spec.conv_dim,), "bias", layers=layers)
+        inv.per_layer(f"{prefix}.conv1d.bias", (spec.conv_dim,), "other", layers=layers)  # a conv's
     inv.linear(f"{prefix}.in_proj", spec.in_proj, hidden, proj_bias, layers=layers)
     if gated_norm:
         inv.per_layer(f"{prefix}.norm.weight", (spec.inner,), "norm", layers=layers)
@@ -75,7 +75,7 @@ def _mamba2_mixer(inv: Inventory, prefix: str, hidden: int, spec: RecurrentSpec,
 
 
 def _mamba2_spec(layers: tuple[int, ...], inner: int, heads: int, head_dim: int, groups: int,
-                 state: int, kernel: int, chunk: int) -> RecurrentSpec:
+                 state: int, kernel: int, chunk: int, residual_in_fp32: bool = False) -> RecurrentSpec:
     if heads * head_dim != inner:
         raise ConfigError(f"Mamba-2 heads x head_dim ({heads} x {head_dim}) must equal its inner width {inner}.")
     if heads % groups:
@@ -83,7 +83,7 @@ def _mamba2_spec(layers: tuple[int, ...], inner: int, heads: int, head_dim: int,
     conv_dim = inner + 2 * groups * state
     return RecurrentSpec(kind="mamba2", layers=layers, inner=inner, state_size=state, heads=heads,
                          head_dim=head_dim, groups=groups, conv_kernel=kernel, conv_dim=conv_dim,
-                         in_proj=inner + conv_dim + heads, chunk_size=chunk)
+                         in_proj=inner + conv_dim + heads, chunk_size=chunk, residual_in_fp32=residual_in_fp32)
 
 
 @adapter("mamba")
@@ -119,7 +119,8 @@ def _mamba2(raw: RawConfig) -> Architecture:
     everywhere = tuple(range(layers))
     spec = _mamba2_spec(everywhere, inner, heads, raw.int("head_dim", default=inner // heads),
                         raw.int("n_groups", default=8), raw.int("state_size", default=128),
-                        raw.int("conv_kernel", default=4), raw.int("chunk_size", default=256))
+                        raw.int("conv_kernel", default=4), raw.int("chunk_size", default=256),
+                        residual_in_fp32=raw.bool("residual_in_fp32", default=True))
     inv = Inventory(layers)
     inv.one("backbone.embeddings.weight", (vocab, hidden), "embedding")
     inv.norm("backbone.layers.{i}.norm", hidden, False)

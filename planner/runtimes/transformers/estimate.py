@@ -169,8 +169,8 @@ def _order_notes(arch: Architecture, run: sequence.SimulatedRun) -> list[str]:
                 "(neither traced on a GPU nor read op by op from its code for this attention and precision): "
                 "near the capacity the verdict is less certain than for traced families."]
     if run.layer_order == "none":
-        return ["this model's layers are not replayed request by request (recurrent scans; encoder-decoder "
-                "runs other than T5's under SDPA in bf16 or fp32): "
+        return ["this model's layers are not replayed request by request (recurrent scans other than Mamba-2's "
+                "without bitsandbytes; encoder-decoder runs other than T5's under SDPA in bf16 or fp32): "
                 "the verdict holds the allocated peak to the capacity, without the caching allocator's reserve."]
     return []
 

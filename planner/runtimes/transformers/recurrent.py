@@ -16,7 +16,8 @@ the last mixer layer's scan. The tensors alive there, counted from the measured 
   outputs; the stacked output and the D skip in fp32.
 * Mamba-2 (mamba2_chunk_scan): the C*B product before its sum over the state,
   B x padded_N x chunk x heads x N x 4 bytes, which dwarfs everything else (4 GiB for
-  Mamba-Codestral at batch 1, prompt 128: one 256-token chunk).
+  Mamba-Codestral at batch 1, prompt 128: one 256-token chunk). Mamba-2's requests, in order,
+  are replayed through the allocator by mamba2_layers.py.
 * Gated DeltaNet (torch_chunk_gated_delta_rule): ten padded fp32 copies of queries, keys and
   values (chunked, beta-weighted, decayed, solved) and three B x heads x padded_N x 64 decay
   and attention matrices.

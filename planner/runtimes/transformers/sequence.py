@@ -21,7 +21,17 @@ from ...base import Frozen
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from ..allocator import EXPANDABLE_RANGE, CachingAllocator, Capacity, OutOfMemory
-from . import attention, coded_layers, kv_cache, layer_replay, mla_layers, own_attention_layers, sdpa_math, t5_layers
+from . import (
+    attention,
+    coded_layers,
+    kv_cache,
+    layer_replay,
+    mamba2_layers,
+    mla_layers,
+    own_attention_layers,
+    sdpa_math,
+    t5_layers,
+)
 from .activations import RunSpec
 from .decode_replay import MAX_REPLAYED_DECODE_STEPS, decode, last_token_logits
 
@@ -30,6 +40,10 @@ from .decode_replay import MAX_REPLAYED_DECODE_STEPS, decode, last_token_logits
 # allocation and the moment its last reference goes). The others keep the coarser order below.
 TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
                                 "gemma", "gemma2", "gemma3_text"})
+
+# Models replayed as a whole from their modeling code (each module's replays(arch, spec) says for
+# which runs, replay(tracer, arch, spec) emits them): an encoder-decoder and a state-space model
+WHOLE_MODEL_REPLAYS = (t5_layers, mamba2_layers)
 
 
 class SimulatedRun(Frozen):
@@ -158,11 +172,13 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     tr.new(b * n * 8)
     tr.new(b * n * 8)  # input_ids, attention_mask
     reserved_before = tr.alloc.reserved
-    if t5_layers.replays(arch, spec):  # an encoder-decoder: its own generate()
+    whole_model = next((module for module in WHOLE_MODEL_REPLAYS if module.replays(arch, spec)), None)
+    if whole_model is not None:  # a model whose generate() is replayed from its own code
         tr.layer_order = "code"
-        t5_layers.generate(tr, arch, spec)
+        whole_model.replay(tr, arch, spec)
     elif arch.recurrent is not None or arch.encoder is not None:
-        # neither the torch-fallback scans nor the other encoder-decoder runs are replayed op by op
+        # the other torch-fallback scans (Mamba, the hybrids' mixers) and encoder-decoder runs are not
+        # replayed op by op
         tr.layer_order = "none"
         tr.matmul()
     else:
