@@ -1,5 +1,5 @@
 """The H200's own allocator traces (profiles/measurements/h200-edge-traces.jsonl.gz: every request
-of 39 edge trials, recorded with torch.cuda.memory._record_memory_history) held against the
+of 54 edge trials, recorded with torch.cuda.memory._record_memory_history) held against the
 allocator model and against the planner's request sequence."""
 
 from __future__ import annotations
