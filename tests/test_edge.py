@@ -136,8 +136,15 @@ TRIALS = [r for r in committed_rows() if r.get("kind") == "edge" and r.get("stat
 
 # Where the replay does not yet reproduce the GPU's edge, and why. strict: a search or trial
 # that starts matching fails here until it is taken off the list.
-KNOWN_SEARCH_GAPS: dict[str, str] = {}
-KNOWN_TRIAL_GAPS: dict[str, str] = {}
+GPT_OSS_COARSE = ("gpt-oss's layers keep the coarse request order (blind edge-h200-21: guessed 50, 62 runs): the "
+                  "trace (edge-h200-22) shows its eager attention at most three score tensors at once (+ mask, the "
+                  "sink column's cat minus its max, softmax), where the coarse chain holds four")
+KNOWN_SEARCH_GAPS: dict[str, str] = {"gpt-oss-20b-l4-bf16-eager-n2048-default": GPT_OSS_COARSE}
+KNOWN_TRIAL_GAPS: dict[str, str] = {f"gpt-oss-20b-l4-bf16-eager-n2048-default-b{b}": GPT_OSS_COARSE
+                                    for b in (51, 53, 57, 61, 62)}
+# out-of-memory trials whose verdict holds but whose replay fails at another request than the GPU
+KNOWN_FAILURE_GAPS: dict[str, str] = {f"gpt-oss-20b-l4-bf16-eager-n2048-default-b{b}": GPT_OSS_COARSE
+                                      for b in (63, 65)}
 KNOWN_DEVICE_GAPS: dict[str, str] = {}
 KNOWN_SMALL_DEVICE_GAPS: dict[str, str] = {}
 
@@ -213,6 +220,7 @@ def test_small_trial_device_bytes(row):
 def test_known_gaps_are_real_trials():
     ids = {_trial_id(r) for r in TRIALS}
     assert set(KNOWN_TRIAL_GAPS) <= ids and set(KNOWN_DEVICE_GAPS) <= ids and set(KNOWN_SMALL_DEVICE_GAPS) <= ids
+    assert set(KNOWN_FAILURE_GAPS) <= ids
 
 
 def test_capacity_of_the_h200_comes_from_its_edge_rows():
@@ -247,7 +255,8 @@ def test_verdict_names_the_failing_request_and_suggests_expandable_segments():
 OOM_TRIALS = [r for r in TRIALS if r["status"] == "oom"]
 
 
-@pytest.mark.parametrize("row", [_param(r, _trial_id(r), KNOWN_TRIAL_GAPS) for r in OOM_TRIALS])
+@pytest.mark.parametrize("row", [_param(r, _trial_id(r), {**KNOWN_TRIAL_GAPS, **KNOWN_FAILURE_GAPS})
+                                 for r in OOM_TRIALS])
 def test_the_replay_fails_at_the_request_the_gpu_failed_at(row):
     """torch's message prints what it tried to allocate to two decimals of its unit; the replay's
     failing request (the segment it needed) must print the same."""

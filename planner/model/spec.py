@@ -93,6 +93,10 @@ class MoeSpec(Frozen):
     all_experts: bool = False  # Llama-4: every expert runs on every token (routing by masking)
     expert_bias: bool = False  # gpt-oss
     shared_first: bool = False  # the shared expert runs before the routed ones (Qwen2-MoE)
+    # DeepSeek-V3's router: sigmoid scores, top-k among the experts of the best `kept` of `groups`
+    # expert groups (n_group, topk_group), the weights renormalized when `normalized_top_k`
+    sigmoid_groups: tuple[int, int] | None = None
+    normalized_top_k: bool = False
     # the checkpoint stores one tensor per expert, merged into the fused 3-D parameters while
     # loading (a transient copy of the largest); gpt-oss, Llama-4 and Granite store them fused
     stored_per_expert: bool = True
@@ -106,6 +110,8 @@ class MlaSpec(Frozen):
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
+    # DeepSeek-V3's rotary over interleaved pairs (its config's rope_interleave); V2 multiplies in complex64
+    rope_interleave: bool = False
 
 
 class RecurrentSpec(Frozen):

@@ -68,7 +68,7 @@ def _olmoe(raw: RawConfig) -> Architecture:
     return llama_like(raw, family="moe", tied_default=False, qk_norm="full", moe=moe)
 
 
-def _deepseek(raw: RawConfig, correction_bias: bool) -> Architecture:
+def _deepseek(raw: RawConfig, v3: bool) -> Architecture:
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     experts = raw.int("n_routed_experts", "num_local_experts")
     width = raw.int("moe_intermediate_size")
@@ -78,17 +78,20 @@ def _deepseek(raw: RawConfig, correction_bias: bool) -> Architecture:
                   shared_intermediate=raw.int("n_shared_experts", default=0, minimum=0) * width,
                   sparse_layers=moe_sparse_layers(layers, first_dense=raw.int("first_k_dense_replace", default=0,
                                                                            minimum=0)),
-                  routing_fp32=True, router_fp32=True)  # the router runs in fp32, returns fp32 weights
+                  routing_fp32=True, router_fp32=True,  # the router runs in fp32, returns fp32 weights
+                  sigmoid_groups=(raw.int("n_group", default=8), raw.int("topk_group", default=4)) if v3 else None,
+                  normalized_top_k=v3 and raw.bool("norm_topk_prob", default=True))
     mla = MlaSpec(q_lora_rank=raw.int("q_lora_rank", default=None), kv_lora_rank=raw.int("kv_lora_rank"),
                   qk_nope_head_dim=raw.int("qk_nope_head_dim"), qk_rope_head_dim=raw.int("qk_rope_head_dim"),
-                  v_head_dim=raw.int("v_head_dim"))
+                  v_head_dim=raw.int("v_head_dim"),
+                  rope_interleave=v3 and raw.bool("rope_interleave", default=True))
     raw = raw.with_defaults({"head_dim": mla.qk_nope_head_dim + mla.qk_rope_head_dim})
     extra = ()
-    if correction_bias:
+    if v3:
         extra = (BufferSpec(name="model.layers.{i}.mlp.gate.e_score_correction_bias", shape=(experts,),
                             dtype="activation", layers=moe.sparse_layers,
                             why="DeepSeek-V3's per-expert routing score correction"),)
-    return llama_like(raw, family="deepseek", tied_default=False, moe=moe, mla=mla,
+    return llama_like(raw, family="deepseek_v3" if v3 else "deepseek", tied_default=False, moe=moe, mla=mla,
                        qkv_bias=raw.bool("attention_bias", default=False),
                        moe_layout=MoeLayout(shared="shared_experts"), rotary_dim=mla.qk_rope_head_dim,
                        extra_buffers=extra)
@@ -96,12 +99,12 @@ def _deepseek(raw: RawConfig, correction_bias: bool) -> Architecture:
 
 @adapter("deepseek_v2")
 def _deepseek_v2(raw: RawConfig) -> Architecture:
-    return _deepseek(raw, correction_bias=False)
+    return _deepseek(raw, v3=False)
 
 
 @adapter("deepseek_v3")
 def _deepseek_v3(raw: RawConfig) -> Architecture:
-    return _deepseek(raw, correction_bias=True)
+    return _deepseek(raw, v3=True)
 
 
 @adapter("gpt_oss")

@@ -27,7 +27,7 @@ from .layernorm_layers import (
     phi_layer,
     starcoder2_layer,
 )
-from .mla_layers import deepseek_v2_layer, mla_decode_attention
+from .mla_layers import deepseek_layer, mla_decode_attention
 from .own_attention_layers import (
     bloom_decode_attention,
     bloom_layer,
@@ -38,11 +38,17 @@ from .own_attention_layers import (
 )
 
 
+def _deepseek_mla(arch: Architecture) -> bool:
+    """DeepSeek-V2, and V3 with its interleaved rotary (its config's default)."""
+    mla = arch.mla
+    return mla is not None and (arch.model_type == "deepseek_v2"
+                                or (arch.model_type == "deepseek_v3" and mla.rope_interleave))
+
+
 def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
     """The replay of this family's decoder layer written here, or None (the caller's order)."""
-    if arch.model_type == "deepseek_v2" and arch.mla is not None and kernel in ("flash", "efficient") and \
-            spec.quantization == "none":
-        return deepseek_v2_layer
+    if _deepseek_mla(arch) and kernel in ("flash", "efficient") and spec.quantization == "none":
+        return deepseek_layer
     if arch.moe is not None or spec.quantization not in ("none", "4bit"):
         return None
     if arch.model_type == "phi" and kernel in ("flash", "efficient", "eager") and \
@@ -100,7 +106,6 @@ def decode_layer_steps(arch: Architecture, spec: RunSpec):
                 lambda tr, kv_length: gptj_decode_attention(tr, arch, spec, kv_length))
     if arch.model_type == "bloom" and spec.attn == "eager" and spec.quantization == "none":
         return (lambda tr: [], lambda tr, kv_length: bloom_decode_attention(tr, arch, spec, kv_length))
-    if arch.model_type == "deepseek_v2" and arch.mla is not None and spec.attn == "sdpa" and \
-            spec.quantization == "none":
+    if _deepseek_mla(arch) and spec.attn == "sdpa" and spec.quantization == "none":
         return (lambda tr: [], lambda tr, kv_length: mla_decode_attention(tr, arch, spec, kv_length))
     return None

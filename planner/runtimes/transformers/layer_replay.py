@@ -18,6 +18,7 @@ from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from . import attention, eager, kv_cache, sdpa_math
 from .activations import RunSpec
+from .routers import router
 
 Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
 
@@ -331,45 +332,6 @@ def gated_mlp(tr: Tracer, tokens: int, width: int, hidden: int, s: int, dequanti
     return out
 
 
-def _router(tr: Tracer, arch: Architecture, tokens: int, s: int, upcast_softmax: bool) -> list[int | None]:
-    """The router's requests; returns what the block keeps (logits, top-k weights, indices)."""
-    moe = arch.moe
-    assert moe is not None
-    e, k, h = moe.num_experts, moe.top_k, arch.hidden_size
-    if moe.all_experts:  # Llama-4: top-k of the logits, scattered into -inf scores, sigmoid in fp32
-        logits = tr.new(tokens * e * s)
-        top = [tr.new(tokens * k * s), tr.new(tokens * k * 8)]
-        scores = tr.new(tokens * e * s)
-        wide = tr.new(tokens * e * 4)
-        sig = tr.new(tokens * e * 4)
-        tr.drop(wide)
-        cast = tr.new(tokens * e * s)
-        tr.drop(sig, scores, *top)
-        return [logits, cast]
-    if moe.router_fp32:  # DeepSeek: inputs and weight upcast, fp32 logits and scores
-        upcast = [tr.new(tokens * h * 4), tr.new(e * h * 4)]
-        logits = tr.new(tokens * e * 4)
-        tr.drop(*upcast)
-        probs = tr.new(tokens * e * 4)
-    else:  # softmax(dtype=float32) of bf16 logits upcasts them into a copy first (H200 trace, Qwen3-MoE)
-        logits = tr.new(tokens * e * s)
-        upcast = tr.new(tokens * e * 4) if upcast_softmax else None
-        probs = tr.new(tokens * e * 4)
-        tr.drop(upcast)
-    weights = tr.new(tokens * k * 4)
-    indices = tr.new(tokens * k * 8)
-    if moe.router_fp32:  # topk_weights * routed_scaling_factor: a new tensor, even times 1.0
-        scaled = tr.new(tokens * k * 4)
-        tr.drop(weights)
-        weights = scaled
-    if not moe.routing_fp32:
-        cast = tr.new(tokens * k * s)
-        tr.drop(weights)
-        weights = cast
-    tr.drop(probs)
-    return [logits, weights, indices]
-
-
 def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int, s: int,
                grouped: bool, upcast_softmax: bool) -> int:
     """One sparse MLP in the order transformers runs it (experts.py describes the kernels);
@@ -380,7 +342,7 @@ def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int,
     shared_first = None
     if moe.shared_first and moe.shared_intermediate:
         shared_first = gated_mlp(tr, tokens, moe.shared_intermediate, h, s)
-    kept = _router(tr, arch, tokens, s, upcast_softmax)
+    kept = router(tr, arch, tokens, s, upcast_softmax)
     if moe.all_experts:
         e = moe.num_experts
         routed_in = tr.new(e * tokens * h * s)

@@ -1,7 +1,10 @@
-"""DeepSeek-V2's decoder layer (multi-head latent attention, then a dense or mixture-of-experts
-MLP) as a request sequence in the order transformers 5.17 allocates and frees, written from
-modeling_deepseek_v2.py and held to the H200 trace of DeepSeek-V2-Lite (4 layers) at batch 309
-and 2048 tokens, the edge of the GPU (tests/test_edge_traces.py)."""
+"""DeepSeek-V2's and V3's decoder layer (multi-head latent attention, then a dense or
+mixture-of-experts MLP) as a request sequence in the order transformers 5.17 allocates and frees,
+written from modeling_deepseek_v2.py and modeling_deepseek_v3.py and held to the H200 traces of
+DeepSeek-V2-Lite (4 layers) at batch 309 and 2048 tokens and of DeepSeek-V3 (4 layers: three
+dense, one with 256 routed experts) at batch 142 and 144 of 1024 tokens, each the edge of the GPU
+(tests/test_edge_traces.py). V3 differs in its rotary (interleaved pairs, in the model dtype,
+from the cos and sin tables LlamaRotaryEmbedding builds) and its router (layer_replay)."""
 
 from __future__ import annotations
 
@@ -43,11 +46,30 @@ def _rotary(tr: Tracer, q_fp32: int, k_fp32: int, s: int) -> tuple[int | None, i
     return rotated[0], rotated[1]
 
 
-def deepseek_v2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
-                      kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
-    """DeepseekV2DecoderLayer: RMSNorm; q_proj (or q_a_proj, its RMSNorm, q_b_proj); the
-    compressed kv_a_proj_with_mqa; kv_a_layernorm on its latent slice; the rotary of q_pe and
-    k_pe (each upcast, multiplied in complex64, cast back; the upcasts go after both); the cache
+def _interleaved_rotary(tr: Tracer, q_bytes: int, k_bytes: int) -> tuple[int | None, int | None]:
+    """apply_rotary_pos_emb_interleave (DeepSeek-V3), in the model dtype: for q_rot, then k_rot,
+    x1 * cos and x2 * sin, their difference (both products go), x2 * cos and x1 * sin, their sum
+    (both go), then the cat of the two halves (the difference and the sum go)."""
+    rotated = []
+    for nbytes, name in ((q_bytes, "q_rot"), (k_bytes, "k_rot")):
+        half = nbytes // 2
+        first = [tr.new(half, f"rotary {name} x1 * cos"), tr.new(half, f"rotary {name} x2 * sin")]
+        difference = tr.new(half, f"rotary {name} difference")
+        tr.drop(*first)
+        second = [tr.new(half, f"rotary {name} x2 * cos"), tr.new(half, f"rotary {name} x1 * sin")]
+        total = tr.new(half, f"rotary {name} sum")
+        tr.drop(*second)
+        rotated.append(tr.new(nbytes, f"rotary {name} cat"))
+        tr.drop(total, difference)
+    return rotated[0], rotated[1]
+
+
+def deepseek_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
+                   kernel: str, masked: bool, generate: bool) -> tuple[int | None, list[int | None]]:
+    """DeepseekV2DecoderLayer and DeepseekV3DecoderLayer: RMSNorm; q_proj (or q_a_proj, its
+    RMSNorm, q_b_proj); the compressed kv_a_proj_with_mqa; kv_a_layernorm on its latent slice; the
+    rotary of q_pe and k_pe (V2: each upcast, multiplied in complex64, cast back, the upcasts
+    going after both; V3: over interleaved pairs in the model dtype); the cache
     cats of the latent and the rotated k_pe (both go); cat(q_nope, q_pe); expand_kv: kv_b_proj
     over the cached latent and the key assembled in a new tensor; SDPA (the efficient kernel: the
     value heads are narrower) writing the heads-first query's layout, which
@@ -75,7 +97,10 @@ def deepseek_v2_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec
     tr.at(op="self_attn.kv_a_layernorm")
     latent = traced_norm(tr, tokens * mla.kv_lora_rank * s, tokens, s)
     tr.at(op="rotary embedding")
-    q_pe, k_pe = _rotary(tr, tokens * heads * rope * 4, tokens * rope * 4, s)
+    if mla.rope_interleave:
+        q_pe, k_pe = _interleaved_rotary(tr, tokens * heads * rope * s, tokens * rope * s)
+    else:
+        q_pe, k_pe = _rotary(tr, tokens * heads * rope * 4, tokens * rope * 4, s)
     cache: list[int | None] = []
     if generate:
         cache, latent, k_pe = prefill_cache(tr, arch, spec, latent, k_pe), None, None

@@ -1,0 +1,97 @@
+"""Mixture-of-experts routers as request sequences, in the order transformers 5.17 allocates and
+frees (the block around them is layer_replay.moe_block): softmax top-k (Mixtral, Qwen-MoE, OLMoE),
+Llama-4's sigmoid over the top-k logits, DeepSeek-V2's fp32 softmax and DeepSeek-V3's sigmoid
+scores routed within the best expert groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...model.spec import Architecture
+
+Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
+
+
+def router(tr: Tracer, arch: Architecture, tokens: int, s: int, upcast_softmax: bool) -> list[int | None]:
+    """A mixture-of-experts router's requests; returns what the block keeps (logits, top-k weights, indices)."""
+    moe = arch.moe
+    assert moe is not None
+    e, k, h = moe.num_experts, moe.top_k, arch.hidden_size
+    if moe.all_experts:  # Llama-4: top-k of the logits, scattered into -inf scores, sigmoid in fp32
+        logits = tr.new(tokens * e * s)
+        top = [tr.new(tokens * k * s), tr.new(tokens * k * 8)]
+        scores = tr.new(tokens * e * s)
+        wide = tr.new(tokens * e * 4)
+        sig = tr.new(tokens * e * 4)
+        tr.drop(wide)
+        cast = tr.new(tokens * e * s)
+        tr.drop(sig, scores, *top)
+        return [logits, cast]
+    if moe.sigmoid_groups:
+        return _sigmoid_group_router(tr, arch, tokens)
+    if moe.router_fp32:  # DeepSeek: inputs and weight upcast, fp32 logits and scores
+        upcast = [tr.new(tokens * h * 4), tr.new(e * h * 4)]
+        logits = tr.new(tokens * e * 4)
+        tr.drop(*upcast)
+        probs = tr.new(tokens * e * 4)
+    else:  # softmax(dtype=float32) of bf16 logits upcasts them into a copy first (H200 trace, Qwen3-MoE)
+        logits = tr.new(tokens * e * s)
+        upcast = tr.new(tokens * e * 4) if upcast_softmax else None
+        probs = tr.new(tokens * e * 4)
+        tr.drop(upcast)
+    weights = tr.new(tokens * k * 4)
+    indices = tr.new(tokens * k * 8)
+    if moe.router_fp32:  # topk_weights * routed_scaling_factor: a new tensor, even times 1.0
+        scaled = tr.new(tokens * k * 4)
+        tr.drop(weights)
+        weights = scaled
+    if not moe.routing_fp32:
+        cast = tr.new(tokens * k * s)
+        tr.drop(weights)
+        weights = cast
+    tr.drop(probs)
+    return [logits, weights, indices]
+
+
+def _sigmoid_group_router(tr: Tracer, arch: Architecture, tokens: int) -> list[int | None]:
+    """DeepseekV3TopkRouter, all in fp32 (H200 trace of DeepSeek-V3 at batch 142): the upcast
+    inputs and weight, the logits, sigmoid, + the correction bias, each group's top-2 summed, the
+    top groups' indices, their mask scattered into zeros and expanded into a copy, the experts of
+    the other groups masked with -inf (bool, ~, masked_fill), the top-k indices, the weights
+    gathered from the sigmoid scores, renormalized (sum + 1e-20, divided in place) and times the
+    routed scaling factor. Returns the logits, weights and indices the block keeps."""
+    moe = arch.moe
+    assert moe is not None and moe.sigmoid_groups is not None
+    e, k, h = moe.num_experts, moe.top_k, arch.hidden_size
+    groups, kept = moe.sigmoid_groups
+    upcast = [tr.new(tokens * h * 4, "router input .float()"), tr.new(e * h * 4, "router weight .float()")]
+    logits = tr.new(tokens * e * 4, "router logits")
+    tr.drop(*upcast)
+    scores = tr.new(tokens * e * 4, "router sigmoid")
+    choice = tr.new(tokens * e * 4, "scores + e_score_correction_bias")
+    pair = tr.new(tokens * groups * 2 * 4, "group top-2")
+    pair_index = tr.new(tokens * groups * 2 * 8, "group top-2 ids")
+    tr.drop(pair_index)
+    group_scores = tr.new(tokens * groups * 4, "group scores")
+    tr.drop(pair)
+    best, best_index = tr.new(tokens * kept * 4, "top groups"), tr.new(tokens * kept * 8, "top group ids")
+    tr.drop(best)
+    group_mask = tr.new(tokens * groups * 4, "group mask")
+    score_mask = tr.new(tokens * e * 4, "score mask (expanded copy)")
+    boolean = tr.new(tokens * e, "score_mask.bool()")
+    inverse = tr.new(tokens * e, "~score_mask")
+    tr.drop(boolean)
+    masked = tr.new(tokens * e * 4, "masked_fill(-inf)")
+    tr.drop(inverse, choice)
+    top, indices = tr.new(tokens * k * 4, "top-k"), tr.new(tokens * k * 8, "top-k ids")
+    tr.drop(top)
+    weights = tr.new(tokens * k * 4, "scores.gather")
+    denominator = None
+    if moe.normalized_top_k:
+        summed = tr.new(tokens * 4, "weights.sum()")
+        denominator = tr.new(tokens * 4, "+ 1e-20")
+        tr.drop(summed)
+    scaled = tr.new(tokens * k * 4, "weights * routed_scaling_factor")
+    tr.drop(weights)
+    tr.drop(scores, masked, group_scores, best_index, group_mask, score_mask, denominator)
+    return [logits, scaled, indices]
