@@ -85,6 +85,8 @@ class ExpertsLayout(Frozen):
     """How a family's mixture-of-experts block runs (transformers 5.17 integrations/moe.py)."""
 
     gate_copies: int = 2  # routed-tokens x intermediate tensors its _apply_gate holds beside gate/up
+    # gpt-oss's own _apply_gate: clamped gate and up, gate * sigmoid(alpha * gate), (up + 1) * glu
+    clamped_glu: bool = False
 
 
 class FamilyLayout(Frozen):
@@ -114,6 +116,7 @@ class FamilyLayout(Frozen):
     mask_before_positions: bool = False
     materialized_mask: bool = False  # the family builds its causal mask for SDPA even when none is needed (Falcon)
     bool_causal_mask: bool = False  # the eager mask cast back to booleans and held so (MPT's masked_fill)
+    rope_half: bool = False  # cos and sin of the frequencies alone, rotary_dim / 2 wide (gpt-oss: emb = freqs)
     complex_rotary: bool = False  # one complex64 rotary table (torch.polar), not cos and sin (DeepSeek-V2)
 
 

@@ -136,15 +136,10 @@ TRIALS = [r for r in committed_rows() if r.get("kind") == "edge" and r.get("stat
 
 # Where the replay does not yet reproduce the GPU's edge, and why. strict: a search or trial
 # that starts matching fails here until it is taken off the list.
-GPT_OSS_COARSE = ("gpt-oss's layers keep the coarse request order (blind edge-h200-21: guessed 50, 62 runs): the "
-                  "trace (edge-h200-22) shows its eager attention at most three score tensors at once (+ mask, the "
-                  "sink column's cat minus its max, softmax), where the coarse chain holds four")
-KNOWN_SEARCH_GAPS: dict[str, str] = {"gpt-oss-20b-l4-bf16-eager-n2048-default": GPT_OSS_COARSE}
-KNOWN_TRIAL_GAPS: dict[str, str] = {f"gpt-oss-20b-l4-bf16-eager-n2048-default-b{b}": GPT_OSS_COARSE
-                                    for b in (51, 53, 57, 61, 62)}
+KNOWN_SEARCH_GAPS: dict[str, str] = {}
+KNOWN_TRIAL_GAPS: dict[str, str] = {}
 # out-of-memory trials whose verdict holds but whose replay fails at another request than the GPU
-KNOWN_FAILURE_GAPS: dict[str, str] = {f"gpt-oss-20b-l4-bf16-eager-n2048-default-b{b}": GPT_OSS_COARSE
-                                      for b in (63, 65)}
+KNOWN_FAILURE_GAPS: dict[str, str] = {}
 KNOWN_DEVICE_GAPS: dict[str, str] = {}
 KNOWN_SMALL_DEVICE_GAPS: dict[str, str] = {}
 
@@ -277,7 +272,8 @@ def test_the_replay_fails_at_the_request_the_gpu_failed_at(row):
 @pytest.mark.parametrize("model, order", [
     ("llama-3.1-8b", "traced"), ("gemma-2-2b-it", "traced"), ("stablelm-2-zephyr-1_6b", "code"),
     ("phi-3.5-mini-instruct", "code"), ("falcon-7b-instruct", "code"), ("phi-2", "code"), ("bloomz-560m", "code"),
-    ("mpt-7b-instruct", "code"), ("gpt-oss-20b", "coarse"),
+    ("mpt-7b-instruct", "code"), ("gpt-oss-20b", "code"), ("tests/configs/olmoe-1b-7b.json", "coarse"),
+    ("deepseek-v3", "code"),
     ("tests/configs/mamba-2.8b.json", "none"), ("tests/configs/mamba2-codestral-7b.json", "code"),
     ("tests/configs/flan-t5-base.json", "code"),
     ("tests/configs/bart-large.json", "none"),

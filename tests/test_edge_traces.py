@@ -105,8 +105,6 @@ def test_without_the_top_down_addresses_the_model_disagrees():
 OK_TRACES = [t for t in TRACES if t["status"] == "ok"]
 SEQUENCE_TOLERANCE = 0.005  # reserved peak at the H200's capacity, planner replay vs the GPU's requests
 KNOWN_SEQUENCE_GAPS: dict[str, str] = {
-    "gpt-oss-20b-l4-bf16-eager-n2048-default-b62-ok": "gpt-oss keeps the coarse request order "
-    "(test_edge.GPT_OSS_COARSE)",
     "phi-2-nf4-sdpa-n960-default-b8-ok": "bitsandbytes 0.50 runs fc1 of each decode step (8 rows, 10240 outputs) "
     "through its own gemm_4bit kernel on the H200 (_gemm_4bit_use_custom_cuda, a per-GPU choice); the replay "
     "dequantizes every 4-bit projection, 50 MiB more per layer and step (+1.9% reserved)",
@@ -217,9 +215,6 @@ def test_compact_trace_keeps_requests_blocks_and_relative_addresses():
 
 LARGE_REQUEST = 64 << 20
 KNOWN_ORDER_GAPS = {
-    "gpt-oss-20b-l4-bf16-eager-n2048-default-b62-ok": "gpt-oss keeps the coarse request order: its causal and "
-    "sliding masks differ from the third piece on",
-    "gpt-oss-20b-l4-bf16-eager-n2048-default-b63-oom": "as at batch 62",
     "qwen3-30b-a3b-l8-bf16-sdpa-n1024-default-b724-ok": "torch.sort's cub scratch for the routed ids: the planner "
     "requests its two alternate buffers (90.5 MiB), the GPU 1.3 MiB more (cub's tile counters; request 79); "
     "every other request matches to the end",

@@ -96,6 +96,7 @@ class MoeSpec(Frozen):
     # DeepSeek-V3's router: sigmoid scores, top-k among the experts of the best `kept` of `groups`
     # expert groups (n_group, topk_group), the weights renormalized when `normalized_top_k`
     sigmoid_groups: tuple[int, int] | None = None
+    softmax_after_top_k: bool = False  # gpt-oss: top-k of the logits first, softmax over those k only
     normalized_top_k: bool = False
     # the checkpoint stores one tensor per expert, merged into the fused 3-D parameters while
     # loading (a transient copy of the largest); gpt-oss, Llama-4 and Granite store them fused

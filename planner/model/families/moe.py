@@ -111,7 +111,7 @@ def _deepseek_v3(raw: RawConfig) -> Architecture:
 def _gpt_oss(raw: RawConfig) -> Architecture:
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     window = read_window(raw)
-    moe = _experts_in_every_layer(raw, layers, expert_bias=True, stored_per_expert=False)
+    moe = _experts_in_every_layer(raw, layers, expert_bias=True, stored_per_expert=False, softmax_after_top_k=True)
     arch = llama_like(raw, family="gpt_oss", tied_default=False, qkv_bias=True, o_bias=True, moe=moe,
                        moe_layout=MoeLayout(router="router", router_bias=True, transposed=True), window=window,
                        layer_rule=lambda i: "sliding" if i % 2 == 0 else "full",

@@ -16,6 +16,7 @@ from .family_layers import (
     phi3_layer,
     stablelm_layer,
 )
+from .gpt_oss_layers import gpt_oss_layer
 from .layernorm_layers import (
     SINGLE_KERNEL_ACTIVATIONS,
     falcon_new_layer,
@@ -49,6 +50,8 @@ def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
     """The replay of this family's decoder layer written here, or None (the caller's order)."""
     if _deepseek_mla(arch) and kernel in ("flash", "efficient") and spec.quantization == "none":
         return deepseek_layer
+    if arch.model_type == "gpt_oss" and kernel == "eager" and spec.quantization == "none":
+        return gpt_oss_layer
     if arch.moe is not None or spec.quantization not in ("none", "4bit"):
         return None
     if arch.model_type == "phi" and kernel in ("flash", "efficient", "eager") and \

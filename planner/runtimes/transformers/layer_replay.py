@@ -143,6 +143,26 @@ def traced_rope(tr: Tracer, nbytes: int, product_bytes: int | None = None) -> in
     return out
 
 
+def halves_rotary(tr: Tracer, q_bytes: int, k_bytes: int) -> tuple[int | None, int | None]:
+    """A rotary written over two halves of each head, in the model dtype (DeepSeek-V3's
+    apply_rotary_pos_emb_interleave over the even and odd elements, gpt-oss's _apply_rotary_emb over
+    the chunks): for the query, then the key, x1 * cos and x2 * sin, their difference (both
+    products go), x2 * cos and x1 * sin, their sum (both go), the cat of the two (the difference and
+    the sum go). The H200 traces of DeepSeek-V3 and gpt-oss-20b."""
+    rotated = []
+    for nbytes, name in ((q_bytes, "q_rot"), (k_bytes, "k_rot")):
+        half = nbytes // 2
+        first = [tr.new(half, f"rotary {name} x1 * cos"), tr.new(half, f"rotary {name} x2 * sin")]
+        difference = tr.new(half, f"rotary {name} difference")
+        tr.drop(*first)
+        second = [tr.new(half, f"rotary {name} x2 * cos"), tr.new(half, f"rotary {name} x1 * sin")]
+        total = tr.new(half, f"rotary {name} sum")
+        tr.drop(*second)
+        rotated.append(tr.new(nbytes, f"rotary {name} cat"))
+        tr.drop(total, difference)
+    return rotated[0], rotated[1]
+
+
 def traced_position_ids(tr: Tracer, b: int, n: int) -> None:
     """generate()'s position ids (_prepare_position_ids_for_generation: cumsum of the mask,
     minus one, masked_fill where the mask is 0), then prepare_inputs_for_generation's copy;
@@ -164,24 +184,27 @@ def traced_mask_check(tr: Tracer, b: int, n: int) -> None:
     tr.drop(padding)
 
 
-def traced_rotary_tables(tr: Tracer, b: int, n: int, rotary_dim: int, s: int) -> list[int | None]:
-    """LlamaRotaryEmbedding.forward: positions as fp32, inv_freq @ positions, cat(freqs, freqs),
-    cos() and sin() each times attention_scaling, then cast to the model's dtype; the fp32
-    intermediates go once both casts exist. Returns the cos and sin tables the layers share."""
+def traced_rotary_tables(tr: Tracer, b: int, n: int, rotary_dim: int, s: int,
+                         half: bool = False) -> list[int | None]:
+    """LlamaRotaryEmbedding.forward: positions as fp32, inv_freq @ positions, cat(freqs, freqs)
+    (`half`: none, the tables are the frequencies' own width: gpt-oss), cos() and sin() each
+    times attention_scaling, then cast to the model's dtype; the fp32 intermediates go once both
+    casts exist. Returns the cos and sin tables the layers share."""
     positions = tr.new(b * n * 4, "rotary positions (fp32)")
     freqs = tr.new(b * n * (rotary_dim // 2) * 4, "rotary inv_freq @ positions")
     tr.matmul()
-    emb = tr.new(b * n * rotary_dim * 4, "rotary cat(freqs, freqs)")
+    width = rotary_dim // 2 if half else rotary_dim
+    emb = None if half else tr.new(b * n * rotary_dim * 4, "rotary cat(freqs, freqs)")
     tables = []
     for name in ("cos", "sin"):
-        raw = tr.new(b * n * rotary_dim * 4, f"rotary {name}()")
-        scaled = tr.new(b * n * rotary_dim * 4, f"rotary {name} * attention_scaling")
+        raw = tr.new(b * n * width * 4, f"rotary {name}()")
+        scaled = tr.new(b * n * width * 4, f"rotary {name} * attention_scaling")
         tr.drop(raw)
         tables.append(scaled)
     if s == 4:  # .to(float32) is the tensor itself
         tr.drop(positions, freqs, emb)
         return tables
-    casts = [tr.new(b * n * rotary_dim * s, f"rotary {name} .to(dtype)") for name in ("cos", "sin")]
+    casts = [tr.new(b * n * width * s, f"rotary {name} .to(dtype)") for name in ("cos", "sin")]
     tr.drop(positions, freqs, emb, *tables)
     return casts
 
@@ -332,6 +355,29 @@ def gated_mlp(tr: Tracer, tokens: int, width: int, hidden: int, s: int, dequanti
     return out
 
 
+def _apply_gate(tr: Tracer, nbytes: int, copies: int, clamped_glu: bool) -> int | None:
+    """The experts' activation over the routed rows' gate and up halves; returns its output.
+    gpt-oss (H200 trace of gpt-oss-20b): gate.clamp and up.clamp, gate * alpha and its sigmoid
+    (the product goes), glu = gate * sigmoid (the sigmoid goes), up + 1 and (up + 1) * glu (the sum
+    goes), then the clamps and glu as the function returns. The others: act(gate) and the
+    product, beside the copies their layout names."""
+    if clamped_glu:
+        gate, up = tr.new(nbytes, "gate.clamp"), tr.new(nbytes, "up.clamp")
+        scaled = tr.new(nbytes, "gate * alpha")
+        sigmoid = tr.new(nbytes, "sigmoid(gate * alpha)")
+        tr.drop(scaled)
+        glu = tr.new(nbytes, "gate * sigmoid")
+        tr.drop(sigmoid)
+        shifted = tr.new(nbytes, "up + 1")
+        out = tr.new(nbytes, "(up + 1) * glu")
+        tr.drop(shifted, gate, up, glu)
+        return out
+    temps = [tr.new(nbytes) for _ in range(max(copies - 1, 0))]
+    out = tr.new(nbytes)
+    tr.drop(*temps)
+    return out
+
+
 def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int, s: int,
                grouped: bool, upcast_softmax: bool) -> int:
     """One sparse MLP in the order transformers runs it (experts.py describes the kernels);
@@ -378,9 +424,8 @@ def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int,
             gathered_up = tr.new(routed * 2 * i * h * s)
             up_bias = tr.new(routed * 2 * i * s) if bias else None
             masked = tr.new(routed * 2 * i * s)
-        temps = [tr.new(routed * i * s) for _ in range(max(experts.gate_copies - 1, 0))]
-        gated = tr.new(routed * i * s)
-        tr.drop(*temps, masked)
+        gated = _apply_gate(tr, routed * i * s, experts.gate_copies, experts.clamped_glu)
+        tr.drop(masked)
         if not grouped:
             gathered_down = tr.new(routed * h * i * s)
             tr.drop(gathered_up)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from .activations import RunSpec
-from .layer_replay import Tracer, gated_mlp, moe_block, prefill_cache, traced_norm
+from .layer_replay import Tracer, gated_mlp, halves_rotary, moe_block, prefill_cache, traced_norm
 
 
 def complex_rotary_table(tr: Tracer, b: int, n: int, rope_dim: int) -> int:
@@ -43,24 +43,6 @@ def _rotary(tr: Tracer, q_fp32: int, k_fp32: int, s: int) -> tuple[int | None, i
             tr.drop(product)
         rotated.append(out)
     tr.drop(*upcasts)
-    return rotated[0], rotated[1]
-
-
-def _interleaved_rotary(tr: Tracer, q_bytes: int, k_bytes: int) -> tuple[int | None, int | None]:
-    """apply_rotary_pos_emb_interleave (DeepSeek-V3), in the model dtype: for q_rot, then k_rot,
-    x1 * cos and x2 * sin, their difference (both products go), x2 * cos and x1 * sin, their sum
-    (both go), then the cat of the two halves (the difference and the sum go)."""
-    rotated = []
-    for nbytes, name in ((q_bytes, "q_rot"), (k_bytes, "k_rot")):
-        half = nbytes // 2
-        first = [tr.new(half, f"rotary {name} x1 * cos"), tr.new(half, f"rotary {name} x2 * sin")]
-        difference = tr.new(half, f"rotary {name} difference")
-        tr.drop(*first)
-        second = [tr.new(half, f"rotary {name} x2 * cos"), tr.new(half, f"rotary {name} x1 * sin")]
-        total = tr.new(half, f"rotary {name} sum")
-        tr.drop(*second)
-        rotated.append(tr.new(nbytes, f"rotary {name} cat"))
-        tr.drop(total, difference)
     return rotated[0], rotated[1]
 
 
@@ -98,7 +80,7 @@ def deepseek_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: R
     latent = traced_norm(tr, tokens * mla.kv_lora_rank * s, tokens, s)
     tr.at(op="rotary embedding")
     if mla.rope_interleave:
-        q_pe, k_pe = _interleaved_rotary(tr, tokens * heads * rope * s, tokens * rope * s)
+        q_pe, k_pe = halves_rotary(tr, tokens * heads * rope * s, tokens * rope * s)
     else:
         q_pe, k_pe = _rotary(tr, tokens * heads * rope * 4, tokens * rope * 4, s)
     cache: list[int | None] = []

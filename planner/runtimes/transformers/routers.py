@@ -1,7 +1,7 @@
 """Mixture-of-experts routers as request sequences, in the order transformers 5.17 allocates and
 frees (the block around them is layer_replay.moe_block): softmax top-k (Mixtral, Qwen-MoE, OLMoE),
-Llama-4's sigmoid over the top-k logits, DeepSeek-V2's fp32 softmax and DeepSeek-V3's sigmoid
-scores routed within the best expert groups."""
+Llama-4's sigmoid over the top-k logits, gpt-oss's softmax over its top-k logits, DeepSeek-V2's
+fp32 softmax and DeepSeek-V3's sigmoid scores routed within the best expert groups."""
 
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ def router(tr: Tracer, arch: Architecture, tokens: int, s: int, upcast_softmax: 
         return [logits, cast]
     if moe.sigmoid_groups:
         return _sigmoid_group_router(tr, arch, tokens)
+    if moe.softmax_after_top_k:  # GptOssTopKRouter: the logits (with bias), their top-k, softmax of those
+        logits = tr.new(tokens * e * s, "router logits")
+        values, indices = tr.new(tokens * k * s, "top-k logits"), tr.new(tokens * k * 8, "top-k ids")
+        scores = tr.new(tokens * k * s, "softmax(top-k)")
+        tr.drop(values)
+        return [logits, scores, indices]
     if moe.router_fp32:  # DeepSeek: inputs and weight upcast, fp32 logits and scores
         upcast = [tr.new(tokens * h * 4), tr.new(e * h * 4)]
         logits = tr.new(tokens * e * 4)

@@ -41,6 +41,8 @@ from .decode_replay import MAX_REPLAYED_DECODE_STEPS, decode, last_token_logits
 TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
                                 "gemma", "gemma2", "gemma3_text"})
 
+MASK_ORDER = ("full", "sliding", "chunked", "none")  # the order in which a model builds its kinds' masks
+
 # Models replayed as a whole from their modeling code (each module's replays(arch, spec) says for
 # which runs, replay(tracer, arch, spec) emits them): an encoder-decoder and a state-space model
 WHOLE_MODEL_REPLAYS = (t5_layers, mamba2_layers)
@@ -251,8 +253,12 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
         # sdpa_mask's tokens x tokens pieces, the batch's boolean mask (the pieces go), then
         # eager_mask's additive copy in the model dtype (the boolean goes): H200 traces of
         # Llama-3.2-1B, Qwen3-0.6B, SantaCoder, GPT-J and OctoCoder, all eager
-        for _ in [*set(arch.layer_types), *(["unused sliding"] if arch.unused_sliding_mask else [])]:
-            pieces = layer_replay.causal_mask_pieces(tr, n)
+        # one mask per attention kind, the causal one first (the models' causal_mask_mapping); a
+        # sliding window's mask functions leave more pieces (H200 trace of gpt-oss-20b eager)
+        kinds = sorted(set(arch.layer_types), key=MASK_ORDER.index)
+        for kind in [*kinds, *(["unused sliding"] if arch.unused_sliding_mask else [])]:
+            pieces = layer_replay.sliding_mask_pieces(tr, n) if kind == "sliding" else \
+                layer_replay.causal_mask_pieces(tr, n)
             boolean = tr.new(b * n * n, "causal mask (bool)")
             tr.drop(pieces)
             additive = tr.new(b * n * n * s, "causal mask")
@@ -281,7 +287,7 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
     elif arch.rotary_dim and layout.rope_tables and (traced or coded_layer is not None):
         tables = 4 if layout.rope_fp32 else s  # fp32 tables (OLMo-2): no cast
         for _ in set(arch.layer_types) if layout.rotary_per_layer_type else [None]:
-            held_model += layer_replay.traced_rotary_tables(tr, b, n, arch.rotary_dim, tables)
+            held_model += layer_replay.traced_rotary_tables(tr, b, n, arch.rotary_dim, tables, layout.rope_half)
     elif arch.rotary_dim and not traced and coded_layer is None:  # (a coded GPT-J builds its own per layer)
         element = 4 if layout.rope_fp32 else s
         held_model += [tr.new(b * n * arch.rotary_dim * element, "rotary cos/sin") for _ in range(layout.rope_tables)]
