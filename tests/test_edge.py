@@ -326,3 +326,32 @@ def test_fp16_eager_softmax_has_no_upcast_copy():
     measured = next(r for r in TRIALS if r["case"]["precision"] == "fp16" and r["case"]["attn"] == "eager"
                     and r["case"]["model"] == "llama-3.2-1b" and r["case"]["batch"] == 66)
     assert abs(runs["fp16"].peak_allocated - measured["peak_allocated_bytes"]) < 2**20
+
+
+@pytest.mark.parametrize("model, layers, what, fixed", [
+    ("tests/configs/jamba-v0.1.json", 8, "batch", 2048), ("tests/configs/mamba-2.8b.json", 16, "batch", 1024),
+    ("tests/configs/bart-large.json", None, "batch", 1000), ("qwen3-next-80b-a3b-instruct", 4, "prompt_len", 8),
+    ("llama-3.2-1b", None, "batch", 4096),
+])
+def test_largest_fit_is_where_the_verdict_turns(model, layers, what, fixed):
+    """--max and the verdict apply one rule: at the largest fit the verdict says it fits, one more
+    and it does not, also for families whose layers are not replayed request by request (their
+    replay alone would complete at any size: the point model's allocated peak decides)."""
+    from vramplan.request import PrecisionChoice, Workload
+    from vramplan.runtimes.transformers.estimate import estimate_architecture
+    from vramplan.runtimes.transformers.fit import largest_fit_detail
+    from vramplan.validate.edgecheck import architecture
+
+    arch = architecture({"model": model, "layers": layers})
+    other = "prompt_len" if what == "batch" else "batch"
+    work = Workload(new_tokens=16, **{other: fixed})
+    fit = largest_fit_detail(arch, model, work, PrecisionChoice(), _h200(), what)
+    assert 0 < fit.value < fit.limit and fit.fails_from == fit.value + 1
+
+    def verdict(value: int):
+        return estimate_architecture(arch, model, work.model_copy(update={what: value}), PrecisionChoice(),
+                                     _h200()).verdict
+
+    at, past = verdict(fit.value), verdict(fit.value + 1)
+    assert at.fits and not past.fits
+    assert past.fails_at == fit.fails_at

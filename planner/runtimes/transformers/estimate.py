@@ -161,6 +161,11 @@ def _completes(run: sequence.SimulatedRun, capacity: int, allocated: int, load_p
     return run.completed and max(allocated, load_peak) <= capacity
 
 
+def point_model_failure(allocated: int, load_peak: int) -> str:
+    """Where a run whose replay completes still does not fit: the load, or the point model's peak."""
+    return "the model's load" if load_peak > allocated else "the run's allocated peak (the point model's)"
+
+
 def _order_notes(arch: Architecture, run: sequence.SimulatedRun) -> list[str]:
     """What the verdict rests on when the layers' request order is not one held to a GPU trace or
     read op by op from the family's code (README, "Will it run?")."""
@@ -185,14 +190,58 @@ def _verdict(gpu: Gpu, capacity: int, mode: str, runs: dict[str, sequence.Simula
         headroom = -(run.shortfall_bytes or 0)
     else:
         headroom = capacity - max(allocated, load_peak)
-    fails_at = run.failed_at if not run.completed else (
-        None if fits else "the allocated peak itself (the point model's) exceeds the capacity")
+    fails_at = run.failed_at if not run.completed else (None if fits else point_model_failure(allocated, load_peak))
     expandable = runs.get("expandable")
     return Verdict(gpu=gpu.name, memory_bytes=gpu.memory_bytes, fits=fits, headroom_bytes=headroom,
                    allocator=mode, capacity_bytes=capacity, fails_at=fails_at,
                    reserved_unusable_bytes=run.reserved_unusable_bytes,
                    fits_with_expandable_segments=(_completes(expandable, capacity, allocated, load_peak)
                                                   if expandable is not None else None))
+
+
+def fixed_terms(arch: Architecture, weights: WeightBreakdown, chosen: Precision, compute: str,
+                profile: RuntimeProfile, workload: Workload) -> list[BreakdownTerm]:
+    """What is allocated beside the run's activations: the model as loaded, the cuBLAS workspace,
+    the inputs."""
+    fixed = [
+        BreakdownTerm(name="weights", group="model", bytes=weights.weight_bytes, scope="allocated",
+                      why=f"{weights.parameters:,} parameters at {chosen.name}"
+                          + ("" if chosen.kind == "dtype" else f", unconverted tensors in {compute}")),
+        BreakdownTerm(name="quantization state", group="model", bytes=weights.quant_state_bytes, scope="allocated",
+                      why="bitsandbytes scales, absmax and lookup tables" if chosen.kind.startswith("bnb")
+                      else "the checkpoint's scales and zero points"),
+        BreakdownTerm(name="buffers", group="model", bytes=weights.buffer_bytes, scope="allocated",
+                      why="non-persistent buffers the model allocates (rotary frequencies, masks)"),
+        BreakdownTerm(name="allocator block rounding", group="model", bytes=weights.rounding_bytes, scope="allocated",
+                      why="each tensor occupies whole 512-byte blocks"),
+        BreakdownTerm(name="cuBLAS workspace", group="model", bytes=overhead.cublas_workspace(arch, profile),
+                      scope="allocated", why="kept by cuBLAS from the first matmul on"),
+        BreakdownTerm(name="inputs", group="inputs", bytes=overhead.input_bytes(workload.batch, workload.prompt_len),
+                      scope="allocated", why="input_ids and attention_mask (int64)"),
+    ]
+    if chosen.kind == "bnb_4bit":
+        fixed.append(BreakdownTerm(name="bitsandbytes runtime", group="model", scope="allocated",
+                                   bytes=profile.constant("bnb_4bit_runtime_bytes"),
+                                   why=profile.constants["bnb_4bit_runtime_bytes"].why))
+    return fixed
+
+
+def load_peak_bytes(arch: Architecture, weights: WeightBreakdown, chosen: Precision, compute: str,
+                    fitted: Calibration, fixed: list[BreakdownTerm]) -> int:
+    """The allocated peak while the model loads: the model's terms and the load's largest transient."""
+    loaded = sum(t.bytes for t in fixed if t.group == "model")
+    transient = 0
+    if chosen.kind in ("bnb_int8", "bnb_4bit"):
+        ratio = fitted.bnb_load_transient.get("int8" if chosen.kind == "bnb_int8" else "4bit", 0.0)
+        transient = int(ratio * weights.largest_linear_elements * DTYPE_BYTES[compute])
+    if arch.moe is not None and arch.moe.stored_per_expert and chosen.kind != "prequantized":
+        # loading merges the checkpoint's per-expert weights into the fused 3-D parameters: the
+        # merged copy of the largest one is transient (measured on bitsandbytes reloads: qwen3-30b-a3b
+        # +786/+793 MB with an 805 MB fused gate_up, jamba +3.70 GB with a 3.76 GB one; granite,
+        # whose checkpoint stores the experts fused, +21.6 MB)
+        largest_expert = max(t.elements_each for t in arch.tensors if t.kind == "expert")
+        transient = max(transient, largest_expert * DTYPE_BYTES[compute])
+    return loaded + transient
 
 
 def estimate_architecture(arch: Architecture, model: str, workload: Workload | None = None,
@@ -218,26 +267,7 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     spec = run_spec(arch, workload, weights, chosen, compute)  # pre-quantized: activations like a dtype
     peak = max(candidate_points(arch, layout, spec), key=lambda p: p.total)
 
-    fixed = [
-        BreakdownTerm(name="weights", group="model", bytes=weights.weight_bytes, scope="allocated",
-                      why=f"{weights.parameters:,} parameters at {chosen.name}"
-                          + ("" if chosen.kind == "dtype" else f", unconverted tensors in {compute}")),
-        BreakdownTerm(name="quantization state", group="model", bytes=weights.quant_state_bytes, scope="allocated",
-                      why="bitsandbytes scales, absmax and lookup tables" if chosen.kind.startswith("bnb")
-                      else "the checkpoint's scales and zero points"),
-        BreakdownTerm(name="buffers", group="model", bytes=weights.buffer_bytes, scope="allocated",
-                      why="non-persistent buffers the model allocates (rotary frequencies, masks)"),
-        BreakdownTerm(name="allocator block rounding", group="model", bytes=weights.rounding_bytes, scope="allocated",
-                      why="each tensor occupies whole 512-byte blocks"),
-        BreakdownTerm(name="cuBLAS workspace", group="model", bytes=overhead.cublas_workspace(arch, profile),
-                      scope="allocated", why="kept by cuBLAS from the first matmul on"),
-        BreakdownTerm(name="inputs", group="inputs", bytes=overhead.input_bytes(workload.batch, workload.prompt_len),
-                      scope="allocated", why="input_ids and attention_mask (int64)"),
-    ]
-    if chosen.kind == "bnb_4bit":
-        fixed.append(BreakdownTerm(name="bitsandbytes runtime", group="model", scope="allocated",
-                                   bytes=profile.constant("bnb_4bit_runtime_bytes"),
-                                   why=profile.constants["bnb_4bit_runtime_bytes"].why))
+    fixed = fixed_terms(arch, weights, chosen, compute, profile, workload)
     runtime_terms = [BreakdownTerm(name=t.name, bytes=t.bytes, why=t.why, scope="allocated", group="runtime")
                      for t in peak.terms]
     allocated = sum(t.bytes for t in fixed) + peak.total
@@ -270,19 +300,7 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
                 kv_cache.held_cache_bytes(arch, workload.batch, workload.prompt_len, spec.cache_growth_steps,
                                           spec.restarted_steps, spec.kv)
                 ) if workload.mode == "generate" and spec.keeps_cache else 0
-    loaded = sum(t.bytes for t in fixed if t.group == "model")
-    transient = 0
-    if chosen.kind in ("bnb_int8", "bnb_4bit"):
-        ratio = fitted.bnb_load_transient.get("int8" if chosen.kind == "bnb_int8" else "4bit", 0.0)
-        transient = int(ratio * weights.largest_linear_elements * DTYPE_BYTES[compute])
-    if arch.moe is not None and arch.moe.stored_per_expert and chosen.kind != "prequantized":
-        # loading merges the checkpoint's per-expert weights into the fused 3-D parameters: the
-        # merged copy of the largest one is transient (measured on bitsandbytes reloads: qwen3-30b-a3b
-        # +786/+793 MB with an 805 MB fused gate_up, jamba +3.70 GB with a 3.76 GB one; granite,
-        # whose checkpoint stores the experts fused, +21.6 MB)
-        largest_expert = max(t.elements_each for t in arch.tensors if t.kind == "expert")
-        transient = max(transient, largest_expert * DTYPE_BYTES[compute])
-    load_peak = loaded + transient
+    load_peak = load_peak_bytes(arch, weights, chosen, compute, fitted, fixed)
     verdict = None
     if gpu is not None and limit is not None:
         verdict = _verdict(gpu, limit.bytes, workload.allocator, at_capacity, allocated, load_peak)

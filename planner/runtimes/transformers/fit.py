@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ...base import Frozen
-from ...catalog import Calibration, Gpu, RuntimeProfile, runtime_profile
+from ...catalog import Calibration, Gpu, RuntimeProfile, calibration, runtime_profile
 from ...errors import WorkloadError
 from ...model.spec import Architecture
 from ...request import MAX_BATCH, MAX_TOKENS, AllocatorMode, PrecisionChoice, Workload
@@ -45,12 +45,31 @@ class _Run:
         self.allocations = allocation_sizes(arch, self.chosen, self.compute, self.choice.double_quant)
         self.workspaces = overhead.cublas_workspaces(arch, profile)
         self._run_spec = run_spec
+        self.profile = profile
         self.bitsandbytes = self.chosen.kind.startswith("bnb")
 
     def replay(self, workload: Workload, capacity: Capacity | None, allocator: AllocatorMode) -> SimulatedRun:
         spec = self._run_spec(self.arch, workload, self.weights, self.chosen, self.compute)
         return sequence.simulate(self.arch, self.layout, spec, self.allocations, self.workspaces,
                                  capacity=capacity, expandable=allocator == "expandable")
+
+    def runs(self, workload: Workload, capacity: Capacity, allocator: AllocatorMode,
+             fitted: Calibration) -> SimulatedRun:
+        """The replay at the capacity, held to the verdict's whole rule (estimate._completes): the
+        point model's allocated peak and the load's fit too, which is what decides for families whose
+        layers the replay does not follow request by request."""
+        from .estimate import _completes, candidate_points, fixed_terms, load_peak_bytes, point_model_failure
+
+        result = self.replay(workload, capacity, allocator)
+        spec = self._run_spec(self.arch, workload, self.weights, self.chosen, self.compute)
+        fixed = fixed_terms(self.arch, self.weights, self.chosen, self.compute, self.profile, workload)
+        allocated = sum(t.bytes for t in fixed) + max(candidate_points(self.arch, self.layout, spec),
+                                                      key=lambda p: p.total).total
+        load_peak = load_peak_bytes(self.arch, self.weights, self.chosen, self.compute, fitted, fixed)
+        if result.completed and not _completes(result, capacity.bytes, allocated, load_peak):
+            result = result.model_copy(update={"completed": False,
+                                               "failed_at": point_model_failure(allocated, load_peak)})
+        return result
 
 
 def replay_at_capacity(arch: Architecture, workload: Workload, choice: PrecisionChoice, gpu: Gpu,
@@ -85,6 +104,7 @@ def largest_fit_detail(arch: Architecture, model: str, workload: Workload | None
     choice = choice or PrecisionChoice()
     mode = allocator or workload.allocator
     run = _Run(arch, workload, choice, profile or runtime_profile())
+    fitted = fitted or calibration()
     cap = capacity(gpu, fitted, run.bitsandbytes)
     top = limit or (MAX_BATCH if what == "batch" else MAX_TOKENS)
     if what == "prompt_len" and arch.max_positions is not None and arch.encoder is None:
@@ -95,7 +115,7 @@ def largest_fit_detail(arch: Architecture, model: str, workload: Workload | None
     def fits(value: int) -> bool:
         nonlocal replays
         replays += 1
-        result = run.replay(run.workload.model_copy(update={what: value}), cap, mode)
+        result = run.runs(run.workload.model_copy(update={what: value}), cap, mode, fitted)
         if not result.completed:
             failures[value] = result
         return result.completed
