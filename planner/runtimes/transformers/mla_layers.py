@@ -4,7 +4,7 @@ written from modeling_deepseek_v2.py and modeling_deepseek_v3.py and held to the
 DeepSeek-V2-Lite (4 layers) at batch 309 and 2048 tokens and of DeepSeek-V3 (4 layers: three
 dense, one with 256 routed experts) at batch 142 and 144 of 1024 tokens, each the edge of the GPU
 (tests/test_edge_traces.py). V3 differs in its rotary (interleaved pairs, in the model dtype,
-from the cos and sin tables LlamaRotaryEmbedding builds) and its router (layer_replay)."""
+from the cos and sin tables LlamaRotaryEmbedding builds) and its router (routers.py)."""
 
 from __future__ import annotations
 
