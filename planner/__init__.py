@@ -115,9 +115,23 @@ def estimate(model: str, workload: Workload | None = None, precision: str = "aut
     choice = PrecisionChoice(name=precision, double_quant=double_quant, compute_dtype=compute_dtype)
     catalog = gpu_catalog(gpu_catalog_file) if gpu is not None or gpu_catalog_file is not None else None
     chosen_gpu = catalog.find(gpu) if catalog is not None and gpu is not None else None
-    est = estimate_architecture(arch, source.name, workload or Workload(), choice, chosen_gpu,
+    workload = workload or Workload()
+    est = estimate_architecture(arch, source.name, workload, choice, chosen_gpu,
                                 stored=stored_sizes(source.stored_tensors))
+    beyond = beyond_positions("prompt + new tokens", workload.prompt_len + workload.new_tokens,
+                              model_positions(arch, source.config), arch)
+    if beyond:
+        est = est.model_copy(update={"notes": [*est.notes, beyond + "."]})
     return _with_note(est, note if precision == "auto" else None)
+
+
+def beyond_positions(what: str, tokens: int, positions: int | None, arch: Architecture) -> str | None:
+    """A note when a run's tokens pass the context the model was trained for, where nothing stops
+    them (rotary or no positions: a learned table or ALiBi's is a hard limit, refused instead)."""
+    if positions is None or arch.max_positions is not None or tokens <= positions:
+        return None
+    return (f"{what} {tokens} is beyond the model's {positions} positions (max_position_embeddings): "
+            "transformers runs it, rotary positions extrapolate, quality may not")
 
 
 def model_positions(arch: Architecture, config: dict[str, Any]) -> int | None:
@@ -251,10 +265,9 @@ def _plan_notes(arch: Architecture, model: str, request: PlanRequest, report: Pl
             notes += list(arch.notes)
     else:
         notes += list(arch.notes)
-    if positions and arch.max_positions is None and request.context > positions:
-        notes.append(f"--context {request.context} is beyond the model's {positions} positions "
-                     "(max_position_embeddings): rotary positions extrapolate, quality may not, and vLLM "
-                     "refuses such a max_model_len unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1.")
+    beyond = beyond_positions("--context", request.context, positions, arch)
+    if beyond:
+        notes.append(beyond + ", and vLLM refuses such a max_model_len unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1.")
     if report.unmeasured_gpus:
         notes.append(f"no committed rows measured {', '.join(report.unmeasured_gpus)} (marked *): their memory "
                      "outside torch is the H100 figure, not a measurement.")
@@ -403,7 +416,10 @@ def estimate_maximum(model: str, workload: Workload, what: str, gpu: str, precis
     fit = largest_fit_detail(arch, source.name, workload, choice, kind, what)  # type: ignore[arg-type]
     other = "expandable" if workload.allocator == "default" else "default"
     alt = largest_fit_detail(arch, source.name, workload, choice, kind, what, allocator=other)  # type: ignore[arg-type]
+    largest = {**workload.model_dump(), what: max(fit.value, alt.value)}
+    beyond = beyond_positions("a prompt + new tokens of", largest["prompt_len"] + largest["new_tokens"],
+                              model_positions(arch, source.config), arch)
     return EstimateMaximum(model=source.name, gpu=kind.name, what=what, allocator=workload.allocator,  # type: ignore[arg-type]
                            largest=fit.value, capacity_bytes=fit.capacity_bytes, capacity_why=fit.capacity_why,
                            fails_from=fit.fails_from, fails_at=fit.fails_at, largest_other_allocator=alt.value,
-                           limit=fit.limit)
+                           limit=fit.limit, notes=[beyond + "."] if beyond else [])

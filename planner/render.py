@@ -199,7 +199,7 @@ def fit_text(fit: EstimateMaximum) -> str:
         advice = (" Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts to run the larger one."
                   if fit.allocator == "default" and fit.largest_other_allocator > fit.largest else "")
         lines.append(f"With {other}: {fit.largest_other_allocator}.{advice}")
-    return "\n".join(_wrap(lines))
+    return "\n".join(_wrap(lines) + _notes(fit.notes))
 
 
 def training_text(est: TrainingEstimate) -> str:

@@ -355,3 +355,20 @@ def test_largest_fit_is_where_the_verdict_turns(model, layers, what, fixed):
     at, past = verdict(fit.value), verdict(fit.value + 1)
     assert at.fits and not past.fits
     assert past.fails_at == fit.fails_at
+
+
+def test_runs_past_the_trained_context_say_so():
+    """Rotary positions do not stop at max_position_embeddings (131072 for Llama-3.1), so an
+    estimate, --max prompt-len and plan's context past it run: each says the model was not trained
+    that far. A learned table (GPT-2's 1024) is a hard limit and is refused instead."""
+    from vramplan import estimate, estimate_maximum
+    from vramplan.errors import WorkloadError
+    from vramplan.request import Workload
+
+    past = estimate("llama-3.1-8b", Workload(prompt_len=131_000, new_tokens=100))
+    assert any("131100 is beyond the model's 131072 positions" in n for n in past.notes)
+    assert not any("beyond the model's" in n for n in estimate("llama-3.1-8b", Workload(prompt_len=4096)).notes)
+    fit = estimate_maximum("llama-3.1-8b", Workload(new_tokens=128), "prompt_len", "h200")
+    assert fit.largest + 128 > 131072 and any("beyond the model's 131072 positions" in n for n in fit.notes)
+    with pytest.raises(WorkloadError):
+        estimate("gpt2", Workload(prompt_len=1000, new_tokens=100))

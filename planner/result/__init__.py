@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from ..base import Frozen
 from ..request import AllocatorMode, PlanRequest, RuntimeName, Workload
 from .vllm import VllmStartup
@@ -110,3 +112,4 @@ class EstimateMaximum(Frozen):
     fails_at: str | None = None  # where its replay ran out of memory
     largest_other_allocator: int | None = None  # under the other mode (expandable when default was asked)
     limit: int  # the model's positions or the search's bound
+    notes: list[str] = Field(default_factory=list)
