@@ -416,8 +416,8 @@ def estimate_maximum(model: str, workload: Workload, what: str, gpu: str, precis
     fit = largest_fit_detail(arch, source.name, workload, choice, kind, what)  # type: ignore[arg-type]
     other = "expandable" if workload.allocator == "default" else "default"
     alt = largest_fit_detail(arch, source.name, workload, choice, kind, what, allocator=other)  # type: ignore[arg-type]
-    largest = {**workload.model_dump(), what: max(fit.value, alt.value)}
-    beyond = beyond_positions("a prompt + new tokens of", largest["prompt_len"] + largest["new_tokens"],
+    prompt = max(fit.value, alt.value) if what == "prompt_len" else workload.prompt_len
+    beyond = beyond_positions("a prompt + new tokens of", prompt + workload.new_tokens,
                               model_positions(arch, source.config), arch)
     return EstimateMaximum(model=source.name, gpu=kind.name, what=what, allocator=workload.allocator,  # type: ignore[arg-type]
                            largest=fit.value, capacity_bytes=fit.capacity_bytes, capacity_why=fit.capacity_why,

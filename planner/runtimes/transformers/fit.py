@@ -162,6 +162,9 @@ def _first_guess(run: _Run, what: FitAxis, capacity: int, top: int) -> int:
     value 1 (a start for the bracket: the allocator's reserve moves the edge below it)."""
     from .estimate import candidate_points
 
+    # the weights and the point model's peak only (not runs()'s whole allocated rule): it is only where
+    # the bracket starts, and the replay is not monotone everywhere, so moving the start moves some
+    # boundaries (Llama-3.2-3B's prompt-length search moved when this was tried)
     def allocated(value: int) -> int:
         spec = run._run_spec(run.arch, run.workload.model_copy(update={what: value}), run.weights, run.chosen,
                              run.compute)
