@@ -214,15 +214,7 @@ def test_compact_trace_keeps_requests_blocks_and_relative_addresses():
 # -- the planner's large requests, one by one --------------------------------------------------
 
 LARGE_REQUEST = 64 << 20
-KNOWN_ORDER_GAPS = {
-    "qwen3-30b-a3b-l8-bf16-sdpa-n1024-default-b724-ok": "torch.sort's cub scratch for the routed ids: the planner "
-    "requests its two alternate buffers (90.5 MiB), the GPU 1.3 MiB more (cub's tile counters; request 79); "
-    "every other request matches to the end",
-    "qwen3-30b-a3b-l8-bf16-sdpa-n1024-default-b735-oom": "as at batch 724",
-    "qwen1.5-moe-a2.7b-l4-bf16-sdpa-n1024-expandable-b1160-ok": "torch.sort's cub scratch, as Qwen3-MoE's: 1 MiB "
-    "more than the two alternate buffers (72.5 MiB) at 4.75M pairs; every other request matches",
-    "qwen1.5-moe-a2.7b-l4-bf16-sdpa-n1024-expandable-b1171-oom": "as at batch 1160",
-}
+KNOWN_ORDER_GAPS: dict[str, str] = {}
 
 
 def _grouped(requests: list[tuple[str, int]]) -> list[tuple[str, object]]:

@@ -94,9 +94,10 @@ class MoeSpec(Frozen):
     expert_bias: bool = False  # gpt-oss
     shared_first: bool = False  # the shared expert runs before the routed ones (Qwen2-MoE)
     # DeepSeek-V3's router: sigmoid scores, top-k among the experts of the best `kept` of `groups`
-    # expert groups (n_group, topk_group), the weights renormalized when `normalized_top_k`
+    # expert groups (n_group, topk_group)
     sigmoid_groups: tuple[int, int] | None = None
     softmax_after_top_k: bool = False  # gpt-oss: top-k of the logits first, softmax over those k only
+    # the top-k weights divided by their sum (norm_topk_prob; Mixtral always)
     normalized_top_k: bool = False
     # the checkpoint stores one tensor per expert, merged into the fused 3-D parameters while
     # loading (a transient copy of the largest); gpt-oss, Llama-4 and Granite store them fused

@@ -25,7 +25,7 @@ def _mixtral(raw: RawConfig) -> Architecture:
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     window = read_window(raw)
     # MixtralTopKRouter returns its fp32 softmax values
-    moe = _experts_in_every_layer(raw, layers, routing_fp32=True)
+    moe = _experts_in_every_layer(raw, layers, routing_fp32=True, normalized_top_k=True)
     return llama_like(raw, family="moe", tied_default=False, window=window, moe=moe,
                        layer_rule=sliding_everywhere(window))
 
@@ -36,7 +36,8 @@ def _qwen2_moe(raw: RawConfig) -> Architecture:
     moe = MoeSpec(num_experts=raw.int("num_experts", "num_local_experts"), top_k=raw.int("num_experts_per_tok"),
                   expert_intermediate=raw.int("moe_intermediate_size"),
                   shared_intermediate=raw.int("shared_expert_intermediate_size", default=0, minimum=0),
-                  sparse_layers=qwen_sparse_layers(raw, layers), shared_first=True)
+                  sparse_layers=qwen_sparse_layers(raw, layers), shared_first=True,
+                  normalized_top_k=raw.bool("norm_topk_prob", default=False))
     # Qwen2MoeConfig: with use_sliding_window, the even layers below max_window_layers slide
     window = read_window(raw) if raw.bool("use_sliding_window", default=False) else None
     first_full = raw.int("max_window_layers", default=28, minimum=0)
@@ -53,7 +54,8 @@ def _qwen3_moe(raw: RawConfig) -> Architecture:
     bias = raw.bool("attention_bias", default=False)
     moe = MoeSpec(num_experts=raw.int("num_experts", "num_local_experts"), top_k=raw.int("num_experts_per_tok"),
                   expert_intermediate=raw.int("moe_intermediate_size"),
-                  sparse_layers=qwen_sparse_layers(raw, layers))
+                  sparse_layers=qwen_sparse_layers(raw, layers),
+                  normalized_top_k=raw.bool("norm_topk_prob", default=False))
     # Qwen3MoeConfig keeps sliding_window only with use_sliding_window; then every layer slides
     window = read_window(raw) if raw.bool("use_sliding_window", default=False) else None
     return llama_like(raw, family="moe", tied_default=False, qkv_bias=bias, o_bias=bias,
@@ -64,7 +66,8 @@ def _qwen3_moe(raw: RawConfig) -> Architecture:
 def _olmoe(raw: RawConfig) -> Architecture:
     layers = raw.int("num_hidden_layers", maximum=MAX_LAYERS)
     moe = MoeSpec(num_experts=raw.int("num_experts", "num_local_experts"), top_k=raw.int("num_experts_per_tok"),
-                  expert_intermediate=raw.int("intermediate_size"), sparse_layers=tuple(range(layers)))
+                  expert_intermediate=raw.int("intermediate_size"), sparse_layers=tuple(range(layers)),
+                  normalized_top_k=raw.bool("norm_topk_prob", default=False))
     return llama_like(raw, family="moe", tied_default=False, qk_norm="full", moe=moe)
 
 

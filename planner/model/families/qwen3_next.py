@@ -51,7 +51,8 @@ def _qwen3_next(raw: RawConfig) -> Architecture:
         moe = MoeSpec(num_experts=raw.int("num_experts"), top_k=raw.int("num_experts_per_tok", default=10),
                       expert_intermediate=raw.int("moe_intermediate_size", default=512),
                       shared_intermediate=raw.int("shared_expert_intermediate_size", default=512, minimum=0),
-                      sparse_layers=sparse, shared_first=True)
+                      sparse_layers=sparse, shared_first=True,
+                      normalized_top_k=raw.bool("norm_topk_prob", default=True))
         layout = blocks.MoeLayout(shared="shared_expert", shared_gate=True)
         blocks.moe_mlp(inv, "model.layers.{i}.mlp", moe, layout, hidden)
     blocks.gated_mlp(inv, "model.layers.{i}.mlp", hidden, raw.int("intermediate_size"), False, dense)

@@ -70,10 +70,16 @@ def traced_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
 
 def gemma_norm(tr: Tracer, hidden_bytes: int, rows: int, s: int) -> int:
     """Gemma's RMSNorm: _norm(x.float()) (pow(2), mean, + eps, rsqrt, x * rsqrt; each goes once
-    the next exists), then * (1 + weight) in fp32 and .type_as(x) (H200 trace of Gemma-2)."""
+    the next exists), then * (1 + weight.float()) in fp32 (the weight's upcast and the sum are
+    weight-sized temporaries) and .type_as(x) (H200 traces of Gemma-2 and Qwen3-Next, whose norm
+    is the same code)."""
     scaled, _ = rms_scaled(tr, hidden_bytes, rows, s, keep_mean=False)
+    width = hidden_bytes // (rows * s)
+    upcast = tr.new(width * 4, "RMSNorm weight.float()") if s < 4 else None
+    shifted = tr.new(width * 4, "RMSNorm 1 + weight")
+    tr.drop(upcast)
     weighted = tr.new(hidden_bytes * 4 // s, "RMSNorm * (1 + weight)")
-    tr.drop(scaled)
+    tr.drop(shifted, scaled)
     if s >= 4:
         return weighted
     out = tr.new(hidden_bytes, "RMSNorm cast")
@@ -378,6 +384,26 @@ def _apply_gate(tr: Tracer, nbytes: int, copies: int, clamped_glu: bool) -> int 
     return out
 
 
+ONESWEEP_TILE_ITEMS = 4608  # cub's onesweep tile for 64-bit keys on the H200 (fitted below)
+CUB_ALIGN = 256
+
+
+def radix_sort_scratch(pairs: int) -> int:
+    """cub::DeviceRadixSort::SortPairs' temporary storage for int64 keys and values, all 64 bits
+    sorted (torch.sort of the routed expert ids): the onesweep layout of DispatchRadixSort, each
+    piece aligned to 256 bytes plus 255 for the base: the bins (8 passes x 256 digits, int64), the
+    look-back counters (256 uint32 per tile of ONESWEEP_TILE_ITEMS), the alternate keys and values,
+    the pass counters. Holds to the byte on the H200 traces of Qwen3-MoE (5.9M and 6.0M pairs),
+    Qwen1.5-MoE (4.75M, 4.8M) and Qwen3-Next (4.3M), which fix the tile size."""
+    def aligned(nbytes: int) -> int:
+        return -(-nbytes // CUB_ALIGN) * CUB_ALIGN
+
+    passes, digits, offset = 8, 256, 8
+    tiles = -(-pairs // ONESWEEP_TILE_ITEMS)
+    pieces = (passes * digits * offset, tiles * digits * 4, pairs * 8, pairs * 8, passes * offset)
+    return sum(aligned(piece) for piece in pieces) + CUB_ALIGN - 1
+
+
 def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int, s: int,
                grouped: bool, upcast_softmax: bool) -> int:
     """One sparse MLP in the order transformers runs it (experts.py describes the kernels);
@@ -406,9 +432,9 @@ def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int,
         bias = moe.expert_bias
         if grouped:
             order = [tr.new(routed * 8), tr.new(routed * 8)]  # sorted ids, permutation
-            # torch.sort's pairs: the input indices, then cub's alternate key and value buffers (its
-            # own few hundred tile counters, 1.3 MiB at Qwen3-MoE's 5.9M pairs, not modelled)
-            tr.drop(tr.new(routed * 8), tr.new(2 * routed * 8))
+            # torch.sort's pairs: the input indices, then cub's scratch (its alternate key and value
+            # buffers and the onesweep radix sort's counters)
+            tr.drop(tr.new(routed * 8), tr.new(radix_sort_scratch(routed)))
             token_index = tr.new(routed * 8)  # perm // top_k, gone once the rows are gathered
             rows = tr.new(routed * h * s)
             tr.drop(token_index)

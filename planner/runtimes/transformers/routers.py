@@ -11,6 +11,39 @@ from ...model.spec import Architecture
 
 Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
 
+RADIX_DIGITS = 256  # TensorTopK.cu's radix select: 8 bits per pass
+TOP_K_BLOCK_ITEMS = 4 * 256  # its fewest items per block (MIN_ITEMS_PER_THREAD x BLOCK_THREADS)
+# cub's inclusive_sum_by_key scratch, twice per multi-block top-k: 1,279 bytes at 8,192 slices and
+# 3,071 at 430,080 in the H200 traces of Qwen3-Next; not derived (the larger is used: a small-pool
+# request either way)
+CUB_SCAN_SCRATCH = 3071
+
+
+def multiblock_top_k(slices: int, slice_size: int) -> bool:
+    """torch.topk's choice of its multi-block radix select (should_use_multiblock in torch 2.11's
+    TensorTopK.cu: many slices of a few hundred elements or more, as a router over 512 experts)."""
+    return ((slices <= 20 and slice_size >= 20000) or (20 < slices <= 40 and slice_size >= 10000)
+            or (40 < slices <= 80 and slice_size >= 8000) or (80 < slices < 200 and slice_size >= 5000)
+            or (200 <= slices < 800 and slice_size >= 3000) or (800 <= slices <= 4000 and slice_size >= 800)
+            or (slices > 4000 and slice_size >= 400))
+
+
+def top_k_scratch(tr: Tracer, slices: int, slice_size: int, value_bytes: int) -> None:
+    """The multi-block top-k's buffers, after its outputs and gone before it returns (mbtopk::launch):
+    the k-th values, ks_to_find and desired (two per slice each), the per-block digit counts (int16),
+    the digit cumulative sums (uint32 per slice), the within-k and k-th counts, then two cub scans'
+    scratch. Sizes as the H200 trace of Qwen3-Next's router (430,080 slices of 512) shows them, one
+    block per slice up to TOP_K_BLOCK_ITEMS (more items per thread on larger slices: a lower bound)."""
+    if not multiblock_top_k(slices, slice_size):
+        return
+    blocks = slices * -(-slice_size // TOP_K_BLOCK_ITEMS)
+    sizes = (slices * value_bytes, slices * 2 * 4, slices * 2 * 4, blocks * RADIX_DIGITS * 2,
+             slices * RADIX_DIGITS * 4, blocks * 4, blocks * 4)
+    held = [tr.new(nbytes, "top-k scratch") for nbytes in sizes]
+    tr.temp(CUB_SCAN_SCRATCH)
+    tr.temp(CUB_SCAN_SCRATCH)
+    tr.drop(*reversed(held))
+
 
 def router(tr: Tracer, arch: Architecture, tokens: int, s: int, upcast_softmax: bool) -> list[int | None]:
     """A mixture-of-experts router's requests; returns what the block keeps (logits, top-k weights, indices)."""
@@ -47,6 +80,9 @@ def router(tr: Tracer, arch: Architecture, tokens: int, s: int, upcast_softmax: 
         tr.drop(upcast)
     weights = tr.new(tokens * k * 4)
     indices = tr.new(tokens * k * 8)
+    top_k_scratch(tr, tokens, e, 4)
+    if moe.normalized_top_k:  # router_top_value /= its sum (in place)
+        tr.temp(tokens * 4)
     if moe.router_fp32:  # topk_weights * routed_scaling_factor: a new tensor, even times 1.0
         scaled = tr.new(tokens * k * 4)
         tr.drop(weights)
