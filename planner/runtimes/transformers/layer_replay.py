@@ -384,6 +384,7 @@ def _apply_gate(tr: Tracer, nbytes: int, copies: int, clamped_glu: bool) -> int 
     return out
 
 
+INT32_MAX = 2**31 - 1
 ONESWEEP_TILE_ITEMS = 4608  # cub's onesweep tile for 64-bit keys on the H200 (fitted below)
 CUB_ALIGN = 256
 
@@ -445,8 +446,8 @@ def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int,
             masked = tr.new(routed * 2 * i * s)
             tr.drop(up)
         else:  # batched_mm: each routed token gets a copy of its expert's weights
+            rows = tr.new(routed * h * s)  # repeat_interleave, then the clamped ids (out of place)
             order = [tr.new(routed * 8)]
-            rows = tr.new(routed * h * s)
             gathered_up = tr.new(routed * 2 * i * h * s)
             up_bias = tr.new(routed * 2 * i * s) if bias else None
             masked = tr.new(routed * 2 * i * s)
@@ -459,8 +460,8 @@ def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int,
         tr.drop(up_bias)
         down = tr.new(routed * h * s)
         tr.drop(gated)
-        if not grouped:
-            tr.drop(gathered_down)
+        if not grouped:  # the gathered weights stay a local to the end (H200 trace of Qwen3-Next)
+            order.append(gathered_down)
         if grouped:
             masked_down = tr.new(routed * h * s)
             tr.drop(down)
@@ -473,7 +474,10 @@ def moe_block(tr: Tracer, arch: Architecture, layout: FamilyLayout, tokens: int,
             tr.drop(weighted)
             weighted = reordered
         routed_out = tr.new(tokens * h * r)
-        if r < 4:  # a half-precision sum over the top-k accumulates in an fp32 buffer first
+        if r < 4 and routed * h * r > INT32_MAX:
+            # a half-precision sum over the top-k whose input passes 32-bit byte offsets: the reduction
+            # is split and accumulates in an fp32 buffer (the prefills of the H200 traces; not their
+            # decode steps)
             tr.temp(tokens * h * 4)
         if r != s:  # the fp32 sum's cast back is the function's return value: before its locals go
             summed = routed_out
