@@ -136,22 +136,17 @@ TRIALS = [r for r in committed_rows() if r.get("kind") == "edge" and r.get("stat
 
 # Where the replay does not yet reproduce the GPU's edge, and why. strict: a search or trial
 # that starts matching fails here until it is taken off the list.
-QWEN3_NEXT = ("Qwen3-Next's layers (gated DeltaNet's torch fallback, full attention, experts) are not replayed "
-              "request by request: the verdict holds the point model's allocated peak to the capacity without the "
-              "allocator's reserve, 10-16 GiB at the edge here (blind edge-h200-24: guessed 242; 210 runs, 214 "
-              "does not), so it says 'fits' where the GPU runs out of memory")
 UNREPLAYED = ("the family's layers are not replayed request by request: its verdict turns where the point model's "
               "allocated peak reaches the capacity (which held in edge-h200-24), and names no request")
-QWEN3_NEXT_RUN = "qwen3-next-80b-a3b-instruct-l4-bf16-sdpa-n2048-default"
-KNOWN_SEARCH_GAPS: dict[str, str] = {QWEN3_NEXT_RUN: QWEN3_NEXT}
-KNOWN_TRIAL_GAPS: dict[str, str] = {f"{QWEN3_NEXT_RUN}-b{b}": QWEN3_NEXT for b in (214, 230, 238, 242)}
+KNOWN_SEARCH_GAPS: dict[str, str] = {}
+KNOWN_TRIAL_GAPS: dict[str, str] = {}
 # out-of-memory trials whose verdict holds but whose replay fails at another request than the GPU
 KNOWN_FAILURE_GAPS: dict[str, str] = {
     trial: UNREPLAYED for trial in ("tests/configs/jamba-v0.1.json-l8-bf16-sdpa-n2048-default-b34",
                                     "tests/configs/granite-4.0-h-small.json-l6-bf16-sdpa-n1024-default-b8",
                                     "tests/configs/falcon-h1-tiny-90m.json-bf16-sdpa-n4096-default-b22",
                                     "tests/configs/mamba-2.8b.json-l16-bf16-eager-n1024-default-b129")}
-KNOWN_DEVICE_GAPS: dict[str, str] = {f"{QWEN3_NEXT_RUN}-b{b}": QWEN3_NEXT for b in (182, 198, 206, 210)}
+KNOWN_DEVICE_GAPS: dict[str, str] = {}
 KNOWN_SMALL_DEVICE_GAPS: dict[str, str] = {}
 
 

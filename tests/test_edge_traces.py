@@ -1,5 +1,5 @@
 """The H200's own allocator traces (profiles/measurements/h200-edge-traces.jsonl.gz: every request
-of 54 edge trials, recorded with torch.cuda.memory._record_memory_history) held against the
+of the edge trials, recorded with torch.cuda.memory._record_memory_history) held against the
 allocator model and against the planner's request sequence."""
 
 from __future__ import annotations
@@ -49,6 +49,13 @@ KNOWN_TRACE_GAPS = {
         "expandable segments after 15 retries: at event 2605 (a 49.8 GiB request) the GPU maps 4.66 GiB more onto "
         "a free block at a segment's end, where the model finds no block it may grow, releases its cache and "
         "retries; which segment end torch grows among several is not modelled (the search's boundary holds)",
+    "qwen3-next-80b-a3b-instruct-l4-bf16-sdpa-n2048-default-b210-ok":
+        "the driver's placement of segments after the out-of-memory retry at event 977: the GPU puts the new "
+        "segments into the address ranges the released ones left (best fit among the holes, at a hole's top; the "
+        "trace's addresses show it, with driver allocations outside torch in some gaps), where the model places "
+        "every segment below the others; at event 2709 two free 6.6 GiB blocks tie for best fit and the GPU's lower "
+        "address is the other one, so the model needs a second retry the GPU did not (the planner's replay, fed its "
+        "own requests, matches the GPU's reserve within 0.5% and its edge)",
     "gpt-oss-20b-l4-bf16-eager-n2048-default-b62-ok":
         "the small pool after the out-of-memory retry at event 359: from event 1228 to 1506 (decode steps) the model "
         "holds one 2 MiB small segment more than the GPU, which found room for a block the model places in a new "
@@ -104,7 +111,18 @@ def test_without_the_top_down_addresses_the_model_disagrees():
 
 OK_TRACES = [t for t in TRACES if t["status"] == "ok"]
 SEQUENCE_TOLERANCE = 0.005  # reserved peak at the H200's capacity, planner replay vs the GPU's requests
+# families whose layers are not replayed request by request (their verdict holds the point model's
+# allocated peak to the capacity): their traces (edge-h200-25) are the reference for that work
+NOT_REPLAYED = ("the family's mixers (Mamba-1 or the hybrids' Mamba-2 layers) are not replayed request by "
+                "request yet; the verdict holds the point model's allocated peak to the capacity")
+NOT_REPLAYED_TRACES = ("tests/configs/falcon-h1-tiny-90m.json-bf16-sdpa-n4096-default-b21-ok",
+                       "tests/configs/falcon-h1-tiny-90m.json-bf16-sdpa-n4096-default-b22-oom",
+                       "tests/configs/granite-4.0-h-small.json-l6-bf16-sdpa-n1024-default-b7-ok",
+                       "tests/configs/granite-4.0-h-small.json-l6-bf16-sdpa-n1024-default-b8-oom",
+                       "tests/configs/jamba-v0.1.json-l8-bf16-sdpa-n2048-default-b33-ok",
+                       "tests/configs/mamba-2.8b.json-l16-bf16-eager-n1024-default-b127-ok")
 KNOWN_SEQUENCE_GAPS: dict[str, str] = {
+    **{trace: NOT_REPLAYED for trace in NOT_REPLAYED_TRACES if trace.endswith("-ok")},
     "phi-2-nf4-sdpa-n960-default-b8-ok": "bitsandbytes 0.50 runs fc1 of each decode step (8 rows, 10240 outputs) "
     "through its own gemm_4bit kernel on the H200 (_gemm_4bit_use_custom_cuda, a per-GPU choice); the replay "
     "dequantizes every 4-bit projection, 50 MiB more per layer and step (+1.9% reserved)",
@@ -214,7 +232,7 @@ def test_compact_trace_keeps_requests_blocks_and_relative_addresses():
 # -- the planner's large requests, one by one --------------------------------------------------
 
 LARGE_REQUEST = 64 << 20
-KNOWN_ORDER_GAPS: dict[str, str] = {}
+KNOWN_ORDER_GAPS: dict[str, str] = {trace: NOT_REPLAYED for trace in NOT_REPLAYED_TRACES}
 
 
 def _grouped(requests: list[tuple[str, int]]) -> list[tuple[str, object]]:

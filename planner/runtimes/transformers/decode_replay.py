@@ -8,7 +8,7 @@ from typing import Any
 
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
-from . import coded_layers, kv_cache, layer_replay
+from . import coded_layers, kv_cache, layer_replay, mlp_layers
 from .activations import RunSpec
 
 Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
@@ -74,7 +74,7 @@ def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
                 _dequantized_mlp(tr, arch, b, spec.activation_bytes, projections)
             if arch.moe is not None and index in arch.moe.sparse_layers and layout.experts is not None:
                 tr.at(op="experts (batched_mm)")
-                tr.drop(layer_replay.moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False,
+                tr.drop(mlp_layers.moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False,
                                                        upcast_softmax=spec.softmax_upcasts))
         tr.at(f"decode step {step}", "lm_head (logits)")
         logits = last_token_logits(tr, layout, b * vocab * spec.activation_bytes)
@@ -100,7 +100,7 @@ def _dequantized_projections(tr: Tracer, arch: Architecture, b: int, s: int) -> 
     Llama-3.1-8B nf4 at batch 372: every projection dequantizes its whole weight, every step)."""
     h, d = arch.hidden_size, arch.head_dim
     shapes = ((arch.num_heads, "q_proj"), (arch.num_kv_heads, "k_proj"), (arch.num_kv_heads, "v_proj"))
-    return [layer_replay.projection(tr, b, heads * d, h, s, name, dequantized=True) for heads, name in shapes]
+    return [mlp_layers.projection(tr, b, heads * d, h, s, name, dequantized=True) for heads, name in shapes]
 
 
 def _dequantized_mlp(tr: Tracer, arch: Architecture, b: int, s: int, projections: list[int | None]) -> None:
@@ -110,13 +110,13 @@ def _dequantized_mlp(tr: Tracer, arch: Architecture, b: int, s: int, projections
     the dequantized weight (_gemm_4bit_use_custom_cuda: on the H200 Phi-2's fc1 at batch 8);
     that per-GPU choice is not modelled: every projection dequantizes here."""
     h, inter = arch.hidden_size, arch.intermediate_size
-    attended = layer_replay.projection(tr, b, h, arch.num_heads * arch.head_dim, s, "o_proj", dequantized=True)
+    attended = mlp_layers.projection(tr, b, h, arch.num_heads * arch.head_dim, s, "o_proj", dequantized=True)
     tr.drop(*projections)
     if arch.gated_mlp:
-        tr.drop(layer_replay.gated_mlp(tr, b, inter, h, s, dequantized=True), attended)
+        tr.drop(mlp_layers.gated_mlp(tr, b, inter, h, s, dequantized=True), attended)
         return
-    up = layer_replay.projection(tr, b, inter, h, s, "mlp.fc1", dequantized=True)
+    up = mlp_layers.projection(tr, b, inter, h, s, "mlp.fc1", dequantized=True)
     act = tr.new(b * inter * s, "mlp activation")
     tr.drop(up)
-    down = layer_replay.projection(tr, b, h, inter, s, "mlp.fc2", dequantized=True)
+    down = mlp_layers.projection(tr, b, h, inter, s, "mlp.fc2", dequantized=True)
     tr.drop(act, down, attended)

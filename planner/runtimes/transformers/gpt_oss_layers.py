@@ -9,7 +9,7 @@ learned sink column to the masked scores, subtracts the row maximum and takes so
 dtype, so at most three score-sized tensors are alive at once (+ mask, then the cat's shifted copy
 and the softmax); the softmax output, returned as the attention weights, stays referenced in the
 layer until the MLP returns (`hidden_states, _ = ...`); the router's top-k softmax scores stay
-until the layer returns; and the experts' gate is its own clamped GLU (layer_replay._apply_gate).
+until the layer returns; and the experts' gate is its own clamped GLU (mlp_layers.apply_gate).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from __future__ import annotations
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from .activations import RunSpec
-from .layer_replay import Tracer, halves_rotary, moe_block, olmo2_norm, prefill_cache
+from .layer_replay import Tracer, halves_rotary, olmo2_norm, prefill_cache
+from .mlp_layers import moe_block
 
 
 def _sink_attention(tr: Tracer, arch: Architecture, b: int, n: int, s: int) -> tuple[int | None, int | None]:

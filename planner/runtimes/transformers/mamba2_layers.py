@@ -21,6 +21,7 @@ the dtype a tensor already has allocates nothing.
 
 from __future__ import annotations
 
+from ...catalog import FamilyLayout
 from ...model.spec import Architecture, RecurrentSpec
 from .activations import RunSpec
 from .decode_replay import MAX_REPLAYED_DECODE_STEPS
@@ -397,5 +398,5 @@ def generate(tr: Tracer, arch: Architecture, spec: RunSpec) -> None:
     tr.drop(mask, copy, tokens, ids, inputs, unfinished, *held, *cache)
 
 
-def replay(tr: Tracer, arch: Architecture, spec: RunSpec) -> None:
+def replay(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> None:
     (generate if spec.mode == "generate" else forward)(tr, arch, spec)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from .activations import RunSpec
-from .layer_replay import Tracer, gated_mlp, halves_rotary, moe_block, prefill_cache, traced_norm
+from .layer_replay import Tracer, halves_rotary, prefill_cache, traced_norm
+from .mlp_layers import gated_mlp, moe_block
 
 
 def complex_rotary_table(tr: Tracer, b: int, n: int, rope_dim: int) -> int:

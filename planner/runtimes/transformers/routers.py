@@ -1,5 +1,5 @@
 """Mixture-of-experts routers as request sequences, in the order transformers 5.17 allocates and
-frees (the block around them is layer_replay.moe_block): softmax top-k (Mixtral, Qwen-MoE, OLMoE),
+frees (the block around them is mlp_layers.moe_block): softmax top-k (Mixtral, Qwen-MoE, OLMoE),
 Llama-4's sigmoid over the top-k logits, gpt-oss's softmax over its top-k logits, DeepSeek-V2's
 fp32 softmax and DeepSeek-V3's sigmoid scores routed within the best expert groups."""
 

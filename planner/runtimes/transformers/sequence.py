@@ -28,7 +28,9 @@ from . import (
     layer_replay,
     mamba2_layers,
     mla_layers,
+    mlp_layers,
     own_attention_layers,
+    qwen3_next_layers,
     sdpa_math,
     t5_layers,
 )
@@ -44,8 +46,8 @@ TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_m
 MASK_ORDER = ("full", "sliding", "chunked", "none")  # the order in which a model builds its kinds' masks
 
 # Models replayed as a whole from their modeling code (each module's replays(arch, spec) says for
-# which runs, replay(tracer, arch, spec) emits them): an encoder-decoder and a state-space model
-WHOLE_MODEL_REPLAYS = (t5_layers, mamba2_layers)
+# which runs, replay(tracer, arch, layout, spec) emits them): T5, Mamba-2, Qwen3-Next
+WHOLE_MODEL_REPLAYS = (t5_layers, mamba2_layers, qwen3_next_layers)
 
 
 class SimulatedRun(Frozen):
@@ -177,7 +179,7 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
     whole_model = next((module for module in WHOLE_MODEL_REPLAYS if module.replays(arch, spec)), None)
     if whole_model is not None:  # a model whose generate() is replayed from its own code
         tr.layer_order = "code"
-        whole_model.replay(tr, arch, spec)
+        whole_model.replay(tr, arch, layout, spec)
     elif arch.recurrent is not None or arch.encoder is not None:
         # the other torch-fallback scans (Mamba, the hybrids' mixers) and encoder-decoder runs are not
         # replayed op by op
@@ -363,7 +365,7 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
         tr.at(op="mlp")
         if arch.moe is not None and layer in arch.moe.sparse_layers and layout.experts is not None:
             tr.at(op="experts (grouped_mm)")
-            down = layer_replay.moe_block(tr, arch, layout, b * n, s, grouped=True,
+            down = mlp_layers.moe_block(tr, arch, layout, b * n, s, grouped=True,
                                           upcast_softmax=spec.softmax_upcasts)
             tr.drop(normed_mlp)
         else:

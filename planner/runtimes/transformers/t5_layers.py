@@ -13,6 +13,7 @@ step only), the feed-forward, the lm_head and generate()'s bookkeeping."""
 
 from __future__ import annotations
 
+from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from . import sdpa_math
 from .activations import RunSpec
@@ -269,5 +270,5 @@ def generate(tr: Tracer, arch: Architecture, spec: RunSpec) -> None:
     tr.drop(copy, next_tokens, ids, unfinished, inputs, *self_cache, *cross_cache, encoded)
 
 
-def replay(tr: Tracer, arch: Architecture, spec: RunSpec) -> None:
+def replay(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> None:
     generate(tr, arch, spec)
