@@ -176,6 +176,10 @@ def verdict_lines(v) -> list[str]:
         unusable = (f", with {vfmt(v.reserved_unusable_bytes)} {vunit} reserved but unusable"
                     if v.reserved_unusable_bytes else "")
         lines.append(f"  the caching allocator runs out of memory at {v.fails_at}{unusable}")
+    if v.fits and v.alloc_retries:
+        lines.append(f"  it fits only after the caching allocator releases its cache and retries ({v.alloc_retries}x): "
+                     "there the driver's placement of the new segments decides, and a run can differ by a "
+                     "batch or two (README, \"Will it run?\")")
     if not v.fits and v.fits_with_expandable_segments:
         lines.append("  it fits with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set it before CUDA starts)")
     return lines

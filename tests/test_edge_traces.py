@@ -49,13 +49,12 @@ KNOWN_TRACE_GAPS = {
         "expandable segments after 15 retries: at event 2605 (a 49.8 GiB request) the GPU maps 4.66 GiB more onto "
         "a free block at a segment's end, where the model finds no block it may grow, releases its cache and "
         "retries; which segment end torch grows among several is not modelled (the search's boundary holds)",
-    "qwen3-next-80b-a3b-instruct-l4-bf16-sdpa-n2048-default-b210-ok":
-        "the driver's placement of segments after the out-of-memory retry at event 977: the GPU puts the new "
-        "segments into the address ranges the released ones left (best fit among the holes, at a hole's top; the "
-        "trace's addresses show it, with driver allocations outside torch in some gaps), where the model places "
-        "every segment below the others; at event 2709 two free 6.6 GiB blocks tie for best fit and the GPU's lower "
-        "address is the other one, so the model needs a second retry the GPU did not (the planner's replay, fed its "
-        "own requests, matches the GPU's reserve within 0.5% and its edge)",
+    "qwen3-next-80b-a3b-instruct-l8-bf16-sdpa-n1024-default-b380-oom":
+        "the driver's placement of reused address ranges after the out-of-memory retries: the trace's addresses "
+        "show gaps of 384-416 MiB in the ranges (allocations outside torch, made during the first gated-delta "
+        "layer), so the GPU's released ranges split where the model's do not; at event 1594 two free 3 GiB "
+        "blocks tie for best fit and the GPU takes the other, and at event 2875 it retries where the model "
+        "serves from its cache",
     "gpt-oss-20b-l4-bf16-eager-n2048-default-b62-ok":
         "the small pool after the out-of-memory retry at event 359: from event 1228 to 1506 (decode steps) the model "
         "holds one 2 MiB small segment more than the GPU, which found room for a block the model places in a new "

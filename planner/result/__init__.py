@@ -37,6 +37,7 @@ class Verdict(Frozen):
     fails_at: str | None = None  # the request that ran out of memory: phase, layer, tensor, size
     reserved_unusable_bytes: int | None = None  # reserved but unallocated when it failed
     fits_with_expandable_segments: bool | None = None  # under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    alloc_retries: int = 0  # times the replay's allocator released its cache and retried (cudaMalloc retries)
 
 
 class Estimate(Frozen):

@@ -10,7 +10,10 @@ tests/test_edge.py were measured on an H200:
   enough, lowest address first among equals); the driver places each new segment below the
   ones before it, so among free blocks of one size the newest segment's wins (this alone
   decides whether a layer's 16 GiB temporary reuses a free segment or needs a new one: the
-  GPU traces in profiles/measurements/h200-edge-traces.jsonl.gz, replayed, show it);
+  GPU traces in profiles/measurements/h200-edge-traces.jsonl.gz, replayed, show it); once
+  segments were released (an out-of-memory retry), a new one takes the highest released address
+  range strictly larger than itself, at its top, on a 32 MiB boundary (the traces' addresses of
+  Qwen3-Next); segments under 32 MiB lie apart from the large ones;
 * a large-pool block is split when more than 1 MiB would be left over, a small-pool block
   when at least 512 bytes would;
 * when no free block fits, a new segment is reserved: 2 MiB for small requests, 20 MiB for
@@ -55,9 +58,11 @@ SMALL_BUFFER = 2 << 20  # small-pool segment, and small-pool page when expandabl
 LARGE_BUFFER = 20 << 20  # segment for 1-10 MiB requests, and large-pool page when expandable
 MIN_LARGE_ALLOC = 10 << 20
 ROUND_LARGE = 2 << 20
+VA_ALIGN = 32 << 20  # where the driver starts a segment (the H200 traces' addresses)
 # without a device: an expandable segment's virtual range that no run reaches the end of
 EXPANDABLE_RANGE = 1 << 50
 TOP_OF_ADDRESS_SPACE = 1 << 62
+SMALL_SEGMENTS_RANGE = 1 << 50
 
 
 EDGE_SUFFIX = "-edge"  # calibration.yaml's outside_torch entry for what is unavailable at the edge
@@ -184,7 +189,9 @@ class CachingAllocator:
     _by_key: dict[tuple[int, int], _Block] = field(default_factory=dict)
     _live: dict[int, _Block] = field(default_factory=dict)
     _unmapped: dict[bool, list[_Block]] = field(default_factory=lambda: {True: [], False: []})
-    _lowest_address: int = TOP_OF_ADDRESS_SPACE
+    _lowest_address: int = TOP_OF_ADDRESS_SPACE - SMALL_SEGMENTS_RANGE
+    _small_address: int = TOP_OF_ADDRESS_SPACE
+    _released: list[tuple[int, int]] = field(default_factory=list)  # address ranges released segments left
     _next_handle: int = 0
 
     def malloc(self, nbytes: int, label: str = "") -> int:
@@ -229,6 +236,8 @@ class CachingAllocator:
                 elif block.prev is None and block.next is None:
                     self._remove_free(block)
                     self.reserved -= block.size
+                    if block.size >= VA_ALIGN:
+                        self._return_range(block.address, block.size)
 
     # -- growing: a new segment, or pages mapped at the end of the expandable one -----------------
 
@@ -244,10 +253,37 @@ class CachingAllocator:
         return self._map(size, small)
 
     def _new_range(self, size: int) -> int:
-        """The driver hands out device addresses from the top down: a new segment lies below
-        every segment before it (and never touches one)."""
-        self._lowest_address -= size + ROUND_LARGE
+        """The driver's virtual addresses (the H200 traces' addresses): a segment starts on a
+        VA_ALIGN boundary as high as it fits. While no segment was ever released each new one lies
+        below all others; the ranges released segments leave are reused: the highest such range
+        strictly larger than the segment takes it, at its top (a range of exactly the segment's
+        size is passed over, as the traces of Qwen3-Next show twice), else it goes below every
+        address handed out."""
+        if size < VA_ALIGN:  # small segments lie apart, above the large ones, newest lowest
+            self._small_address -= size + ROUND_LARGE
+            return self._small_address
+        for index in range(len(self._released) - 1, -1, -1):  # ordered by address: highest first
+            start, end = self._released[index]
+            address = (end - size) // VA_ALIGN * VA_ALIGN
+            if end - start > size and address >= start:
+                del self._released[index]
+                if address > start:
+                    bisect.insort(self._released, (start, address))
+                if address + size < end:
+                    bisect.insort(self._released, (address + size, end))
+                return address
+        self._lowest_address = (self._lowest_address - size) // VA_ALIGN * VA_ALIGN
         return self._lowest_address
+
+    def _return_range(self, address: int, size: int) -> None:
+        """A released segment's range, merged with released ranges it touches."""
+        start, end = address, address + size
+        index = bisect.bisect_left(self._released, (start, end))
+        if index < len(self._released) and self._released[index][0] == end:
+            end = self._released.pop(index)[1]
+        if index > 0 and self._released[index - 1][1] == start:
+            start = self._released.pop(index - 1)[0]
+        bisect.insort(self._released, (start, end))
 
     def _reserve(self, nbytes: int) -> None:
         self.reserved += nbytes

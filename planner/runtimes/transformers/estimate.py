@@ -197,7 +197,7 @@ def _verdict(gpu: Gpu, capacity: int, mode: str, runs: dict[str, sequence.Simula
     expandable = runs.get("expandable")
     return Verdict(gpu=gpu.name, memory_bytes=gpu.memory_bytes, fits=fits, headroom_bytes=headroom,
                    allocator=mode, capacity_bytes=capacity, fails_at=fails_at,
-                   reserved_unusable_bytes=run.reserved_unusable_bytes,
+                   reserved_unusable_bytes=run.reserved_unusable_bytes, alloc_retries=run.alloc_retries,
                    fits_with_expandable_segments=(_completes(expandable, capacity, allocated, load_peak)
                                                   if expandable is not None else None))
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture, RecurrentSpec
-from . import eager, kv_cache
+from . import attention, eager, kv_cache, sdpa_math
 from .activations import RunSpec
 from .decode_replay import MAX_REPLAYED_DECODE_STEPS
 from .layer_replay import (
@@ -130,9 +130,14 @@ def _chunk_rule(tr: Tracer, m: RecurrentSpec, b: int, n: int, s: int) -> tuple[i
     tr.drop(pairwise)
     pairwise = tr.new(square, "pairwise exp")
     tr.drop(masked)
+    # in fp32 over whole chunks the queries and keys keep the projections' token-major layout (the
+    # upcasts alias, F.pad without padding clones strides): bmm copies both operands of each product
+    token_major = s == FP32 and n % cs == 0
     products = []
     for name in ("k_beta @ key^T", "query @ key^T"):
+        operands = [tr.new(long * dk * FP32, f"{name} operand copy") for _ in range(2)] if token_major else []
         product = tr.new(square, name)
+        tr.drop(*reversed(operands))
         products.append(tr.new(square, f"({name}) * pairwise decay"))
         tr.drop(product)
     ut_system, intra = products
@@ -164,11 +169,15 @@ def _chunk_rule(tr: Tracer, m: RecurrentSpec, b: int, n: int, s: int) -> tuple[i
         fresh = tr.new(piece, "v_new")
         tr.drop(read, v_new)
         v_new = fresh
+        operand = tr.new(b * h * cs * dk * FP32, "query chunk copy") if token_major else None
         fresh = tr.new(piece, "query @ state")
-        tr.drop(inter)
+        tr.drop(operand, inter)
         inter = fresh
         tr.drop(tr.new(piece, "intra @ v_new"), tr.new(piece, "inter + intra"))
-        terms = [tr.new(state_bytes, "state * chunk decay"), tr.new(state_bytes, "key^T @ v_new")]
+        decayed = tr.new(state_bytes, "state * chunk decay")
+        operand = tr.new(b * h * cs * dk * FP32, "key chunk copy") if token_major else None
+        terms = [decayed, tr.new(state_bytes, "key^T @ v_new")]
+        tr.drop(operand)
         fresh = tr.new(state_bytes, "state update")
         tr.drop(*terms, state)
         state = fresh
@@ -283,6 +292,10 @@ def _linear_attention(tr: Tracer, arch: Architecture, b: int, n: int, s: int, ca
     else:
         out, state = _chunk_rule(tr, m, b, n, s)
         cache[f"state {layer}"] = tr.new(b * h * dk * dv * FP32, "recurrent state (lazy init)")
+    if s == FP32 and n > 1:  # reshape(-1, head_dim) of the rule's token-major fp32 view copies it
+        flat = tr.new(tokens * h * dv * FP32, "core_attn_out.reshape")
+        tr.drop(out)
+        out = flat
     out = _gated_norm(tr, out, tokens * h, dv, s)
     tr.at(op="linear_attn.out_proj")
     projected = tr.new(tokens * arch.hidden_size * s, "out_proj")
@@ -290,7 +303,7 @@ def _linear_attention(tr: Tracer, arch: Architecture, b: int, n: int, s: int, ca
     return projected
 
 
-def _attention(tr: Tracer, arch: Architecture, spec: RunSpec, n: int, step: int,
+def _attention(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, n: int, step: int,
                cache: dict, layer: int) -> tuple[int | None, int | None]:
     """Qwen3NextAttention.forward: q_proj twice as wide (query and gate), the gate's reshape copy,
     per-head q_norm and k_norm, the partial rotary, the cache, SDPA or eager, output * sigmoid(gate).
@@ -334,6 +347,14 @@ def _attention(tr: Tracer, arch: Architecture, spec: RunSpec, n: int, step: int,
     weights = None
     if spec.attn == "eager":  # the rotary's cat left the query contiguous
         out, weights = eager.eager_attention(tr, spec, heads, kv_heads, n, length, d, query_contiguous=True)
+    elif attention.sdpa_kernel(arch, layout, s, masked=False) == "math":  # fp32: enable_gqa's repeats
+        one_query = n == 1  # a decode step passes neither a mask nor is_causal
+        out = sdpa_math.math_sdpa(tr, b, heads, kv_heads, n, length, d, s, masked=one_query, float_mask=one_query,
+                                  enable_gqa=True, query_contiguous=True)
+        if n > 1:
+            merged = tr.new(tokens * heads * d * s, "attention output (contiguous)")
+            tr.drop(out)
+            out = merged
     else:
         seeds = [tr.new(SDPA_SEED, "SDPA seed"), tr.new(SDPA_SEED, "SDPA offset")]
         out = tr.new(tokens * heads * d * s, "SDPA output")
@@ -363,7 +384,7 @@ def _layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
     normed = _norm(tr, tokens, h, s)
     weights = None
     if arch.layer_types[layer] == "full":
-        mixed, weights = _attention(tr, arch, spec, n, step, cache, layer)
+        mixed, weights = _attention(tr, arch, layout, spec, n, step, cache, layer)
     else:
         mixed = _linear_attention(tr, arch, b, n, s, cache, layer)
     tr.drop(normed)

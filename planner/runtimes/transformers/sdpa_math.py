@@ -9,7 +9,8 @@ Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
 
 
 def math_sdpa(tr: Tracer, b: int, heads: int, kv_heads: int, q_len: int, kv_len: int, d: int, s: int,
-              masked: bool, enable_gqa: bool = False, float_mask: bool = False, strided_kv: bool = False) -> int:
+              masked: bool, enable_gqa: bool = False, float_mask: bool = False, strided_kv: bool = False,
+              query_contiguous: bool = False) -> int:
     """SDPA's math kernel (torch 2.11 _scaled_dot_product_attention_math, read against the H200
     trace of Falcon-7B's 71 query heads on one key/value head): the boolean mask converted to
     the query's dtype; q, k and v upcast to fp32 (half types); q scaled, k transposed and
@@ -19,8 +20,9 @@ def math_sdpa(tr: Tracer, b: int, heads: int, kv_heads: int, q_len: int, kv_len:
     and its cast. With enable_gqa, k and v are first repeated to every query head
     (repeat_interleave) instead. A `float_mask` (T5's position bias) is used as it is; keys and
     values that are transposed views of their projections (`strided_kv`: T5's encoder, read
-    against its H200 trace) are copied by matmul like broadcast ones. Returns the output; the
-    rest goes when the kernel returns."""
+    against its H200 trace) are copied by matmul like broadcast ones; a `query_contiguous` (built by
+    a cat: Qwen3-Next's partial rotary, its fp32 H200 trace) is not. Returns the output; the rest
+    goes when the kernel returns."""
     upcast = s < 4
     mask = tr.new(b * q_len * kv_len * s, "SDPA mask .to(dtype)") if masked and not float_mask else None
     accumulators = [tr.new(b * heads * q_len * d * 4, "q .float()") if upcast else None]
@@ -34,7 +36,8 @@ def math_sdpa(tr: Tracer, b: int, heads: int, kv_heads: int, q_len: int, kv_len:
     if repeated:
         kv_heads = heads
     key = tr.new(b * kv_heads * kv_len * d * 4, "k^T * scale")
-    query_copy = tr.new(b * heads * q_len * d * 4, "matmul: q reshaped") if q_len > 1 else None
+    query_copy = tr.new(b * heads * q_len * d * 4, "matmul: q reshaped") if q_len > 1 and not query_contiguous \
+        else None
     copied = kv_heads != heads or strided_kv  # matmul materializes a broadcast or strided k and v
     key_copy = tr.new(b * heads * kv_len * d * 4, "matmul: k copy") if copied else None
     scores = tr.new(b * heads * q_len * kv_len * 4, "q @ k^T (fp32)")
