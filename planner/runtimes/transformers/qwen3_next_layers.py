@@ -3,7 +3,8 @@ modeling_qwen3_next.py allocates and frees when the flash-linear-attention and c
 kernels are absent (its torch paths: causal_conv1d_fn / causal_conv1d_update,
 torch_chunk_gated_delta_rule in the prefill, torch_recurrent_gated_delta_rule per decode step),
 held to the H200 traces of Qwen3-Next-80B-A3B (4 layers, bf16: SDPA at batch 210 and 214 of
-2048-token prompts, eager at batch 8 of 1024; tests/test_edge_traces.py).
+2048-token prompts, eager at batch 8 of 1024; fp32 SDPA at batch 250 and 260 of 1024; 8 layers at
+batch 373 and 380 of 1024; tests/test_edge_traces.py).
 
 The prefill's chunked delta rule is where the memory goes: queries, keys and values upcast to
 fp32 and copied again by the l2 norm, the scaling and the padding to whole chunks (each
@@ -16,7 +17,10 @@ shared expert) runs through mlp_layers.moe_block: grouped_mm in the prefill (its
 dtype rules that decide whether a cast allocates: `.to(torch.float32, memory_format=
 torch.contiguous_format)` of a transposed fp32 tensor aliases it (suggest_memory_format of a
 3-D or 4-D strided tensor is contiguous), so in fp32 runs only the copies that change layout
-remain; the decay `g` is always fp32.
+remain; the decay `g` is always fp32. What fp32 keeps instead is the projections' token-major
+layout: over whole chunks F.pad copies nothing new in layout (no padding: a strided clone), so bmm
+copies both operands of the rule's products and the query and key of every chunk, and the output's
+reshape copies it; a padded prompt comes out of F.pad contiguous.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .mlp_layers import gated_mlp, moe_block
 FP32 = 4
 INT64 = 8
 SDPA_SEED = 8  # the two 8-byte tensors SDPA's kernel takes on the H200 (its philox seed and offset)
+SDPA_PREFILL_SCRATCH = 256  # and the 256 bytes it takes and lets go over a whole prompt (H200 trace)
 
 
 def replays(arch: Architecture, spec: RunSpec) -> bool:
@@ -359,7 +364,7 @@ def _attention(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSp
         seeds = [tr.new(SDPA_SEED, "SDPA seed"), tr.new(SDPA_SEED, "SDPA offset")]
         out = tr.new(tokens * heads * d * s, "SDPA output")
         if n > 1:
-            tr.temp(256)
+            tr.temp(SDPA_PREFILL_SCRATCH)
         tr.drop(*seeds)
         if n > 1:  # transpose(1, 2).contiguous(): the kernel wrote (batch, heads, tokens, dim)
             merged = tr.new(tokens * heads * d * s, "attention output (contiguous)")
@@ -423,7 +428,7 @@ def _model(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
         held.append(tr.new(b * n * kv_length * s, "causal mask"))
         tr.drop(boolean)
     # create_recurrent_attention_mask: the padding mask's all() (None when nothing is padded)
-    tr.drop(tr.new(b * kv_length, "recurrent mask"), tr.new(1), tr.new(64), tr.new(4))
+    tr.drop(tr.new(b * kv_length, "recurrent mask"), *(tr.new(size, "recurrent mask all()") for size in (1, 53, 4)))
     held += traced_rotary_tables(tr, b, n, arch.rotary_dim or arch.head_dim, s)
     layer_input = embeddings
     for layer in range(arch.num_layers):
