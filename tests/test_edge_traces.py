@@ -112,14 +112,13 @@ OK_TRACES = [t for t in TRACES if t["status"] == "ok"]
 SEQUENCE_TOLERANCE = 0.005  # reserved peak at the H200's capacity, planner replay vs the GPU's requests
 # families whose layers are not replayed request by request (their verdict holds the point model's
 # allocated peak to the capacity): their traces (edge-h200-25) are the reference for that work
-NOT_REPLAYED = ("the family's mixers (Mamba-1 or the hybrids' Mamba-2 layers) are not replayed request by "
-                "request yet; the verdict holds the point model's allocated peak to the capacity")
+NOT_REPLAYED = ("the hybrid's mixers (Jamba's Mamba, Falcon-H1's and Granite-4.0-H's Mamba-2) are not replayed "
+                "request by request yet; the verdict holds the point model's allocated peak to the capacity")
 NOT_REPLAYED_TRACES = ("tests/configs/falcon-h1-tiny-90m.json-bf16-sdpa-n4096-default-b21-ok",
                        "tests/configs/falcon-h1-tiny-90m.json-bf16-sdpa-n4096-default-b22-oom",
                        "tests/configs/granite-4.0-h-small.json-l6-bf16-sdpa-n1024-default-b7-ok",
                        "tests/configs/granite-4.0-h-small.json-l6-bf16-sdpa-n1024-default-b8-oom",
-                       "tests/configs/jamba-v0.1.json-l8-bf16-sdpa-n2048-default-b33-ok",
-                       "tests/configs/mamba-2.8b.json-l16-bf16-eager-n1024-default-b127-ok")
+                       "tests/configs/jamba-v0.1.json-l8-bf16-sdpa-n2048-default-b33-ok")
 KNOWN_SEQUENCE_GAPS: dict[str, str] = {
     **{trace: NOT_REPLAYED for trace in NOT_REPLAYED_TRACES if trace.endswith("-ok")},
     "phi-2-nf4-sdpa-n960-default-b8-ok": "bitsandbytes 0.50 runs fc1 of each decode step (8 rows, 10240 outputs) "

@@ -140,7 +140,7 @@ class RecurrentSpec(Frozen):
     dt_rank: int = 0  # mamba: the time-step projection's rank
     chunk_size: int = 0  # mamba2 / gated_delta: the scan's chunk length
     gate_copies: int = 4  # mamba: B x N x inner tensors alive beside the scan (gate, conv, masks)
-    residual_in_fp32: bool = False  # Mamba-2's blocks keep their residual stream in fp32 (its config's flag)
+    residual_in_fp32: bool = False  # Mamba and Mamba-2 blocks keep their residual stream in fp32 (config flag)
 
     def conv_state_elements(self, batch: int) -> int:
         return batch * self.conv_dim * self.conv_kernel

@@ -105,7 +105,8 @@ def _mamba(raw: RawConfig) -> Architecture:
     tied = read_tied(raw, True)
     inv.head("lm_head", vocab, hidden, tied)
     spec = RecurrentSpec(kind="mamba", layers=everywhere, inner=inner, state_size=state,
-                         conv_kernel=kernel, conv_dim=inner, in_proj=2 * inner, dt_rank=rank, gate_copies=4)
+                         conv_kernel=kernel, conv_dim=inner, in_proj=2 * inner, dt_rank=rank, gate_copies=4,
+                         residual_in_fp32=raw.bool("residual_in_fp32", default=True))
     return _recurrent_only(raw, hidden, layers, vocab, inner, tied, inv, spec)
 
 

@@ -174,12 +174,13 @@ def _order_notes(arch: Architecture, run: sequence.SimulatedRun) -> list[str]:
                 "(neither traced on a GPU nor read op by op from its code for this attention and precision): "
                 "near the capacity the verdict is less certain than for traced families."]
     if run.layer_order == "none":
-        return ["this model's layers are not replayed request by request (recurrent scans other than Mamba-2's "
-                "and Qwen3-Next's generate() without bitsandbytes; encoder-decoder runs other than T5's under "
-                "SDPA in bf16 or fp32): the verdict holds the allocated peak to the capacity, without the caching "
-                "allocator's reserve, which can make it optimistic near the capacity (Qwen3-Next on an H200, "
-                "before its replay: said batch 242 fits, 214 ran out of memory, the reserve was 10-16 GiB; "
-                "Jamba, Granite-4.0-H, Falcon-H1 and Mamba held to one batch)."]
+        return ["this model's layers are not replayed request by request (recurrent scans other than "
+                "Mamba's up to 65,536 layer-tokens, Mamba-2's and Qwen3-Next's without bitsandbytes; "
+                "encoder-decoder runs other than T5's under SDPA in bf16 or fp32): the verdict holds the "
+                "allocated peak to the capacity, without the caching allocator's reserve, which can make it "
+                "optimistic near the capacity (Qwen3-Next on an H200, before its replay: said batch 242 fits, "
+                "214 ran out of memory, the reserve was 10-16 GiB; Jamba, Granite-4.0-H, Falcon-H1 and Mamba "
+                "held to one batch)."]
     return []
 
 

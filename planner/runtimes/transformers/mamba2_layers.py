@@ -21,6 +21,9 @@ the dtype a tensor already has allocates nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture, RecurrentSpec
 from .activations import RunSpec
@@ -295,8 +298,18 @@ def _decode_mixer(tr: Tracer, m: RecurrentSpec, hidden: int, b: int, s: int) -> 
     return out
 
 
+class Mixers(NamedTuple):
+    """A Mamba family's mixer over the prompt (tr, m, hidden, b, n, s, cache) and over one cached
+    token (tr, m, hidden, b, s), each returning out_proj's output; and whether its model checks the
+    attention mask with create_recurrent_attention_mask (Mamba-2) or not (Mamba)."""
+
+    prefill: Callable[..., int | None]
+    decode: Callable[..., int | None]
+    recurrent_mask: bool
+
+
 def _model(tr: Tracer, arch: Architecture, b: int, n: int, s: int, cache: list[int | None] | None,
-           step: int, logits_rows: int) -> int | None:
+           step: int, logits_rows: int, mixers: Mixers) -> int | None:
     """Mamba2Model then the lm_head: the embeddings, every block (norm, mixer, the residual add in
     fp32 when the config says so), the final norm; returns the fp32 logits (`logits_rows` per
     sequence: the last token's in generate())."""
@@ -307,7 +320,7 @@ def _model(tr: Tracer, arch: Architecture, b: int, n: int, s: int, cache: list[i
     phase = f"decode step {step}" if decoding else "prefill"
     tr.at(phase, "embeddings")
     embeddings = tr.new(rows * hidden * s, "embeddings")
-    if not decoding:  # create_recurrent_attention_mask: the all-ones mask checked, then dropped
+    if not decoding and mixers.recurrent_mask:  # create_recurrent_attention_mask: the all-ones mask checked
         tr.drop(tr.new(rows, "attention_mask.bool()"), tr.new(1, "all()"))
     stream, stream_bytes = embeddings, s
     residual_bytes = FP32 if m.residual_in_fp32 else s
@@ -318,7 +331,7 @@ def _model(tr: Tracer, arch: Architecture, b: int, n: int, s: int, cache: list[i
         tr.drop(cast)
         residual = tr.new(rows * hidden * FP32, "residual .to(fp32)") \
             if m.residual_in_fp32 and stream_bytes != FP32 else None
-        out = _decode_mixer(tr, m, hidden, b, s) if decoding else _prefill_mixer(tr, m, hidden, b, n, s, cache)
+        out = mixers.decode(tr, m, hidden, b, s) if decoding else mixers.prefill(tr, m, hidden, b, n, s, cache)
         tr.drop(normed)
         tr.at(op="residual add")
         added = tr.new(rows * hidden * residual_bytes, "residual + mixer")
@@ -342,12 +355,12 @@ def _model(tr: Tracer, arch: Architecture, b: int, n: int, s: int, cache: list[i
     return logits
 
 
-def forward(tr: Tracer, arch: Architecture, spec: RunSpec) -> None:
+def forward(tr: Tracer, arch: Architecture, spec: RunSpec, mixers: Mixers) -> None:
     """One forward without a cache (use_cache=False): logits for every position."""
-    tr.drop(_model(tr, arch, spec.batch, spec.prompt_len, spec.activation_bytes, None, 0, spec.prompt_len))
+    tr.drop(_model(tr, arch, spec.batch, spec.prompt_len, spec.activation_bytes, None, 0, spec.prompt_len, mixers))
 
 
-def generate(tr: Tracer, arch: Architecture, spec: RunSpec) -> None:
+def generate(tr: Tracer, arch: Architecture, spec: RunSpec, mixers: Mixers) -> None:
     """generate(): the special tokens and unfinished flags, the prompt's forward (filling the
     cache), then per new token generate()'s bookkeeping (attention_mask's cat, the fp32 copy of
     the logits, the next tokens, input_ids' cat, the stopping criteria's flags, each replacing
@@ -358,7 +371,7 @@ def generate(tr: Tracer, arch: Architecture, spec: RunSpec) -> None:
     unfinished = tr.new(b * INT64, "unfinished_sequences")
     prompt_inputs = tr.new(b * n * INT64, "prepare_inputs_for_generation")
     cache: list[int | None] = []
-    logits = _model(tr, arch, b, n, s, cache, 0, 1)
+    logits = _model(tr, arch, b, n, s, cache, 0, 1, mixers)
     tr.drop(prompt_inputs)
     mask = copy = tokens = ids = inputs = None  # the prompt's own stay referenced by the caller
     vocab = arch.vocab_size if arch.computes_logits else 0
@@ -394,9 +407,12 @@ def generate(tr: Tracer, arch: Architecture, spec: RunSpec) -> None:
         fresh = tr.new(b * INT64, "prepare_inputs_for_generation")
         tr.drop(inputs)
         inputs = fresh
-        logits = _model(tr, arch, b, 1, s, cache, step, 1)
+        logits = _model(tr, arch, b, 1, s, cache, step, 1, mixers)
     tr.drop(mask, copy, tokens, ids, inputs, unfinished, *held, *cache)
 
 
+MAMBA2 = Mixers(prefill=_prefill_mixer, decode=_decode_mixer, recurrent_mask=True)
+
+
 def replay(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> None:
-    (generate if spec.mode == "generate" else forward)(tr, arch, spec)
+    (generate if spec.mode == "generate" else forward)(tr, arch, spec, MAMBA2)

@@ -26,6 +26,7 @@ from . import (
     coded_layers,
     kv_cache,
     layer_replay,
+    mamba1_layers,
     mamba2_layers,
     mla_layers,
     mlp_layers,
@@ -45,9 +46,8 @@ TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_m
 
 MASK_ORDER = ("full", "sliding", "chunked", "none")  # the order in which a model builds its kinds' masks
 
-# Models replayed as a whole from their modeling code (each module's replays(arch, spec) says for
-# which runs, replay(tracer, arch, layout, spec) emits them): T5, Mamba-2, Qwen3-Next
-WHOLE_MODEL_REPLAYS = (t5_layers, mamba2_layers, qwen3_next_layers)
+# Models replayed whole from their code (replays(arch, spec): for which runs; replay(tr, arch, layout, spec))
+WHOLE_MODEL_REPLAYS = (t5_layers, mamba1_layers, mamba2_layers, qwen3_next_layers)
 
 
 class SimulatedRun(Frozen):
