@@ -323,3 +323,23 @@ def test_mamba2_replay_is_its_trace_request_for_request(monkeypatch):
 
 def test_known_order_gaps_are_real_traces():
     assert set(KNOWN_ORDER_GAPS) <= {_trace_id(t) for t in TRACES}
+
+
+def test_released_ranges_are_reused_highest_first_and_never_exactly():
+    """After a release the driver puts a new segment into the highest released range strictly
+    larger than it, at its top on a 32 MiB boundary, and passes over a range of exactly its size
+    (Qwen3-Next's traces at batch 210 and 380 show both); the batch-210 trace agrees only so."""
+    from vramplan.runtimes.allocator import VA_ALIGN, CachingAllocator
+
+    mib = 1 << 20
+    alloc = CachingAllocator()
+    first, second, third = (alloc.malloc(size * mib) for size in (640, 96, 320))
+    addresses = {name: alloc._live[h].address for name, h in (("first", first), ("second", second), ("third", third))}
+    for handle in (first, second, third):
+        alloc.free(handle)
+    alloc.release_cached()
+    exact = alloc._live[alloc.malloc(1056 * mib)].address  # 640 + 96 + 320: the merged range's exact size
+    assert exact < addresses["third"]  # passed over: a fresh range below every address handed out
+    inside = alloc._live[alloc.malloc(600 * mib)].address
+    top = addresses["first"] + 640 * mib
+    assert inside == (top - 600 * mib) // VA_ALIGN * VA_ALIGN  # at the merged range's top

@@ -36,10 +36,11 @@ the first hole by address from which a run of free and unmapped blocks holds the
 mapped, piece by piece (find_expandable_block, try_allocate_expandable_block); a run whose
 pages would pass the range's end starts another segment.
 
-Reserved memory is the sum of the segments (the mapped pages). Fed the requests of 27 edge
+Reserved memory is the sum of the segments (the mapped pages). Fed the requests of the edge
 trials as the H200 recorded them (tests/test_edge_traces.py), the simulation reserves what
 the GPU reserved after every request, and runs out of memory at the request the GPU ran out
-at; how well it predicts a run the planner replays depends on the planner's request sequence.
+at (67 of 71 traces; the others are listed there with what they show); how well it predicts
+a run the planner replays depends on the planner's request sequence.
 """
 
 from __future__ import annotations
