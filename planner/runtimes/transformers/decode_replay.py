@@ -120,3 +120,64 @@ def _dequantized_mlp(tr: Tracer, arch: Architecture, b: int, s: int, projections
     tr.drop(up)
     down = mlp_layers.projection(tr, b, h, inter, s, "mlp.fc2", dequantized=True)
     tr.drop(act, down, attended)
+
+
+def generate_steps(tr: Tracer, b: int, n: int, vocab: int, new_tokens: int, logits: int | None,
+                   unfinished: int | None, forward, position_ids: bool, inputs_hold_mask: bool) -> None:
+    """generate()'s sampling loop after the prompt's forward, for the models replayed whole
+    (mamba2_layers, qwen3_next_layers): per new token _update_model_kwargs_for_generation (with
+    `position_ids`, the next positions and their cat; the attention_mask's new_ones and cat), the
+    fp32 copy of the logits, the next tokens, input_ids' cat, the stopping criteria's flags and
+    unfinished_sequences, each replacing the previous step's; the logits go (del outputs); then
+    prepare_inputs_for_generation's copies and `forward(step)`, the next decode forward, which
+    returns its logits. With `inputs_hold_mask` the model inputs keep the previous mask until the
+    next ones exist (Qwen3-Next's H200 trace; Mamba's inputs drop it). The prompt's own ids, mask
+    and position ids stay referenced by the caller. Frees what it made, `unfinished` included."""
+    mask = positions = copy = tokens = ids = None
+    inputs: list[int | None] = []
+    steps = min(new_tokens, MAX_REPLAYED_DECODE_STEPS + 1)
+    for step in range(1, steps + 1):
+        tr.at(f"decode step {step}", "generate() bookkeeping")
+        length = b * (n + step) * 8
+        fresh_positions = None
+        if position_ids:
+            tr.drop(tr.new(8, "arange"), tr.new(b * 8, "position_ids[..., -1:] + 1"))
+            fresh_positions = tr.new(length, "position_ids (torch.cat)")
+        ones = tr.new(b * 8, "attention_mask new_ones")
+        fresh_mask = tr.new(length, "attention_mask (torch.cat)")
+        tr.drop(ones, positions, None if inputs_hold_mask else mask)
+        positions = fresh_positions
+        if not inputs_hold_mask:
+            mask = fresh_mask
+        fresh = tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
+        tr.drop(copy)
+        copy = fresh
+        fresh = tr.new(b * 8, "next tokens")
+        tr.drop(tokens)
+        tokens = fresh
+        fresh = tr.new(length, "input_ids (torch.cat)")
+        tr.drop(ids)
+        ids = fresh
+        done, criterion, is_done = tr.new(b, "is_done"), tr.new(b, "max_length"), tr.new(b, "is_done |")
+        tr.drop(criterion, done)
+        inverse = tr.new(b, "~is_done")
+        tr.drop(is_done)
+        fresh = tr.new(b * 8, "unfinished_sequences & ~is_done")
+        tr.drop(inverse, unfinished)
+        unfinished = fresh
+        tr.drop(tr.new(8, "unfinished.max()"), tr.new(1, "== 0"))
+        tr.drop(logits)  # del outputs
+        logits = None
+        if step < steps:
+            fresh_inputs = [tr.new(b * 8, "input_ids (prepare_inputs_for_generation)")]
+            if position_ids:
+                fresh_inputs.append(tr.new(b * 8, "position_ids (prepare_inputs_for_generation)"))
+            tr.drop(*inputs)
+            inputs = fresh_inputs
+        if inputs_hold_mask:
+            tr.drop(mask)
+            mask = fresh_mask
+        if step == steps:
+            break
+        logits = forward(step)
+    tr.drop(mask, positions, copy, tokens, ids, unfinished, *inputs)

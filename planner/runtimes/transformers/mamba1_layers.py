@@ -41,16 +41,23 @@ def replays(arch: Architecture, spec: RunSpec) -> bool:
             and (arch.activation is None or arch.activation in SINGLE_KERNEL_ACTIVATIONS))
 
 
+def _softplus_time_steps(tr: Tracer, rows: int, inner: int, s: int) -> int | None:
+    """softplus(dt + bias.to(dt.dtype)), as the scan and the state update both start: the bias's
+    cast (none in fp32) goes once the sum exists, the sum once the softplus does."""
+    cast = tr.new(inner * s, "dt bias .to(dt.dtype)") if s < FP32 else None
+    dt = tr.new(rows * inner * s, "dt + bias")
+    tr.drop(cast)
+    soft = tr.new(rows * inner * s, "softplus(dt)")
+    tr.drop(dt)
+    return soft
+
+
 def _selective_scan(tr: Tracer, m: RecurrentSpec, b: int, n: int, s: int) -> tuple[int | None, int | None]:
     """mamba_selective_scan's recurrent loop; returns its fp32 output and final state."""
     rows, inner, state = b * n, m.inner, m.state_size
     wide = s < FP32
     d = tr.new(inner * FP32, "D.float()") if wide else None  # an argument: goes as the scan returns
-    cast = tr.new(inner * s, "delta_bias.to(dt.dtype)") if wide else None
-    dt = tr.new(rows * inner * s, "dt + delta_bias")
-    tr.drop(cast)
-    soft = tr.new(rows * inner * s, "softplus(dt)")
-    tr.drop(dt)
+    soft = _softplus_time_steps(tr, rows, inner, s)
     big = rows * inner * state * FP32
     product = tr.new(big, "A * dt")
     discrete_a = tr.new(big, "discrete_A = exp(A * dt)")
@@ -142,11 +149,7 @@ def _decode_mixer(tr: Tracer, m: RecurrentSpec, hidden: int, b: int, s: int) -> 
     time_step = tr.new(b * inner * s, "time_step")
     bias = tr.new(inner * FP32, "dt_proj.bias.float()") if wide else None
     tr.at(op="selective_state_update")
-    cast = tr.new(inner * s, "dt_bias.to(dt.dtype)") if wide else None
-    dt = tr.new(b * inner * s, "dt + dt_bias")
-    tr.drop(cast)
-    soft = tr.new(b * inner * s, "softplus(dt)")
-    tr.drop(dt)
+    soft = _softplus_time_steps(tr, b, inner, s)
     full = b * inner * state * FP32
     upcast = tr.new(b * inner * FP32, "dt.float()") if wide else None
     product = tr.new(full, "dt * A")

@@ -27,7 +27,7 @@ from typing import NamedTuple
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture, RecurrentSpec
 from .activations import RunSpec
-from .decode_replay import MAX_REPLAYED_DECODE_STEPS
+from .decode_replay import generate_steps
 from .layer_replay import Tracer, rms_scaled
 from .layernorm_layers import SINGLE_KERNEL_ACTIVATIONS
 
@@ -362,9 +362,7 @@ def forward(tr: Tracer, arch: Architecture, spec: RunSpec, mixers: Mixers) -> No
 
 def generate(tr: Tracer, arch: Architecture, spec: RunSpec, mixers: Mixers) -> None:
     """generate(): the special tokens and unfinished flags, the prompt's forward (filling the
-    cache), then per new token generate()'s bookkeeping (attention_mask's cat, the fp32 copy of
-    the logits, the next tokens, input_ids' cat, the stopping criteria's flags, each replacing
-    the previous step's) and the next decode forward."""
+    cache), then decode_replay.generate_steps (no position ids)."""
     b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
     tr.at("generate", "special tokens")
     held = [tr.new(INT64, "special token"), tr.new(INT64, "special token")]
@@ -373,42 +371,11 @@ def generate(tr: Tracer, arch: Architecture, spec: RunSpec, mixers: Mixers) -> N
     cache: list[int | None] = []
     logits = _model(tr, arch, b, n, s, cache, 0, 1, mixers)
     tr.drop(prompt_inputs)
-    mask = copy = tokens = ids = inputs = None  # the prompt's own stay referenced by the caller
     vocab = arch.vocab_size if arch.computes_logits else 0
-    steps = min(spec.new_tokens, MAX_REPLAYED_DECODE_STEPS + 1)
-    for step in range(1, steps + 1):
-        tr.at(f"decode step {step}", "generate() bookkeeping")
-        length = b * (n + step) * INT64
-        ones = tr.new(b * INT64, "attention_mask new_ones")
-        fresh = tr.new(length, "attention_mask (torch.cat)")
-        tr.drop(ones, mask)
-        mask = fresh
-        fresh = tr.new(b * vocab * FP32, "next-token logits (fp32 copy)")
-        tr.drop(copy)
-        copy = fresh
-        fresh = tr.new(b * INT64, "next tokens")
-        tr.drop(tokens)
-        tokens = fresh
-        fresh = tr.new(length, "input_ids (torch.cat)")
-        tr.drop(ids)
-        ids = fresh
-        done, criterion, is_done = tr.new(b, "is_done"), tr.new(b, "max_length"), tr.new(b, "is_done |")
-        tr.drop(criterion, done)
-        inverse = tr.new(b, "~is_done")
-        tr.drop(is_done)
-        fresh = tr.new(b * INT64, "unfinished_sequences & ~is_done")
-        tr.drop(inverse, unfinished)
-        unfinished = fresh
-        tr.drop(tr.new(INT64, "unfinished.max()"), tr.new(1, "== 0"))
-        tr.drop(logits)  # del outputs
-        logits = None
-        if step == steps:
-            break
-        fresh = tr.new(b * INT64, "prepare_inputs_for_generation")
-        tr.drop(inputs)
-        inputs = fresh
-        logits = _model(tr, arch, b, 1, s, cache, step, 1, mixers)
-    tr.drop(mask, copy, tokens, ids, inputs, unfinished, *held, *cache)
+    generate_steps(tr, b, n, vocab, spec.new_tokens, logits, unfinished,
+                   lambda step: _model(tr, arch, b, 1, s, cache, step, 1, mixers),
+                   position_ids=False, inputs_hold_mask=False)
+    tr.drop(*held, *cache)
 
 
 MAMBA2 = Mixers(prefill=_prefill_mixer, decode=_decode_mixer, recurrent_mask=True)

@@ -29,7 +29,7 @@ from ...catalog import FamilyLayout
 from ...model.spec import Architecture, RecurrentSpec
 from . import attention, eager, kv_cache, sdpa_math
 from .activations import RunSpec
-from .decode_replay import MAX_REPLAYED_DECODE_STEPS
+from .decode_replay import generate_steps
 from .layer_replay import (
     Tracer,
     causal_mask_pieces,
@@ -100,14 +100,11 @@ def _decay(tr: Tracer, tokens: int, heads: int, s: int) -> int | None:
     return g
 
 
-def _chunk_rule(tr: Tracer, m: RecurrentSpec, b: int, n: int, s: int) -> tuple[int | None, int | None]:
-    """torch_chunk_gated_delta_rule over the prompt (no initial state); returns its output
-    (batch x prompt x heads x head_dim in the model dtype) and the final state."""
-    h, dk, dv, cs = m.heads, m.state_size, m.head_dim, m.chunk_size
-    tokens = b * n
-    padded = -(-n // cs) * cs
-    chunks = padded // cs
-    tr.at(op="gated delta rule (chunked)")
+def _rule_inputs(tr: Tracer, m: RecurrentSpec, tokens: int, s: int) -> tuple[int | None, ...]:
+    """How both gated delta rules start: query, key, value and beta upcast to fp32 (head-major),
+    the query and key l2-normalized, the query scaled by 1 / sqrt(key width). Returns the scaled
+    query, the key, the value's and beta's upcasts (None in fp32: they alias)."""
+    h, dk, dv = m.heads, m.state_size, m.head_dim
     query = _upcast(tr, tokens * h * dk, s, "query.float()")
     key = _upcast(tr, tokens * h * dk, s, "key.float()")
     value = _upcast(tr, tokens * h * dv, s, "value.float()")
@@ -116,6 +113,18 @@ def _chunk_rule(tr: Tracer, m: RecurrentSpec, b: int, n: int, s: int) -> tuple[i
     key = _l2norm(tr, key, tokens * h, dk)
     scaled = tr.new(tokens * h * dk * FP32, "query * scale")
     tr.drop(query)
+    return scaled, key, value, beta
+
+
+def _chunk_rule(tr: Tracer, m: RecurrentSpec, b: int, n: int, s: int) -> tuple[int | None, int | None]:
+    """torch_chunk_gated_delta_rule over the prompt (no initial state); returns its output
+    (batch x prompt x heads x head_dim in the model dtype) and the final state."""
+    h, dk, dv, cs = m.heads, m.state_size, m.head_dim, m.chunk_size
+    tokens = b * n
+    padded = -(-n // cs) * cs
+    chunks = padded // cs
+    tr.at(op="gated delta rule (chunked)")
+    scaled, key, value, beta = _rule_inputs(tr, m, tokens, s)
     long = b * h * padded
     padded_q, padded_k = tr.new(long * dk * FP32, "F.pad(query)"), tr.new(long * dk * FP32, "F.pad(key)")
     padded_v = tr.new(long * dv * FP32, "F.pad(value)")
@@ -202,14 +211,7 @@ def _recurrent_rule(tr: Tracer, m: RecurrentSpec, b: int, s: int) -> tuple[int |
     and leaves the new state to the caller (returned as `state`)."""
     h, dk, dv = m.heads, m.state_size, m.head_dim
     tr.at(op="gated delta rule (recurrent)")
-    query = _upcast(tr, b * h * dk, s, "query.float()")
-    key = _upcast(tr, b * h * dk, s, "key.float()")
-    value = _upcast(tr, b * h * dv, s, "value.float()")
-    beta = _upcast(tr, b * h, s, "beta.float()")
-    query = _l2norm(tr, query, b * h, dk)
-    key = _l2norm(tr, key, b * h, dk)
-    scaled = tr.new(b * h * dk * FP32, "query / sqrt(dk)")
-    tr.drop(query)
+    scaled, key, value, beta = _rule_inputs(tr, m, b, s)
     core = tr.new(b * h * dv * FP32, "core_attn_out (zeros_like)")
     state_bytes = b * h * dk * dv * FP32
     decay = tr.new(b * h * FP32, "decay.exp()")
@@ -448,50 +450,19 @@ def _model(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
 
 
 def replay(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> None:
-    """generate(): position ids, the prompt's forward (filling the cache), then per new token
-    _update_model_kwargs_for_generation's position and mask cats, the fp32 copy of the logits,
-    the next tokens, input_ids' cat, the stopping criteria, prepare_inputs_for_generation's
-    copies, and the next decode forward (the H200 trace's order; the prompt's own position ids
-    and mask stay referenced to the end)."""
+    """generate(): position ids, the prompt's forward (filling the cache), then
+    decode_replay.generate_steps with position ids, the model inputs holding the previous mask
+    (the H200 trace's order)."""
     b, n = spec.batch, spec.prompt_len
     vocab = arch.vocab_size if arch.computes_logits else 0
     tr.at("prefill", "position ids")
     traced_position_ids(tr, b, n, prepared=False)
     cache: dict = {}
     unfinished = tr.new(b * INT64, "unfinished_sequences")
-    inputs = [tr.new(b * n * INT64, "input_ids (prepare_inputs_for_generation)")]
+    prompt_inputs = tr.new(b * n * INT64, "input_ids (prepare_inputs_for_generation)")
     logits = _model(tr, arch, layout, spec, n, 0, cache)
-    tr.drop(*inputs)
-    inputs = []
-    positions = mask = copy = ids = None
-    steps = min(spec.new_tokens, MAX_REPLAYED_DECODE_STEPS + 1)
-    for step in range(1, steps + 1):
-        tr.at(f"decode step {step}", "generate() bookkeeping")
-        grown = b * (n + step) * INT64
-        tr.drop(tr.new(INT64, "arange"), tr.new(b * INT64, "position_ids[..., -1:] + 1"))
-        fresh_positions = tr.new(grown, "position_ids (torch.cat)")
-        ones = tr.new(b * INT64, "attention_mask new_ones")
-        fresh_mask = tr.new(grown, "attention_mask (torch.cat)")
-        tr.drop(ones, positions)
-        positions = fresh_positions
-        fresh = tr.new(b * vocab * FP32, "next-token logits (fp32 copy)")
-        tr.drop(copy)
-        copy = fresh
-        tokens = tr.new(b * INT64, "next tokens (argmax)")
-        fresh = tr.new(grown, "input_ids (torch.cat)")
-        tr.drop(ids)
-        ids = fresh
-        tr.drop(tr.new(b, "is_done"), tr.new(b, "~is_done"))
-        fresh = tr.new(b * INT64, "unfinished_sequences & ~is_done")
-        tr.drop(unfinished, logits, tokens)
-        unfinished, logits = fresh, None
-        if step < steps:
-            fresh_inputs = [tr.new(b * INT64, "input_ids (prepare_inputs_for_generation)"),
-                            tr.new(b * INT64, "position_ids (prepare_inputs_for_generation)")]
-            tr.drop(*inputs)
-            inputs = fresh_inputs
-        tr.drop(mask)
-        mask = fresh_mask
-        if step < steps:
-            logits = _model(tr, arch, layout, spec, 1, step, cache)
-    tr.drop(positions, mask, copy, ids, unfinished, *inputs, *cache.values())
+    tr.drop(prompt_inputs)
+    generate_steps(tr, b, n, vocab, spec.new_tokens, logits, unfinished,
+                   lambda step: _model(tr, arch, layout, spec, 1, step, cache),
+                   position_ids=True, inputs_hold_mask=True)
+    tr.drop(*cache.values())
