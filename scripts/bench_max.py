@@ -29,6 +29,10 @@ SHAPES = [  # model, layers, attn, prompt_len, new_tokens, what
     ("mistral-7b-v0.1", None, "sdpa", 8192, 16, "batch"),
     ("llama-3.1-8b", None, "sdpa", 1, 128, "prompt_len"),
     ("qwen3-0.6b", None, "sdpa", 1, 128, "prompt_len"),
+    # long generations: every decode step replayed (up to decode_replay's budget of layer-steps)
+    ("qwen3-0.6b", None, "sdpa", 512, 512, "batch"),
+    ("llama-3.1-8b", None, "sdpa", 1024, 1024, "batch"),
+    ("llama-3.1-70b", None, "sdpa", 1024, 512, "batch"),
 ]
 
 

@@ -11,11 +11,24 @@ from ...model.spec import Architecture
 from . import coded_layers, kv_cache, layer_replay, mlp_layers
 from .activations import RunSpec
 
-Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
+Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul(), at_capacity
 
-# Decode steps replayed one by one; later steps repeat the same pattern on slightly longer
-# blocks, so their reserve is carried over from the last replayed step (keeps the CLI fast).
-MAX_REPLAYED_DECODE_STEPS = 16
+# Decode steps replayed one by one. Each step's cache update asks every layer for blocks a little
+# larger than the ones it frees, so under a capacity the allocator's reserve and its retries build
+# up over the whole generation: the verdict's replay runs every step, up to a budget of layer-steps
+# (a few seconds for `--max`), past which the point model's peak decides for the later steps.
+# Without a capacity (the reserve a run builds with room to spare) the first steps only: there the
+# reserve of a growing cache only grows, as no real GPU lets it.
+MIN_REPLAYED_DECODE_STEPS = 16
+MAX_REPLAYED_DECODE_LAYER_STEPS = 32768
+
+
+def replayed_steps(at_capacity: bool, steps: int, layers: int) -> int:
+    """How many of `steps` cached forwards over `layers` layers the replay runs one by one."""
+    bound = MIN_REPLAYED_DECODE_STEPS
+    if at_capacity:
+        bound = max(bound, MAX_REPLAYED_DECODE_LAYER_STEPS // max(1, layers))
+    return min(steps, bound)
 
 
 def last_token_logits(tr: Tracer, layout: FamilyLayout, nbytes: int) -> int | None:
@@ -42,7 +55,7 @@ def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
     positions = attention_mask = ids = None  # the prompt's own stay referenced by the caller
     previous_fresh: list[int | None] = []
     family_steps = coded_layers.decode_layer_steps(arch, spec) if attention_temporaries else None
-    for step in range(1, min(steps, MAX_REPLAYED_DECODE_STEPS) + 1):
+    for step in range(1, replayed_steps(tr.at_capacity, steps, arch.num_layers) + 1):
         restarted = spec.cache_restart_step is not None and step >= spec.cache_restart_step
         fresh: list[int | None] = []
         for index, kind in enumerate(arch.layer_types):
@@ -122,7 +135,7 @@ def _dequantized_mlp(tr: Tracer, arch: Architecture, b: int, s: int, projections
     tr.drop(act, down, attended)
 
 
-def generate_steps(tr: Tracer, b: int, n: int, vocab: int, new_tokens: int, logits: int | None,
+def generate_steps(tr: Tracer, b: int, n: int, vocab: int, new_tokens: int, layers: int, logits: int | None,
                    unfinished: int | None, forward, position_ids: bool, inputs_hold_mask: bool) -> None:
     """generate()'s sampling loop after the prompt's forward, for the models replayed whole
     (mamba2_layers, qwen3_next_layers): per new token _update_model_kwargs_for_generation (with
@@ -135,7 +148,7 @@ def generate_steps(tr: Tracer, b: int, n: int, vocab: int, new_tokens: int, logi
     and position ids stay referenced by the caller. Frees what it made, `unfinished` included."""
     mask = positions = copy = tokens = ids = None
     inputs: list[int | None] = []
-    steps = min(new_tokens, MAX_REPLAYED_DECODE_STEPS + 1)
+    steps = replayed_steps(tr.at_capacity, new_tokens - 1, layers) + 1
     for step in range(1, steps + 1):
         tr.at(f"decode step {step}", "generate() bookkeeping")
         length = b * (n + step) * 8

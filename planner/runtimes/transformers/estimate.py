@@ -28,6 +28,7 @@ from ...weights import WeightBreakdown, allocation_sizes, resolve_precision, wei
 from ..allocator import capacity
 from . import kv_cache, overhead, sequence
 from .activations import Point, RunSpec, decode_point, prefill_points
+from .decode_replay import replayed_steps
 from .kv_cache import KvFormat
 
 
@@ -330,6 +331,12 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
         notes.append("flash_attention_2 is modelled like SDPA's flash kernel; it has no measured rows.")
     if verdict is not None:
         notes += _order_notes(arch, replayed)
+        decode_steps = workload.new_tokens - 1 if workload.mode == "generate" and spec.keeps_cache else 0
+        replayed_decode = replayed_steps(True, decode_steps, arch.num_layers)
+        if replayed_decode < decode_steps:
+            notes.append(f"the verdict replays the first {replayed_decode} of "
+                         f"{decode_steps} decode steps through the allocator; the later ones are held by the point "
+                         "model's allocated peak only (their cache updates would keep adding to the reserve).")
     return Estimate(
         model=model, model_type=arch.model_type, precision=chosen.name,
         double_quant=choice.double_quant and chosen.kind == "bnb_4bit", compute_dtype=compute,

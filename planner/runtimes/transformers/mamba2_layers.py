@@ -372,7 +372,7 @@ def generate(tr: Tracer, arch: Architecture, spec: RunSpec, mixers: Mixers) -> N
     logits = _model(tr, arch, b, n, s, cache, 0, 1, mixers)
     tr.drop(prompt_inputs)
     vocab = arch.vocab_size if arch.computes_logits else 0
-    generate_steps(tr, b, n, vocab, spec.new_tokens, logits, unfinished,
+    generate_steps(tr, b, n, vocab, spec.new_tokens, arch.num_layers, logits, unfinished,
                    lambda step: _model(tr, arch, b, 1, s, cache, step, 1, mixers),
                    position_ids=False, inputs_hold_mask=False)
     tr.drop(*held, *cache)

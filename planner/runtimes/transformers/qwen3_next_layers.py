@@ -462,7 +462,7 @@ def replay(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec) 
     prompt_inputs = tr.new(b * n * INT64, "input_ids (prepare_inputs_for_generation)")
     logits = _model(tr, arch, layout, spec, n, 0, cache)
     tr.drop(prompt_inputs)
-    generate_steps(tr, b, n, vocab, spec.new_tokens, logits, unfinished,
+    generate_steps(tr, b, n, vocab, spec.new_tokens, arch.num_layers, logits, unfinished,
                    lambda step: _model(tr, arch, layout, spec, 1, step, cache),
                    position_ids=True, inputs_hold_mask=True)
     tr.drop(*cache.values())

@@ -36,7 +36,7 @@ from . import (
     t5_layers,
 )
 from .activations import RunSpec
-from .decode_replay import MAX_REPLAYED_DECODE_STEPS, decode, last_token_logits
+from .decode_replay import MIN_REPLAYED_DECODE_STEPS, decode, last_token_logits
 
 # Families whose decoder layer is replayed request by request in transformers 5.17's order
 # (layer_replay.traced_layer), read from a dispatch-level trace of generate() on CPU (every tensor's
@@ -73,11 +73,12 @@ class SimulatedRun(Frozen):
 
 class _Tracer:
     """Requests go to the allocator labelled with where the run is (phase, layer) and what the
-    tensor is, so an out-of-memory can say which request failed."""
+    tensor is, so an out-of-memory can say which request failed; `at_capacity`: under a GPU's."""
 
     def __init__(self, capacity: int | None = None, expandable: bool = False,
                  address_space: int = EXPANDABLE_RANGE, workspaces: list[int] | None = None) -> None:
         self.alloc = CachingAllocator(capacity=capacity, expandable=expandable, address_space=address_space)
+        self.at_capacity = capacity is not None
         self.pending_workspaces = list(workspaces or [])
         self.where = "load"
         self.op = "weights"
@@ -181,14 +182,13 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
         tr.layer_order = "code"
         whole_model.replay(tr, arch, layout, spec)
     elif arch.recurrent is not None or arch.encoder is not None:
-        # the other torch-fallback scans (Mamba, the hybrids' mixers) and encoder-decoder runs are not
-        # replayed op by op
+        # the other torch-fallback scans (the hybrids' mixers), encoder-decoders: not replayed op by op
         tr.layer_order = "none"
         tr.matmul()
     else:
         # without a cache (use_cache: false) generate() runs the whole sequence again at every step,
         # one token longer each time: the shorter passes come first (the last ones, up to the bound)
-        for length in range(max(n - spec.reruns, n - MAX_REPLAYED_DECODE_STEPS), n):
+        for length in range(max(n - spec.reruns, n - MIN_REPLAYED_DECODE_STEPS), n):
             tr.drop(*_pass(tr, arch, layout, spec.model_copy(update={"prompt_len": length}), generate))
         _pass(tr, arch, layout, spec, generate)
     return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,

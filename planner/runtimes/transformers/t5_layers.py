@@ -17,12 +17,9 @@ from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from . import sdpa_math
 from .activations import RunSpec
+from .decode_replay import replayed_steps
 from .layer_replay import Tracer, rms_scaled
 from .layernorm_layers import SINGLE_KERNEL_ACTIVATIONS, new_gelu
-
-# decoder forwards replayed one by one: the first runs with no self-attention cache and fills
-# the cross-attention cache; later ones differ only in a cache a few tokens longer
-MAX_REPLAYED_DECODER_STEPS = 17
 
 
 def replays(arch: Architecture, spec: RunSpec) -> bool:
@@ -243,7 +240,8 @@ def generate(tr: Tracer, arch: Architecture, spec: RunSpec) -> None:
     self_cache: list[int | None] = [None] * (2 * arch.num_layers)
     cross_cache: list[int | None] = []
     copy = next_tokens = inputs = None
-    for step in range(1, min(spec.new_tokens, MAX_REPLAYED_DECODER_STEPS) + 1):
+    # the first decoder forward runs with no self-attention cache and fills the cross-attention one
+    for step in range(1, replayed_steps(tr.at_capacity, spec.new_tokens - 1, arch.num_layers) + 2):
         sliced = tr.new(b * 8, "prepare_inputs_for_generation")
         tr.drop(inputs)
         inputs = sliced
