@@ -37,7 +37,8 @@ def table() -> str:
     rows = list(read_rows(measurement_files()))
     searches = [r for r in rows if r.get("kind") == "edge-search"]
     trials = [r for r in rows if r.get("kind") == "edge" and r.get("status") in ("ok", "oom")]
-    lines = ["| shape (H200, 16 new tokens) | varied | fixed | allocator | measured runs / OOM | vramplan --max |",
+    lines = ["| shape (H200; 16 new tokens unless fixed) | varied | fixed | allocator | measured runs / OOM "
+             "| vramplan --max |",
              "|---|---|---|---|---:|---:|"]
     equal = 0
     for search in sorted(searches, key=lambda s: (_shape(s["case"]), s["what"], s["case"]["allocator"])):
@@ -46,6 +47,8 @@ def table() -> str:
         holds = boundary_holds(search, predicted)
         equal += holds
         fixed = f"prompt {case['prompt_len']}" if search["what"] == "batch" else f"batch {case.get('batch', 1)}"
+        if case.get("new_tokens", 16) != 16:
+            fixed += f", {case['new_tokens']} new tokens"
         lines.append(f"| {_shape(case)} | {search['what']} | {fixed} | {case['allocator']} | "
                      f"{search['largest_ok']} / {search['smallest_oom']} | "
                      f"{predicted}{'' if holds else ' (miss)'} |")

@@ -39,6 +39,12 @@ def test_traces_cover_both_ends_of_several_kinds():
 # Where the model, fed the GPU's own requests, does not yet reserve what the GPU reserved, and
 # why (strict: a trace that starts agreeing fails here until it is taken off the list).
 KNOWN_TRACE_GAPS = {
+    "qwen3-0.6b-bf16-sdpa-n512-t512-default-b1057-oom":
+        "a long generation's 728 retries (edge-h200-32): fed the GPU's 1.7 million requests the model runs out of "
+        "memory at the GPU's very request (event 1,725,502, the same 2.06 GiB cache cat), but its reserve differs "
+        "on the way, from event 586,273 (decode step 174, after 1,418 segment releases), right after the GPU's "
+        "release of seven 1.4 GiB segments and a new one for a value cat: which blocks tie for best fit there "
+        "follows where the driver reused the released ranges (as for Qwen3-Next), not modelled exactly",
     "phi-4-mini-instruct-bf16-sdpa-n4096-default-b137-ok":
         "the small pool: the model takes one 2 MiB segment some decode steps earlier or later than the GPU "
         "(4 places, never more than one segment apart; the large pool and the peak agree). The addresses of "

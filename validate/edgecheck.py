@@ -23,7 +23,9 @@ FULL_GPU_SHARE = 0.5  # a trial "fills the GPU" when its device peak is at least
 
 def case_id(case: dict[str, Any]) -> str:
     layers = f"-l{case['layers']}" if case.get("layers") else ""
-    return f"{case['model']}{layers}-{case['precision']}-{case['attn']}-n{case['prompt_len']}-{case['allocator']}"
+    tokens = "" if case.get("new_tokens", 16) == 16 else f"-t{case['new_tokens']}"
+    return (f"{case['model']}{layers}-{case['precision']}-{case['attn']}-n{case['prompt_len']}{tokens}-"
+            f"{case['allocator']}")
 
 
 def trial_id(row: dict[str, Any]) -> str:

@@ -43,26 +43,66 @@ def last_token_logits(tr: Tracer, layout: FamilyLayout, nbytes: int) -> int | No
     return logits
 
 
+def _held_across_cache_update(tr: Tracer, arch: Architecture, b: int, s: int) -> list[int | None]:
+    """What a traced layer's decode step holds while its cache update copies the keys and values
+    (the H200 trace of Qwen3-0.6B's 512-token generation): the normed input, v_proj's output, the
+    rotated query and key. Fed the GPU's own requests, the allocator model runs out of memory where
+    the GPU did with only these kept of the layer's temporaries, and serves the request without
+    them: each one can pin a large segment the retries would otherwise release."""
+    h, d = arch.hidden_size, arch.head_dim
+    return [tr.new(b * h * s, "input_layernorm"), tr.new(b * arch.num_kv_heads * d * s, "self_attn.v_proj"),
+            tr.new(b * arch.num_heads * d * s, "rotary embedding (query)"),
+            tr.new(b * arch.num_kv_heads * d * s, "rotary embedding (key)")]
+
+
 def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
-            cache: list[int | None], logits_copy: int | None, attention_temporaries: bool = False) -> None:
-    """Decode steps in generate()'s order (CPU trace of transformers 5.17): the layers' cache
-    cats, the logits, then _update_model_kwargs_for_generation's position_ids and
-    attention_mask cats (the old ones go), the fp32 copy of the logits (the previous step's
-    goes only now), the input_ids cat; the bf16 logits go once the stopping criteria ran."""
+           cache: list[int | None], logits_copy: int | None, attention_temporaries: bool = False,
+           traced_layers: bool = False) -> None:
+    """Decode steps in generate()'s order (H200 trace of Qwen3-0.6B's 512-token generation): before
+    each forward _update_model_kwargs_for_generation's position_ids and attention_mask cats (the old
+    ones go), the fp32 copy of the previous logits (the prompt's was made with its logits), the
+    input_ids cat and the previous logits going; then the layers' cache cats and the step's logits;
+    after the last forward the same bookkeeping once more. With `traced_layers`, each step's
+    embeddings, its layers' outputs (each held until the next layer's exists) and what a layer
+    holds across its cache update; their other temporaries come and go between two cache updates
+    and are left out (a decode step's requests are most of a long generation's replay)."""
     b, n = spec.batch, spec.prompt_len
-    steps = spec.new_tokens - 1
+    hidden = b * arch.hidden_size * spec.activation_bytes
     vocab = arch.vocab_size if arch.computes_logits else 0
-    positions = attention_mask = ids = None  # the prompt's own stay referenced by the caller
+    kept = {"positions": None, "mask": None, "ids": None, "copy": logits_copy}  # the prompt's own: the caller's
+
+    def bookkeeping(step: int, logits: int | None) -> None:
+        tr.at(f"decode step {step}", "generate() bookkeeping")
+        grown = b * (n + step) * 8
+        fresh = tr.new(grown, "position_ids (torch.cat)")
+        tr.drop(kept["positions"])
+        kept["positions"] = fresh
+        fresh_mask = tr.new(grown, "attention_mask (torch.cat)")
+        if logits is not None:
+            copy = tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
+            tr.drop(kept["copy"])
+            kept["copy"] = copy
+        fresh = tr.new(grown, "input_ids (torch.cat)")
+        tr.drop(kept["ids"], kept["mask"], logits)
+        kept["ids"], kept["mask"] = fresh, fresh_mask
+
     previous_fresh: list[int | None] = []
     family_steps = coded_layers.decode_layer_steps(arch, spec) if attention_temporaries else None
-    for step in range(1, replayed_steps(tr.at_capacity, steps, arch.num_layers) + 1):
+    logits = None
+    steps = replayed_steps(tr.at_capacity, spec.new_tokens - 1, arch.num_layers)
+    for step in range(1, steps + 1):
         restarted = spec.cache_restart_step is not None and step >= spec.cache_restart_step
+        bookkeeping(step, logits)
         fresh: list[int | None] = []
+        tr.at(f"decode step {step}", "embeddings")
+        embeddings = layer_output = tr.new(hidden, "embed_tokens") if traced_layers else None
         for index, kind in enumerate(arch.layer_types):
             tr.at(f"decode step {step} layer {index}", f"{'fresh ' if restarted else ''}KV cache (torch.cat)")
             projections = _dequantized_projections(tr, arch, b, spec.activation_bytes) \
                 if spec.quantization == "4bit" and attention_temporaries else None
             held = family_steps[0](tr) if family_steps else []
+            across = _held_across_cache_update(tr, arch, b, spec.activation_bytes) \
+                if traced_layers and projections is None else [None] * 4
             if restarted:  # a fresh cache: the cat onto its empty tensors; the prompt's stays as it was
                 fresh += [tr.new(kv_cache.layer_bytes(arch, b, 1, spec.kv, 0, part)) for part in ("key", "value")]
                 length = 1
@@ -76,13 +116,19 @@ def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
                 value = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, "value"))
                 tr.drop(old_key if both_first else None, old_value)
                 cache[2 * index:2 * index + 2] = [key, value]
+            normed, v, query, key_rotated = across
+            tr.drop(key_rotated, v)  # copied into the cache
             if attention_temporaries:
                 tr.at(op="attention")
                 if family_steps:
                     family_steps[1](tr, length)
                 else:
                     layer_replay.decode_attention(tr, arch, layout, spec, kind, length)
-            tr.drop(*held)
+            tr.drop(*held, query, normed)
+            if traced_layers:
+                output = tr.new(hidden, "residual add")
+                tr.drop(None if layer_output is embeddings else layer_output)
+                layer_output = output
             if projections is not None:
                 _dequantized_mlp(tr, arch, b, spec.activation_bytes, projections)
             if arch.moe is not None and index in arch.moe.sparse_layers and layout.experts is not None:
@@ -90,22 +136,13 @@ def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
                 tr.drop(mlp_layers.moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False,
                                                        upcast_softmax=spec.softmax_upcasts))
         tr.at(f"decode step {step}", "lm_head (logits)")
+        tr.drop(None if layer_output is embeddings else layer_output, embeddings)
         logits = last_token_logits(tr, layout, b * vocab * spec.activation_bytes)
         tr.drop(*previous_fresh)  # the previous step's fresh cache goes after this step's logits
         previous_fresh = fresh
-        grown = b * (n + step) * 8
-        fresh = tr.new(grown, "position_ids (torch.cat)")
-        tr.drop(positions)
-        positions = fresh
-        fresh_mask = tr.new(grown, "attention_mask (torch.cat)")
-        copy = tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
-        tr.drop(logits_copy)
-        logits_copy = copy
-        fresh = tr.new(grown, "input_ids (torch.cat)")
-        tr.drop(ids, attention_mask, logits)
-        ids, attention_mask = fresh, fresh_mask
-    tr.drop(logits_copy, positions, attention_mask, ids, *previous_fresh)
-
+    if steps:
+        bookkeeping(steps + 1, logits)
+    tr.drop(kept["copy"], kept["positions"], kept["mask"], kept["ids"], *previous_fresh)
 
 
 def _dequantized_projections(tr: Tracer, arch: Architecture, b: int, s: int) -> list[int | None]:

@@ -415,7 +415,7 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
 
     if generate and spec.new_tokens > 1:
         decode(tr, arch, layout, spec, cache, copy,
-                attention_temporaries=traced or coded_layer is not None or kernel == "math")
+               attention_temporaries=traced or coded_layer is not None or kernel == "math", traced_layers=traced)
     else:
         tr.drop(copy)
     return leftovers
