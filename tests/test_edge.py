@@ -159,22 +159,29 @@ LONG_GENERATION = ("a long generation's fragmentation (blind edge-h200-31/-32): 
                    "needs a block a little larger than the one it frees, so the allocator retries hundreds of "
                    "times; the replay's allocated peaks are the GPU's to 0.01% and its retry counts within 1% "
                    "(Qwen3-0.6B at 1036: 551 vs 554), the GPU's own requests fed to the allocator model run out "
-                   "of memory where the GPU did (the batch-1057 trace), but the replay's own requests still "
-                   "complete at 1057 and 1078 (SmolLM2-1.7B: 1298 and 1311): 1-4% optimistic, said in the verdict")
+                   "of memory where the GPU did (the batch-1057 trace), and the replay's requests of 1 MiB and "
+                   "more are the GPU's in order, less the layers' temporaries that no cache update outlives; "
+                   "yet the replay completes 1057 and 1078 (725 retries): the GPU keeps a few MiB more in "
+                   "segments of 20 MiB for those temporaries and the masks' checks, and the retries fall one "
+                   "cache cat earlier from step 48 on. Said 1083: up to 5% optimistic, as the verdict says")
 QWEN3_06B_LONG_RUN = "qwen3-0.6b-bf16-sdpa-n512-t512-default"
 SMOLLM2_LONG_RUN = "smollm2-1.7b-bf16-sdpa-n256-t256-default"
-KNOWN_SEARCH_GAPS.update({QWEN3_06B_LONG_RUN: LONG_GENERATION, SMOLLM2_LONG_RUN: LONG_GENERATION})
+KNOWN_SEARCH_GAPS[QWEN3_06B_LONG_RUN] = LONG_GENERATION
 KNOWN_TRIAL_GAPS: dict[str, str] = {
     f"{QWEN3_NEXT_L8_RUN}-b380": QWEN3_NEXT_L8,
-    **{f"{run}-b{batch}": LONG_GENERATION
-       for run, batch in ((QWEN3_06B_LONG_RUN, 1057), (QWEN3_06B_LONG_RUN, 1078),
-                          (SMOLLM2_LONG_RUN, 1298), (SMOLLM2_LONG_RUN, 1311))},
+    **{f"{QWEN3_06B_LONG_RUN}-b{batch}": LONG_GENERATION for batch in (1057, 1078)},
+    # SmolLM2's search holds (1287 for the GPU's 1285 / 1298), but past it the replay is not monotone: it
+    # fails from 1288, yet completes again at 1311 (570 retries), where the GPU ran out of memory
+    f"{SMOLLM2_LONG_RUN}-b1311": LONG_GENERATION,
 }
 # out-of-memory trials whose verdict holds but whose replay fails at another request than the GPU
 KNOWN_FAILURE_GAPS: dict[str, str] = {
     trial: UNREPLAYED for trial in ("tests/configs/jamba-v0.1.json-l8-bf16-sdpa-n2048-default-b34",
                                     "tests/configs/granite-4.0-h-small.json-l6-bf16-sdpa-n1024-default-b8",
                                     "tests/configs/falcon-h1-tiny-90m.json-bf16-sdpa-n4096-default-b22")}
+KNOWN_FAILURE_GAPS[f"{SMOLLM2_LONG_RUN}-b1298"] = (
+    "a long generation's out-of-memory after 528 retries: the replay fails too, but at another cache cat than "
+    "the GPU's (their retries fall a cache update apart, as Qwen3-0.6B's trace shows)")
 KNOWN_DEVICE_GAPS: dict[str, str] = {}
 KNOWN_SMALL_DEVICE_GAPS: dict[str, str] = {}
 

@@ -57,12 +57,13 @@ def _held_across_cache_update(tr: Tracer, arch: Architecture, b: int, s: int) ->
 
 def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
            cache: list[int | None], logits_copy: int | None, attention_temporaries: bool = False,
-           traced_layers: bool = False) -> None:
+           traced_layers: bool = False, prompt_logits: int | None = None) -> None:
     """Decode steps in generate()'s order (H200 trace of Qwen3-0.6B's 512-token generation): before
     each forward _update_model_kwargs_for_generation's position_ids and attention_mask cats (the old
     ones go), the fp32 copy of the previous logits (the prompt's was made with its logits), the
     input_ids cat and the previous logits going; then the layers' cache cats and the step's logits;
-    after the last forward the same bookkeeping once more. With `traced_layers`, each step's
+    after the last forward the same bookkeeping once more (`prompt_logits`: the prompt's logits,
+    copied there too, as the trace shows; else the caller copied them). With `traced_layers`, each step's
     embeddings, its layers' outputs (each held until the next layer's exists) and what a layer
     holds across its cache update; their other temporaries come and go between two cache updates
     and are left out (a decode step's requests are most of a long generation's replay)."""
@@ -75,20 +76,20 @@ def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
         tr.at(f"decode step {step}", "generate() bookkeeping")
         grown = b * (n + step) * 8
         fresh = tr.new(grown, "position_ids (torch.cat)")
+        fresh_mask = tr.new(grown, "attention_mask (torch.cat)")
         tr.drop(kept["positions"])
         kept["positions"] = fresh
-        fresh_mask = tr.new(grown, "attention_mask (torch.cat)")
         if logits is not None:
             copy = tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
             tr.drop(kept["copy"])
             kept["copy"] = copy
         fresh = tr.new(grown, "input_ids (torch.cat)")
-        tr.drop(kept["ids"], kept["mask"], logits)
+        tr.drop(kept["ids"], logits, kept["mask"])
         kept["ids"], kept["mask"] = fresh, fresh_mask
 
     previous_fresh: list[int | None] = []
     family_steps = coded_layers.decode_layer_steps(arch, spec) if attention_temporaries else None
-    logits = None
+    logits = prompt_logits
     steps = replayed_steps(tr.at_capacity, spec.new_tokens - 1, arch.num_layers)
     for step in range(1, steps + 1):
         restarted = spec.cache_restart_step is not None and step >= spec.cache_restart_step

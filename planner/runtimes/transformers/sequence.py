@@ -80,8 +80,7 @@ class _Tracer:
         self.alloc = CachingAllocator(capacity=capacity, expandable=expandable, address_space=address_space)
         self.at_capacity = capacity is not None
         self.pending_workspaces = list(workspaces or [])
-        self.where = "load"
-        self.op = "weights"
+        self.where, self.op = "load", "weights"
         self.layer_order = "coarse"
 
     def at(self, where: str | None = None, op: str | None = None) -> None:
@@ -398,8 +397,9 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
         tr.at(op="lm_head (logits)")
         logits = last_token_logits(tr, layout, b * vocab * s)
         tr.drop(final)
-        copy = tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
-        tr.drop(logits)
+        defer = generate and spec.new_tokens > 1 and traced  # decode's first bookkeeping copies them
+        copy = None if defer else tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
+        tr.drop(None if defer else logits)
     else:
         final = tr.new(hidden)
         tr.at(op="lm_head (logits)")
@@ -414,8 +414,8 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
         tr.drop(layer_input, *held_model, previous_weights)
 
     if generate and spec.new_tokens > 1:
-        decode(tr, arch, layout, spec, cache, copy,
-               attention_temporaries=traced or coded_layer is not None or kernel == "math", traced_layers=traced)
+        decode(tr, arch, layout, spec, cache, copy, traced or coded_layer is not None or kernel == "math",
+               traced_layers=traced, prompt_logits=logits if traced else None)
     else:
         tr.drop(copy)
     return leftovers
