@@ -63,7 +63,16 @@ def _child(conn, config, case):
         workload = measure.Workload(case["batch"], case["prompt_len"], case["new_tokens"], "generate")
         inputs = measure._inputs(model, workload)
         probe = _Probe()
-        with torch.no_grad():
+        backends = case.get("sdpa_backends")
+        if backends:  # only these SDPA kernels (torch.nn.attention.SDPBackend names)
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            chosen = sdpa_kernel([getattr(SDPBackend, name) for name in backends])
+        else:
+            import contextlib
+
+            chosen = contextlib.nullcontext()
+        with torch.no_grad(), chosen:
             model.generate(**inputs, do_sample=False, min_new_tokens=workload.new_tokens,
                            max_new_tokens=workload.new_tokens, pad_token_id=0, eos_token_id=None,
                            logits_processor=transformers.LogitsProcessorList([probe]))
