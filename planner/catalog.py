@@ -60,6 +60,8 @@ class Calibration(Frozen):
     bitsandbytes_outside_torch_bytes: int  # bitsandbytes' CUDA library, loaded with it
     outside_torch_growth_bytes: int  # outside-torch memory added after start-up by the first run
     bnb_load_transient: dict[str, float]  # int8 / 4bit: load peak above the model / largest Linear's bf16 bytes
+    # by attention kernel (attention.decode_kernel): what memory outside torch grows by per decode step
+    decode_outside_torch_per_step: dict[str, OutsideTorch] = Field(default_factory=dict)
 
 
 class PointCounts(Frozen):
@@ -152,12 +154,20 @@ class Gpu(Frozen):
     bf16: bool
     fp8: bool
     int8: bool
+    # NVIDIA's CUDA compute capability ("9.0"); none for other vendors or when unknown
+    compute_capability: str | None = Field(None, pattern=r"^\d{1,2}\.\d$")
     gpus_per_node: int = Field(ge=1, le=1024)
     interconnect: str = Field(max_length=200)
     outside_torch_key: str = "default"  # calibration.yaml's outside_torch entry; "default": no rows
     price_per_hour_usd: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False)
     price_source: str | None = Field(None, max_length=500)
     price_date: str | None = Field(None, max_length=40)
+
+    @property
+    def prefers_cudnn_attention(self) -> bool:
+        """torch 2.11 tries cuDNN's attention before flash on compute capability 9.0 and 10.0
+        (sdp_utils.cpp check_prefer_cudnn_attention: major 9 or 10, minor 0)."""
+        return self.vendor == "nvidia" and self.compute_capability in ("9.0", "10.0")
 
     @property
     def measured(self) -> bool:

@@ -34,6 +34,11 @@ class Workload(Frozen):
     kv_cache_dtype: Literal["auto", "fp16", "bf16", "fp32", "fp8", "int8", "int4", "int2"] = "auto"
     allocator: AllocatorMode = "default"
 
+    @property
+    def decode_forwards(self) -> int:
+        """generate()'s forwards after the prompt's: one per new token but the first."""
+        return max(0, self.new_tokens - 1) if self.mode == "generate" else 0
+
 
 class Training(Frozen):
     """One fine-tuning step as it runs by default: model.train(), use_cache=False, loss from

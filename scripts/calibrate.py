@@ -15,7 +15,15 @@ Writes profiles/calibration.yaml (never edit it by hand; run this script again):
   when a run reaches the edge, total_memory less the allocator's capacity: what was in use at
   CUDA initialisation (total - free, which includes memory the driver does not attribute to the
   process), what the run loaded outside torch since (NVML's figure at the end less at init: the
-  first matmul's and attention's kernels), and the driver's last DRIVER_SLACK_BYTES.
+  first matmul's and attention's kernels), and the driver's last DRIVER_SLACK_BYTES; less what
+  the run's decode steps added (below), so that it is the figure when a run starts.
+* decode_outside_torch_per_step, per attention kernel: how much NVML's figure less torch's
+  reserve grows per decode step of a generation (outside-growth rows: from the sample after the
+  prompt's forward to the end, over the decode steps between; small batches of 100+ new
+  tokens). The kernel is the one a row restricted SDPA to, else the one torch 2.11 picks on the
+  H200 (compute capability 9.0): cuDNN's for bf16/fp16 SDPA, math for fp32, eager's own. With
+  cuDNN the driver holds ~100 KiB more after every step (a graph per key length), 2 MiB at a
+  time; flash, math and eager grow nothing.
 
 The allocator's reserve is not fitted: the engine replays each run through a simulation of the
 caching allocator (vramplan/runtime/allocator.py).
@@ -34,6 +42,7 @@ from pathlib import Path
 
 import yaml
 from vramplan.catalog import calibration, runtime_profile
+from vramplan.runtimes.transformers.decode_replay import MIN_REPLAYED_DECODE_STEPS
 from vramplan.validate.compare import gpu_key, measurement_files, read_rows
 
 OUT = Path(__file__).resolve().parent.parent / "profiles" / "calibration.yaml"
@@ -62,7 +71,8 @@ def fit() -> dict:
     # GPUs never measured get the measured GPU's figure: the best evidence there is
     reference = fitted_outside.get("H100") or next(iter(fitted_outside.values()))
     fitted_outside["default"] = dict(reference)
-    fitted_outside.update(_edge_outside(read_rows(files), fitted_outside))
+    per_step = _decode_growth(read_rows(files))
+    fitted_outside.update(_edge_outside(read_rows(files), fitted_outside, per_step))
     bnb_extra = [statistics.median(v) - fitted_outside[k]["bytes"] for k, v in outside_bnb.items()
                  if k in fitted_outside]
     # loading through bitsandbytes: the peak above the loaded model, per scheme, as a multiple of
@@ -94,12 +104,48 @@ def fit() -> dict:
         # run): what vLLM's start-up profile sees as its non-torch increase
         "outside_torch_growth_bytes": int(reference["bytes"] - statistics.median(
             r["process_baseline_device_bytes"] for r in rows if r.get("process_baseline_device_bytes"))),
+        "decode_outside_torch_per_step": per_step,
     }
 
 
-def _edge_outside(rows, already: dict) -> dict:
+# a generation long enough that its growth outside torch (2 MiB at a time) gives a rate
+MIN_GROWTH_DECODE_STEPS = 100
+
+
+SDPA_BACKENDS = {"CUDNN_ATTENTION": "cudnn", "FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient",
+                 "MATH": "math"}
+
+
+def _row_kernel(case: dict) -> str | None:
+    """The attention kernel an outside-growth row's decode steps ran on the H200."""
+    backends = case.get("sdpa_backends")
+    if backends:
+        return SDPA_BACKENDS[backends[0]] if len(backends) == 1 else None
+    if case["attn"] != "sdpa":
+        return case["attn"]
+    return "math" if case["precision"] == "fp32" else "cudnn"
+
+
+def _decode_growth(rows) -> dict:
+    """Per attention kernel: the median growth outside torch per decode step."""
+    rates: dict[str, list[int]] = defaultdict(list)
+    for row in rows:
+        if row.get("kind") != "outside-growth" or row.get("status") != "ok" or _row_kernel(row["case"]) is None:
+            continue
+        after_prompt = row["steps"][0]  # the sample after the prompt's forward
+        steps = row["case"]["new_tokens"] - 1 - after_prompt["step"]
+        if steps < MIN_GROWTH_DECODE_STEPS:
+            continue
+        rates[_row_kernel(row["case"])].append((row["at_end"]["nvml"] - after_prompt["nvml"]) // steps)
+    return {kernel: {"bytes": int(statistics.median(values)), "samples": len(values), "low": min(values),
+                     "high": max(values)} for kernel, values in sorted(rates.items())}
+
+
+def _edge_outside(rows, already: dict, per_step: dict) -> dict:
     """Per GPU with edge trials: its NVML outside-torch figure (when no inference rows gave one)
-    and what is unavailable to the allocator at the edge (the `-edge` entry)."""
+    and what is unavailable to the allocator when a run starts (the `-edge` entry): the rows'
+    figures at their end, less their decode steps' growth (the out-of-memory trials of 16 new
+    tokens ran out in the prompt's forward, mostly; the longer ones near their end)."""
     nvml: dict[str, list[int]] = defaultdict(list)
     unavailable: dict[str, list[int]] = defaultdict(list)
     for row in rows:
@@ -112,7 +158,11 @@ def _edge_outside(rows, already: dict) -> dict:
         if row["status"] == "ok":
             nvml[key].append(outside)
         at_init = row["gpu_total_bytes"] - row["free_at_init_bytes"]
-        unavailable[key].append(at_init + outside - row["device_at_init_bytes"] + DRIVER_SLACK_BYTES)
+        steps = row["case"].get("new_tokens", 16) - 1
+        grown = 0
+        if row["status"] == "ok" or steps > MIN_REPLAYED_DECODE_STEPS:
+            grown = per_step.get(_row_kernel(row["case"]), {}).get("bytes", 0) * steps
+        unavailable[key].append(at_init + outside - grown - row["device_at_init_bytes"] + DRIVER_SLACK_BYTES)
 
     def summary(values: list[int]) -> dict:
         return {"bytes": int(statistics.median(values)), "samples": len(values), "low": min(values),
@@ -145,7 +195,9 @@ HEADER = """\
 # memory_bytes less it (runtimes/transformers/fit.py); bitsandbytes_outside_torch_bytes:
 # what loading bitsandbytes' CUDA library adds to it. bnb_load_transient: the largest peak seen
 # while bitsandbytes quantizes a model at load, above the loaded model, in units of the
-# largest Linear's bf16 size.
+# largest Linear's bf16 size. decode_outside_torch_per_step: what outside torch grows by per
+# decode step, by attention kernel (outside-growth rows); the replay's capacity shrinks by it at
+# every step.
 """
 
 

@@ -52,7 +52,7 @@ class _Probe(transformers.LogitsProcessor):
 def _child(conn, config, case):
     for key, value in case.get("env", {}).items():
         os.environ[key] = str(value)
-    row = {"case": case}
+    row = {"kind": "outside-growth", "case": case}
     try:
         torch.cuda.init()
         row["at_init"] = _outside()
@@ -99,7 +99,7 @@ def main(cases_path: str, out_path: str) -> None:
         proc = ctx.Process(target=_child, args=(child, config, case))
         proc.start()
         child.close()
-        row = parent.recv() if parent.poll(300) else {"case": case, "status": "timeout"}
+        row = parent.recv() if parent.poll(300) else {"kind": "outside-growth", "case": case, "status": "timeout"}
         proc.join(10)
         if proc.is_alive():
             proc.kill()

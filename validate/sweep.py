@@ -81,8 +81,12 @@ def expand_training_matrix(matrix: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def matrix_kind(name: str) -> str:
-    """edge-*.yaml: edge searches; train-*.yaml: training steps; the rest: inference sweeps."""
-    return "edge" if name.startswith("edge-") else "train" if name.startswith("train-") else "inference"
+    """edge-*.yaml: edge searches; train-*.yaml: training steps; outside-growth-*.yaml: generations
+    probed for memory outside torch (scripts/outside_growth.py); the rest: inference sweeps."""
+    for prefix, kind in (("edge-", "edge"), ("train-", "train"), ("outside-growth-", "outside-growth")):
+        if name.startswith(prefix):
+            return kind
+    return "inference"
 
 
 def done_ids(out_path: Path) -> set[str]:

@@ -26,6 +26,9 @@ outside torch), a new segment that does not fit makes the allocator release ever
 segment that is entirely free, in both pools (`release_cached_blocks`), count a retry and
 try again; if that fails too the request raises `OutOfMemory`, which names the request and
 how much was reserved but unusable (free pieces of segments something else still holds).
+The capacity shrinks as a generation runs (`Capacity.per_decode_step`: with cuDNN's attention,
+SDPA's first choice on the H200, the driver holds ~100 KiB more outside torch after every
+decode step, a graph per new key length).
 
 `expandable=True` is PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: one segment per pool,
 a virtual range of 1 1/8 of the device, mapped in pages (20 MiB large, 2 MiB small); blocks
@@ -70,9 +73,16 @@ EDGE_SUFFIX = "-edge"  # calibration.yaml's outside_torch entry for what is unav
 
 
 class Capacity(Frozen):
-    bytes: int
+    bytes: int  # when the run starts
     why: str
     address_space: int  # the virtual range of an expandable segment on this GPU
+    # what each cached decode step loads outside torch (sdpa's kernels: h200-outside-growth.jsonl),
+    # so much less the allocator can have from the next step on
+    per_decode_step: int = 0
+
+    def after(self, decode_steps: int) -> int:
+        """The capacity once `decode_steps` cached decode steps have run."""
+        return self.bytes - self.per_decode_step * max(0, decode_steps)
 
 
 def expandable_range(device_bytes: int) -> int:
@@ -82,16 +92,30 @@ def expandable_range(device_bytes: int) -> int:
     return -(-(device_bytes + device_bytes // 8) // LARGE_BUFFER) * LARGE_BUFFER
 
 
-def capacity(gpu: Gpu, fitted: Calibration | None = None, bitsandbytes: bool = False) -> Capacity:
-    """The most the caching allocator can reserve on `gpu` during a run."""
+def decode_growth(fitted: Calibration, kernel: str | None) -> tuple[int, str]:
+    """What memory outside torch grows by per cached decode step whose attention runs `kernel`
+    (attention.decode_kernel; none for a capacity without a run), and why. A kernel without rows
+    is taken to grow nothing (as flash, math and eager attention were measured not to)."""
+    entry = fitted.decode_outside_torch_per_step.get(kernel) if kernel else None
+    if entry is None or entry.bytes == 0:
+        return 0, ""
+    return entry.bytes, (f", less {entry.bytes / 2**10:.0f} KiB per decode step: {kernel} attention's graphs "
+                         f"outside torch (median of {entry.samples} long generations)")
+
+
+def capacity(gpu: Gpu, fitted: Calibration | None = None, bitsandbytes: bool = False,
+             decode_kernel: str | None = None) -> Capacity:
+    """The most the caching allocator can reserve on `gpu` when a run starts whose decode steps'
+    attention runs `decode_kernel`, and what each of those steps takes from that."""
     fitted = fitted or calibration()
     extra = fitted.bitsandbytes_outside_torch_bytes if bitsandbytes else 0
+    per_step, step_why = decode_growth(fitted, decode_kernel)
     edge = fitted.outside_torch.get(gpu.outside_torch_key + EDGE_SUFFIX)
     if edge is not None:
         why = (f"{gpu.memory_bytes / 2**20:,.0f} MiB less {edge.bytes / 2**20:,.1f} MiB outside torch at the edge "
-               f"(median of {edge.samples} {gpu.outside_torch_key} edge rows)")
+               f"(median of {edge.samples} {gpu.outside_torch_key} edge rows){step_why}")
         return Capacity(bytes=gpu.memory_bytes - edge.bytes - extra, why=why,
-                        address_space=expandable_range(gpu.memory_bytes))
+                        address_space=expandable_range(gpu.memory_bytes), per_decode_step=per_step)
     # no edge rows for this GPU: its outside-torch figure plus what the measured GPU's edge rows
     # show beyond that same figure (memory the driver does not attribute to the process, its slack)
     measured = next((k.removesuffix(EDGE_SUFFIX) for k in fitted.outside_torch if k.endswith(EDGE_SUFFIX)), None)
@@ -102,9 +126,9 @@ def capacity(gpu: Gpu, fitted: Calibration | None = None, bitsandbytes: bool = F
         beyond = fitted.outside_torch[measured + EDGE_SUFFIX].bytes - fitted.outside_torch[measured].bytes
     why = (f"{gpu.memory_bytes / 2**20:,.0f} MiB less {(outside + beyond) / 2**20:,.1f} MiB outside torch: an "
            f"assumption ({gpu.name} has no edge rows; its outside-torch figure plus the "
-           f"{beyond / 2**20:.1f} MiB the {measured or 'measured'} edge rows show beyond it)")
+           f"{beyond / 2**20:.1f} MiB the {measured or 'measured'} edge rows show beyond it){step_why}")
     return Capacity(bytes=gpu.memory_bytes - outside - beyond - extra, why=why,
-                    address_space=expandable_range(gpu.memory_bytes))
+                    address_space=expandable_range(gpu.memory_bytes), per_decode_step=per_step)
 
 
 def round_size(size: int) -> int:
@@ -184,6 +208,7 @@ class CachingAllocator:
     reserved: int = 0
     peak_allocated: int = 0
     peak_reserved: int = 0
+    least_spare: int | None = None  # under a capacity: the least it ever exceeded the reserve by
     num_alloc_retries: int = 0
     num_ooms: int = 0
     _free: dict[bool, list[tuple[int, int, int]]] = field(default_factory=lambda: {True: [], False: []})
@@ -289,6 +314,18 @@ class CachingAllocator:
     def _reserve(self, nbytes: int) -> None:
         self.reserved += nbytes
         self.peak_reserved = max(self.peak_reserved, self.reserved)
+        self._note_spare()
+
+    def shrink_capacity(self, nbytes: int) -> None:
+        """What outside torch grew by is no longer the allocator's to reserve."""
+        if self.capacity is not None:
+            self.capacity -= nbytes
+            self._note_spare()
+
+    def _note_spare(self) -> None:
+        if self.capacity is not None:
+            spare = self.capacity - self.reserved
+            self.least_spare = spare if self.least_spare is None else min(self.least_spare, spare)
 
     def _page(self, small: bool) -> int:
         return SMALL_BUFFER if small else LARGE_BUFFER

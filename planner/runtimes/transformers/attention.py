@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ...base import block_bytes
-from ...catalog import FamilyLayout
+from ...catalog import FamilyLayout, Gpu
 from ...model.spec import Architecture
 
 Kernel = Literal["flash", "efficient", "math", "eager"]
@@ -39,6 +39,21 @@ def sdpa_kernel(arch: Architecture, layout: FamilyLayout, activation_bytes: int,
     if half and not masked and arch.head_dim <= 256:
         return "flash"
     return "efficient"
+
+
+def decode_kernel(arch: Architecture, layout: FamilyLayout, attn: str, activation_bytes: int,
+                  gpu: Gpu | None) -> str:
+    """The kernel a decode step's attention runs on `gpu`, as calibration.yaml's
+    decode_outside_torch_per_step names it: on compute capability 9.0 and 10.0 torch 2.11 tries
+    cuDNN's attention first for fp16/bf16 (measured on the H200: an SDPA run restricted to cuDNN
+    grows the memory outside torch per decode step exactly as the default does, one restricted to
+    flash does not), which builds and keeps an execution graph for every new key length."""
+    if attn != "sdpa":
+        return "eager" if attn == "eager" else "flash"
+    kernel = sdpa_kernel(arch, layout, activation_bytes, masked=False)
+    if kernel != "math" and activation_bytes == 2 and gpu is not None and gpu.prefers_cudnn_attention:
+        return "cudnn"
+    return kernel
 
 
 def repeats_kv(arch: Architecture, layout: FamilyLayout, kernel: Kernel, masked: bool) -> bool:

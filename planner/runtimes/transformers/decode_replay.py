@@ -11,7 +11,7 @@ from ...model.spec import Architecture
 from . import coded_layers, kv_cache, layer_replay, mlp_layers
 from .activations import RunSpec
 
-Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul(), at_capacity
+Tracer = Any  # tracer.Tracer: new(), drop(), temp(), at(), matmul(), decode_step(), at_capacity
 
 # Decode steps replayed one by one. Each step's cache update asks every layer for blocks a little
 # larger than the ones it frees, so under a capacity the allocator's reserve and its retries build
@@ -93,6 +93,7 @@ def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
     steps = replayed_steps(tr.at_capacity, spec.new_tokens - 1, arch.num_layers)
     for step in range(1, steps + 1):
         restarted = spec.cache_restart_step is not None and step >= spec.cache_restart_step
+        tr.decode_step()
         bookkeeping(step, logits)
         fresh: list[int | None] = []
         tr.at(f"decode step {step}", "embeddings")
@@ -230,5 +231,6 @@ def generate_steps(tr: Tracer, b: int, n: int, vocab: int, new_tokens: int, laye
             mask = fresh_mask
         if step == steps:
             break
+        tr.decode_step()
         logits = forward(step)
     tr.drop(mask, positions, copy, tokens, ids, unfinished, *inputs)

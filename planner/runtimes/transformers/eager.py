@@ -7,7 +7,7 @@ from typing import Any
 
 from .activations import RunSpec
 
-Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
+Tracer = Any  # tracer.Tracer: new(), drop(), temp(), at(), matmul()
 
 def eager_attention(tr: Tracer, spec: RunSpec, heads: int, kv_heads: int, q_len: int, kv_len: int, d: int,
                     query_contiguous: bool) -> tuple[int | None, int | None]:

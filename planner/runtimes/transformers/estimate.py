@@ -18,6 +18,7 @@ from ...catalog import (
     Precision,
     RuntimeProfile,
     calibration,
+    gpu_catalog,
     runtime_profile,
 )
 from ...errors import UnsupportedModelError, WorkloadError
@@ -25,8 +26,8 @@ from ...model.spec import Architecture
 from ...request import PrecisionChoice, Workload
 from ...result import BreakdownTerm, Estimate, Verdict
 from ...weights import WeightBreakdown, allocation_sizes, resolve_precision, weight_breakdown
-from ..allocator import capacity
-from . import kv_cache, overhead, sequence
+from ..allocator import capacity, decode_growth
+from . import attention, kv_cache, overhead, sequence
 from .activations import Point, RunSpec, decode_point, prefill_points
 from .decode_replay import replayed_steps
 from .kv_cache import KvFormat
@@ -189,8 +190,9 @@ def _verdict(gpu: Gpu, capacity: int, mode: str, runs: dict[str, sequence.Simula
              load_peak: int) -> Verdict:
     run = runs[mode]
     fits = _completes(run, capacity, allocated, load_peak)
-    if fits:
-        headroom = capacity - max(run.peak_reserved, allocated, load_peak)
+    if fits:  # the tightest moment: the replay's (the capacity shrinks as it runs), or the peaks' at its end
+        headroom = min(capacity - max(allocated, load_peak),
+                       run.least_spare_bytes if run.least_spare_bytes is not None else capacity - run.peak_reserved)
     elif not run.completed:
         headroom = -(run.shortfall_bytes or 0)
     else:
@@ -281,10 +283,14 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     allocations = allocation_sizes(arch, chosen, compute, choice.double_quant)
     workspaces = overhead.cublas_workspaces(arch, profile)
     at_capacity: dict[str, sequence.SimulatedRun] = {}
+    # the decode steps' attention kernel on this GPU (without one, the H100 the outside figure is of)
+    kernel = attention.decode_kernel(arch, layout, workload.attn, spec.activation_bytes,
+                                     gpu or gpu_catalog().find("H100"))
+    per_step, _ = decode_growth(fitted, kernel)
     limit = None
     if gpu is not None:
         # the verdict: the requests replayed at the GPU's capacity, in both allocator modes
-        limit = capacity(gpu, fitted, chosen.kind.startswith("bnb"))
+        limit = capacity(gpu, fitted, chosen.kind.startswith("bnb"), kernel)
         for mode in (workload.allocator, *({"default", "expandable"} - {workload.allocator})):
             at_capacity[mode] = sequence.simulate(arch, layout, spec, allocations, workspaces,
                                                   capacity=limit, expandable=mode == "expandable")
@@ -299,8 +305,12 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
                           "replaying the run's requests through its rules"),
         BreakdownTerm(name="memory outside torch", group="device", bytes=outside, scope="outside",
                       why=f"CUDA context and kernels: {outside_why}"),
+        BreakdownTerm(name="attention graphs outside torch", group="device", scope="outside",
+                      bytes=per_step * workload.decode_forwards,
+                      why=f"{per_step / 2**10:.0f} KiB per decode step: {kernel} attention builds and keeps a graph "
+                          "for every new key length (median of the H200's long generations)"),
     ]
-    device = allocated + reserve + outside
+    device = allocated + reserve + outside + per_step * workload.decode_forwards
     cache = max(kv_cache.cache_bytes(arch, workload.batch, workload.prompt_len, 0, spec.kv),
                 kv_cache.held_cache_bytes(arch, workload.batch, workload.prompt_len, spec.cache_growth_steps,
                                           spec.restarted_steps, spec.kv)
@@ -308,7 +318,8 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     load_peak = load_peak_bytes(arch, weights, chosen, compute, fitted, fixed)
     verdict = None
     if gpu is not None and limit is not None:
-        verdict = _verdict(gpu, limit.bytes, workload.allocator, at_capacity, allocated, load_peak)
+        verdict = _verdict(gpu, limit.after(workload.decode_forwards), workload.allocator, at_capacity, allocated,
+                           load_peak)
     notes = list(arch.notes)
     notes += _precision_notes(arch, chosen, choice)
     notes += _moe_notes(arch, chosen, peak.kind)

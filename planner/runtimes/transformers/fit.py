@@ -23,7 +23,7 @@ from ...model.spec import Architecture
 from ...request import MAX_BATCH, MAX_TOKENS, AllocatorMode, PrecisionChoice, Workload
 from ...weights import allocation_sizes, resolve_precision, weight_breakdown
 from ..allocator import Capacity, capacity
-from . import overhead, sequence
+from . import attention, overhead, sequence
 from .sequence import SimulatedRun
 
 FitAxis = Literal["batch", "prompt_len"]
@@ -48,6 +48,11 @@ class _Run:
         self.profile = profile
         self.bitsandbytes = self.chosen.kind.startswith("bnb")
 
+    def capacity(self, gpu: Gpu, fitted: Calibration | None) -> Capacity:
+        spec = self._run_spec(self.arch, self.workload, self.weights, self.chosen, self.compute)
+        kernel = attention.decode_kernel(self.arch, self.layout, self.workload.attn, spec.activation_bytes, gpu)
+        return capacity(gpu, fitted, self.bitsandbytes, kernel)
+
     def replay(self, workload: Workload, capacity: Capacity | None, allocator: AllocatorMode) -> SimulatedRun:
         spec = self._run_spec(self.arch, workload, self.weights, self.chosen, self.compute)
         return sequence.simulate(self.arch, self.layout, spec, self.allocations, self.workspaces,
@@ -66,7 +71,8 @@ class _Run:
         allocated = sum(t.bytes for t in fixed) + max(candidate_points(self.arch, self.layout, spec),
                                                       key=lambda p: p.total).total
         load_peak = load_peak_bytes(self.arch, self.weights, self.chosen, self.compute, fitted, fixed)
-        if result.completed and not _completes(result, capacity.bytes, allocated, load_peak):
+        if result.completed and not _completes(result, capacity.after(workload.decode_forwards), allocated,
+                                               load_peak):
             result = result.model_copy(update={"completed": False,
                                                "failed_at": point_model_failure(allocated, load_peak)})
         return result
@@ -76,7 +82,7 @@ def replay_at_capacity(arch: Architecture, workload: Workload, choice: Precision
                        allocator: AllocatorMode | None = None, profile: RuntimeProfile | None = None,
                        fitted: Calibration | None = None) -> SimulatedRun:
     run = _Run(arch, workload, choice, profile or runtime_profile())
-    cap = capacity(gpu, fitted, run.bitsandbytes)
+    cap = run.capacity(gpu, fitted)
     return run.replay(run.workload, cap, allocator or workload.allocator)
 
 
@@ -105,7 +111,7 @@ def largest_fit_detail(arch: Architecture, model: str, workload: Workload | None
     mode = allocator or workload.allocator
     run = _Run(arch, workload, choice, profile or runtime_profile())
     fitted = fitted or calibration()
-    cap = capacity(gpu, fitted, run.bitsandbytes)
+    cap = run.capacity(gpu, fitted)
     top = limit or (MAX_BATCH if what == "batch" else MAX_TOKENS)
     if what == "prompt_len" and arch.max_positions is not None and arch.encoder is None:
         top = min(top, arch.max_positions - run.workload.new_tokens)

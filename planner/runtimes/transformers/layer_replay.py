@@ -20,7 +20,7 @@ from . import attention, eager, kv_cache, sdpa_math
 from .activations import RunSpec
 from .mlp_layers import gated_mlp, moe_block, projection
 
-Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul(), at_capacity
+Tracer = Any  # tracer.Tracer: new(), drop(), temp(), at(), matmul(), at_capacity
 
 
 def rms_scaled(tr: Tracer, hidden_bytes: int, rows: int, s: int,

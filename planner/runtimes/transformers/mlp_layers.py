@@ -12,7 +12,7 @@ from ...catalog import FamilyLayout
 from ...model.spec import Architecture
 from .routers import router
 
-Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
+Tracer = Any  # tracer.Tracer: new(), drop(), temp(), at(), matmul()
 
 
 def projection(tr: Tracer, rows: int, out_features: int, in_features: int, s: int, name: str,

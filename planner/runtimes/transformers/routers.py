@@ -9,7 +9,7 @@ from typing import Any
 
 from ...model.spec import Architecture
 
-Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
+Tracer = Any  # tracer.Tracer: new(), drop(), temp(), at(), matmul()
 
 RADIX_DIGITS = 256  # TensorTopK.cu's radix select: 8 bits per pass
 TOP_K_BLOCK_ITEMS = 4 * 256  # its fewest items per block (MIN_ITEMS_PER_THREAD x BLOCK_THREADS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-Tracer = Any  # sequence._Tracer: new(), drop(), temp(), at(), matmul()
+Tracer = Any  # tracer.Tracer: new(), drop(), temp(), at(), matmul()
 
 
 def math_sdpa(tr: Tracer, b: int, heads: int, kv_heads: int, q_len: int, kv_len: int, d: int, s: int,

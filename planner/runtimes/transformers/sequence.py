@@ -20,7 +20,7 @@ from typing import Literal
 from ...base import Frozen
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
-from ..allocator import EXPANDABLE_RANGE, CachingAllocator, Capacity, OutOfMemory
+from ..allocator import EXPANDABLE_RANGE, Capacity, OutOfMemory
 from . import (
     attention,
     coded_layers,
@@ -37,6 +37,7 @@ from . import (
 )
 from .activations import RunSpec
 from .decode_replay import MIN_REPLAYED_DECODE_STEPS, decode, last_token_logits
+from .tracer import Tracer
 
 # Families whose decoder layer is replayed request by request in transformers 5.17's order
 # (layer_replay.traced_layer), read from a dispatch-level trace of generate() on CPU (every tensor's
@@ -61,6 +62,7 @@ class SimulatedRun(Frozen):
     reserved_unusable_bytes: int | None = None  # reserved but unallocated when it failed
     shortfall_bytes: int | None = None  # the failed segment less what the driver still had free
     alloc_retries: int = 0  # times the allocator released its cache and retried
+    least_spare_bytes: int | None = None  # at a capacity: the least room ever left beyond the reserve
     # how the decoder layers were replayed: in an order held to a GPU trace, read op by op from the
     # family's modeling code, the coarse generic order, or not request by request at all
     layer_order: Literal["traced", "code", "coarse", "none"] = "coarse"
@@ -71,50 +73,12 @@ class SimulatedRun(Frozen):
         return max(0, self.peak_reserved - self.peak_allocated)
 
 
-class _Tracer:
-    """Requests go to the allocator labelled with where the run is (phase, layer) and what the
-    tensor is, so an out-of-memory can say which request failed; `at_capacity`: under a GPU's."""
-
-    def __init__(self, capacity: int | None = None, expandable: bool = False,
-                 address_space: int = EXPANDABLE_RANGE, workspaces: list[int] | None = None) -> None:
-        self.alloc = CachingAllocator(capacity=capacity, expandable=expandable, address_space=address_space)
-        self.at_capacity = capacity is not None
-        self.pending_workspaces = list(workspaces or [])
-        self.where, self.op = "load", "weights"
-        self.layer_order = "coarse"
-
-    def at(self, where: str | None = None, op: str | None = None) -> None:
-        if where is not None:
-            self.where = where
-        if op is not None:
-            self.op = op
-
-    def new(self, nbytes: int, name: str | None = None) -> int | None:
-        if nbytes <= 0:
-            return None
-        return self.alloc.malloc(nbytes, f"{self.where}, {name or self.op}")
-
-    def drop(self, *handles: int | None) -> None:
-        for handle in handles:
-            if handle is not None:
-                self.alloc.free(handle)
-
-    def temp(self, nbytes: int) -> None:
-        self.drop(self.new(nbytes))
-
-    def matmul(self) -> None:
-        """Called once a matmul's output exists: the run's first takes cuBLAS's workspaces
-        (kept to the end of the process)."""
-        while self.pending_workspaces:
-            self.new(self.pending_workspaces.pop(0), "cuBLAS workspace")
-
-
-def _load(tr: _Tracer, arch: Architecture, weight_allocations: list[int]) -> None:
+def _load(tr: Tracer, arch: Architecture, weight_allocations: list[int]) -> None:
     for nbytes in weight_allocations:
         tr.new(nbytes)
 
 
-def _norm(tr: _Tracer, hidden_bytes: int, s: int, rms: bool) -> int:
+def _norm(tr: Tracer, hidden_bytes: int, s: int, rms: bool) -> int:
     """RMSNorm upcasts to fp32 (x.float(), x.pow(2), x * rsqrt(...)), then casts back;
     LayerNorm is one fused kernel."""
     if not rms:
@@ -135,7 +99,7 @@ def _norm(tr: _Tracer, hidden_bytes: int, s: int, rms: bool) -> int:
     return out
 
 
-def _rope(tr: _Tracer, nbytes: int, rotary_fraction: float) -> int:
+def _rope(tr: Tracer, nbytes: int, rotary_fraction: float) -> int:
     """q * cos + rotate_half(q) * sin: a product, a half negated, the cat (then the negated half
     goes: the traced order, falcon's trace too), a product, a sum."""
     rotated = int(nbytes * rotary_fraction)
@@ -154,8 +118,9 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
              workspaces: list[int], capacity: Capacity | None = None, expandable: bool = False) -> SimulatedRun:
     """Replay the run; with a `capacity`, the allocator releases its cache and retries as torch
     does, and a request it still cannot serve ends the replay (completed False, and where)."""
-    tr = _Tracer(capacity.bytes if capacity else None, expandable,
-                 capacity.address_space if capacity else EXPANDABLE_RANGE, workspaces)
+    tr = Tracer(capacity.bytes if capacity else None, expandable,
+                 capacity.address_space if capacity else EXPANDABLE_RANGE, workspaces,
+                 capacity.per_decode_step if capacity else 0)
     try:
         return _replay(tr, arch, layout, spec, weight_allocations)
     except OutOfMemory as oom:
@@ -167,7 +132,7 @@ def simulate(arch: Architecture, layout: FamilyLayout, spec: RunSpec, weight_all
                             alloc_retries=tr.alloc.num_alloc_retries, layer_order=tr.layer_order)
 
 
-def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
+def _replay(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
             weight_allocations: list[int]) -> SimulatedRun:
     _load(tr, arch, weight_allocations)
     tr.at("inputs", "input_ids")
@@ -192,10 +157,10 @@ def _replay(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec
         _pass(tr, arch, layout, spec, generate)
     return SimulatedRun(peak_allocated=tr.alloc.peak_allocated, peak_reserved=tr.alloc.peak_reserved,
                         reserved_before_run=reserved_before, alloc_retries=tr.alloc.num_alloc_retries,
-                        layer_order=tr.layer_order)
+                        least_spare_bytes=tr.alloc.least_spare, layer_order=tr.layer_order)
 
 
-def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, generate: bool) -> list[int | None]:
+def _pass(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, generate: bool) -> list[int | None]:
     """One forward over spec.prompt_len tokens (filling the cache and then decoding when
     `generate`); returns what it leaves allocated that generate() lets go before its next pass."""
     b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
@@ -421,7 +386,7 @@ def _pass(tr: _Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, 
     return leftovers
 
 
-def _attention(tr: _Tracer, arch: Architecture, layout: FamilyLayout, kernel: str, b: int, n: int,
+def _attention(tr: Tracer, arch: Architecture, layout: FamilyLayout, kernel: str, b: int, n: int,
                s: int, masked: bool, softmax_upcast: bool) -> tuple[int | None, int | None]:
     """The kernel's own allocations; returns (output, weights kept by the layer)."""
     heads, d = arch.num_heads, arch.head_dim
@@ -454,7 +419,7 @@ def _attention(tr: _Tracer, arch: Architecture, layout: FamilyLayout, kernel: st
     return out, weights
 
 
-def _score_chain(tr: _Tracer, nbytes: int) -> int:
+def _score_chain(tr: Tracer, nbytes: int) -> int:
     """q @ k^T, then one new tensor replacing it. The code reads `* scale` then `+ mask`, but
     a single replacement is what reproduces the measured reserve of the llama-shaped eager
     rows (llama-3.2-1b, mistral-7b at b8 n960 and b1 n2048: within 30 MiB of 0.6-1.5 GiB)."""
@@ -464,7 +429,7 @@ def _score_chain(tr: _Tracer, nbytes: int) -> int:
     return following
 
 
-def _mlp(tr: _Tracer, copies: int, inter: int, fused_gate_up: bool, gated: bool) -> list[int | None]:
+def _mlp(tr: Tracer, copies: int, inter: int, fused_gate_up: bool, gated: bool) -> list[int | None]:
     """Intermediates in the order the family's MLP makes them; returns those still alive
     when the down projection runs (freed after it)."""
     if copies >= 4 and not gated and not fused_gate_up:

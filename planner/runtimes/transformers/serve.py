@@ -28,7 +28,10 @@ def _stage_estimate(arch: Architecture, model: str, workload: Workload, choice: 
     capacity only when the unconstrained run reserves more than that capacity: below it the
     allocator never reaches the limit, so the run is the same one and fits."""
     est = _cached_stage_estimate(arch, model, workload, choice, gpu.outside_torch_key, tp, pp, stage, replicate_kv)
-    limit = capacity(gpu, calibration(), est.precision in ("int8", "nf4", "fp4")).bytes
+    # a bound for this shortcut only (the verdict below knows the run's kernel): the capacity at the
+    # last decode step if its attention grows what is outside torch as cuDNN's does
+    limit = capacity(gpu, calibration(), est.precision in ("int8", "nf4", "fp4"),
+                     "cudnn" if gpu.prefers_cudnn_attention else None).after(est.workload.decode_forwards)
     reserved = est.peak_allocated_bytes + next((t.bytes for t in est.breakdown if t.name == "allocator reserve"), 0)
     if reserved <= limit:
         return est

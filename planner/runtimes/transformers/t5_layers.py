@@ -242,6 +242,8 @@ def generate(tr: Tracer, arch: Architecture, spec: RunSpec) -> None:
     copy = next_tokens = inputs = None
     # the first decoder forward runs with no self-attention cache and fills the cross-attention one
     for step in range(1, replayed_steps(tr.at_capacity, spec.new_tokens - 1, arch.num_layers) + 2):
+        if step > 1:  # a cached decoder forward
+            tr.decode_step()
         sliced = tr.new(b * 8, "prepare_inputs_for_generation")
         tr.drop(inputs)
         inputs = sliced
