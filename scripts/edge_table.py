@@ -21,6 +21,7 @@ from vramplan.validate.edgecheck import (
     estimate,
     fills_the_gpu,
     measured_peak_device,
+    merged_searches,
     predicted_boundary,
 )
 
@@ -35,7 +36,7 @@ def _shape(case: dict) -> str:
 
 def table() -> str:
     rows = list(read_rows(measurement_files()))
-    searches = [r for r in rows if r.get("kind") == "edge-search"]
+    searches = merged_searches(rows)
     trials = [r for r in rows if r.get("kind") == "edge" and r.get("status") in ("ok", "oom")]
     lines = ["| shape (H200; 16 new tokens unless fixed) | varied | fixed | allocator | measured runs / OOM "
              "| vramplan --max |",

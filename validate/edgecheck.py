@@ -4,6 +4,8 @@ tests/test_edge.py holds them and scripts/edge_table.py writes README's table fr
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from typing import Any
 
 from vramplan.catalog import Gpu, gpu_catalog
@@ -50,6 +52,26 @@ def predicted_boundary(search: dict[str, Any]) -> LargestFit:
     case = search["case"]
     return largest_fit_detail(architecture(case), case["model"], workload(case),
                               PrecisionChoice(name=case["precision"]), gpu(), FIELD[search["what"]])
+
+
+def merged_searches(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The edge searches, one per case and axis: a later search of the same case (a follow-up
+    that tried values nearer the boundary, fresh processes each) narrows the earlier bracket to
+    its largest run and smallest out-of-memory."""
+    merged: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("kind") != "edge-search":
+            continue
+        key = json.dumps([row["case"], row["what"]], sort_keys=True)
+        seen = merged.get(key)
+        if seen is None:
+            merged[key] = dict(row)
+            continue
+        oks = [v for v in (seen["largest_ok"], row["largest_ok"]) if v is not None]
+        ooms = [v for v in (seen["smallest_oom"], row["smallest_oom"]) if v is not None]
+        seen.update(largest_ok=max(oks) if oks else None, smallest_oom=min(ooms) if ooms else None,
+                    trial_count=seen.get("trial_count", 0) + row.get("trial_count", 0))
+    return list(merged.values())
 
 
 def boundary_holds(search: dict[str, Any], predicted: int) -> bool:

@@ -362,7 +362,10 @@ def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
     copy = max([kv_cache.decode_update_transient(arch, b, length, spec.kv, k) for k, length in held.items()]
                + [recurrent.decode_transient(arch, b, spec.activation_bytes)])
     vocab = arch.vocab_size if arch.computes_logits else 0
-    logits = block_bytes(b * vocab * spec.activation_bytes) + block_bytes(b * vocab * 4)
+    # generate()'s bookkeeping after the last forward: its logits, the previous step's fp32 copy and
+    # the new one (the H200's Qwen2.5-0.5B at batch 14727, 384 new tokens: 108.19 GiB, those 20.9 GiB on
+    # the full cache)
+    logits = block_bytes(b * vocab * spec.activation_bytes) + 2 * block_bytes(b * vocab * 4)
     gathered = experts.decode_transient(arch, b, spec.activation_bytes)
     if gathered > max(copy, logits):
         all_experts = arch.moe is not None and arch.moe.all_experts
@@ -372,7 +375,8 @@ def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
                 "batched_mm copies the selected experts' gate_up and down weights for every routed token")
     else:
         step = ("cache update", max(copy, logits), "a layer's cache update during the step: torch.cat copies "
-                "its keys, a quantized cache dequantizes them (or the step's logits, whichever is larger)")
+                "its keys, a quantized cache dequantizes them (or the step's logits beside the previous and the "
+                "new fp32 copy, whichever is larger)")
     return Point(phase=f"decode step {t - 1 if restarted else decoded}", kind="decode", terms=_terms(
         ("KV cache", cache, f"keys and values after {decoded} decode steps" + (
             f"; from step {spec.cache_restart_step} generate() drops it for a fresh one-token cache every "
