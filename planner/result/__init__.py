@@ -33,7 +33,8 @@ class Verdict(Frozen):
     fits: bool  # the run's requests, replayed through the caching allocator at capacity, all succeed
     headroom_bytes: int  # capacity less the reserved peak; when it does not fit, minus the failed request's shortfall
     allocator: AllocatorMode = "default"
-    capacity_bytes: int | None = None  # what torch can reserve: memory_bytes less what is outside torch
+    # what torch can reserve at the run's last decode step: memory_bytes less what is outside torch by then
+    capacity_bytes: int | None = None
     fails_at: str | None = None  # the request that ran out of memory: phase, layer, tensor, size
     reserved_unusable_bytes: int | None = None  # reserved but unallocated when it failed
     fits_with_expandable_segments: bool | None = None  # under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True

@@ -76,7 +76,7 @@ class Capacity(Frozen):
     bytes: int  # when the run starts
     why: str
     address_space: int  # the virtual range of an expandable segment on this GPU
-    # what each cached decode step loads outside torch (sdpa's kernels: h200-outside-growth.jsonl),
+    # what each cached decode step adds outside torch (cuDNN attention's graphs: h200-outside-growth.jsonl),
     # so much less the allocator can have from the next step on
     per_decode_step: int = 0
 
