@@ -44,6 +44,7 @@ import yaml
 from vramplan.catalog import calibration, runtime_profile
 from vramplan.runtimes.transformers.decode_replay import MIN_REPLAYED_DECODE_STEPS
 from vramplan.validate.compare import gpu_key, measurement_files, read_rows
+from vramplan.validate.edgecheck import decode_kernel
 
 OUT = Path(__file__).resolve().parent.parent / "profiles" / "calibration.yaml"
 BNB = {"int8", "nf4", "fp4"}
@@ -116,27 +117,26 @@ SDPA_BACKENDS = {"CUDNN_ATTENTION": "cudnn", "FLASH_ATTENTION": "flash", "EFFICI
                  "MATH": "math"}
 
 
-def _row_kernel(case: dict) -> str | None:
-    """The attention kernel an outside-growth row's decode steps ran on the H200."""
-    backends = case.get("sdpa_backends")
+def _row_kernel(row: dict) -> str | None:
+    """The attention kernel a row's decode steps ran: the one it restricted SDPA to, else the
+    planner's choice for its GPU (None for a row that allowed several)."""
+    backends = row["case"].get("sdpa_backends")
     if backends:
         return SDPA_BACKENDS[backends[0]] if len(backends) == 1 else None
-    if case["attn"] != "sdpa":
-        return case["attn"]
-    return "math" if case["precision"] == "fp32" else "cudnn"
+    return decode_kernel(row)
 
 
 def _decode_growth(rows) -> dict:
     """Per attention kernel: the median growth outside torch per decode step."""
     rates: dict[str, list[int]] = defaultdict(list)
     for row in rows:
-        if row.get("kind") != "outside-growth" or row.get("status") != "ok" or _row_kernel(row["case"]) is None:
+        if row.get("kind") != "outside-growth" or row.get("status") != "ok" or _row_kernel(row) is None:
             continue
         after_prompt = row["steps"][0]  # the sample after the prompt's forward
         steps = row["case"]["new_tokens"] - 1 - after_prompt["step"]
         if steps < MIN_GROWTH_DECODE_STEPS:
             continue
-        rates[_row_kernel(row["case"])].append((row["at_end"]["nvml"] - after_prompt["nvml"]) // steps)
+        rates[_row_kernel(row)].append((row["at_end"]["nvml"] - after_prompt["nvml"]) // steps)
     return {kernel: {"bytes": int(statistics.median(values)), "samples": len(values), "low": min(values),
                      "high": max(values)} for kernel, values in sorted(rates.items())}
 
@@ -161,7 +161,7 @@ def _edge_outside(rows, already: dict, per_step: dict) -> dict:
         steps = row["case"].get("new_tokens", 16) - 1
         grown = 0
         if row["status"] == "ok" or steps > MIN_REPLAYED_DECODE_STEPS:
-            grown = per_step.get(_row_kernel(row["case"]), {}).get("bytes", 0) * steps
+            grown = per_step.get(_row_kernel(row), {}).get("bytes", 0) * steps
         unavailable[key].append(at_init + outside - grown - row["device_at_init_bytes"] + DRIVER_SLACK_BYTES)
 
     def summary(values: list[int]) -> dict:

@@ -16,6 +16,7 @@ from vramplan.runtimes.allocator import capacity
 from vramplan.runtimes.transformers import attention
 from vramplan.runtimes.transformers.estimate import _family_layout, estimate_architecture
 from vramplan.source import resolve
+from vramplan.validate.edgecheck import decode_kernel
 
 MIB = 2**20
 ROWS = [json.loads(line) for line in
@@ -27,21 +28,13 @@ def _arch(model: str, layers: int | None = None):
     return architecture_from_config(shrink_config(resolve(model).config, layers))
 
 
-def _kernel(row: dict) -> str:
-    case = row["case"]
-    arch = _arch(case["model"], case.get("layers"))
-    layout = _family_layout(arch, runtime_profile())
-    return attention.decode_kernel(arch, layout, case["attn"], 4 if case["precision"] == "fp32" else 2,
-                                   gpu_catalog().find("H200"))
-
-
 @pytest.mark.parametrize("row", [r for r in ROWS if r["status"] == "ok" and not r["case"].get("sdpa_backends")],
                          ids=lambda r: f"{r['case']['model']}-{r['case']['precision']}-{r['case']['attn']}-"
                                        f"t{r['case']['new_tokens']}-b{r['case']['batch']}")
 def test_decode_growth_follows_each_measured_generation(row):
     """The planner's kernel for the row's run and its per-step rate give the growth the H200 showed
     from the prompt's forward to the end, within its 2 MiB steps."""
-    per_step = calibration().decode_outside_torch_per_step[_kernel(row)].bytes
+    per_step = calibration().decode_outside_torch_per_step[decode_kernel(row)].bytes
     after_prompt = row["steps"][0]
     steps = row["case"]["new_tokens"] - 1 - after_prompt["step"]
     measured = row["at_end"]["nvml"] - after_prompt["nvml"]

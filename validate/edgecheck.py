@@ -8,15 +8,17 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from vramplan.catalog import Gpu, gpu_catalog
+from vramplan.catalog import DTYPE_BYTES, Gpu, gpu_catalog, runtime_profile
 from vramplan.config import shrink_config
 from vramplan.model import architecture_from_config
 from vramplan.model.spec import Architecture
 from vramplan.request import PrecisionChoice, Workload
 from vramplan.result import Estimate
-from vramplan.runtimes.transformers.estimate import estimate_architecture
+from vramplan.runtimes.transformers import attention
+from vramplan.runtimes.transformers.estimate import _family_layout, estimate_architecture
 from vramplan.runtimes.transformers.fit import LargestFit, largest_fit_detail
 from vramplan.source import resolve
+from vramplan.weights import resolve_precision
 
 from .findmax import FIELD
 
@@ -46,6 +48,16 @@ def workload(case: dict[str, Any]) -> Workload:
 def gpu(row: dict[str, Any] | None = None) -> Gpu:
     name = (row or {}).get("env", {}).get("gpu", "H200").replace("NVIDIA ", "")
     return gpu_catalog().find(name)
+
+
+def decode_kernel(row: dict[str, Any]) -> str:
+    """The attention kernel a measured row's decode steps ran, as the planner picks it for that row's
+    GPU (attention.decode_kernel): the key of calibration.yaml's decode_outside_torch_per_step."""
+    case = row["case"]
+    arch = architecture(case)
+    _, compute, _ = resolve_precision(arch, PrecisionChoice(name=case["precision"]))
+    return attention.decode_kernel(arch, _family_layout(arch, runtime_profile()), case["attn"], DTYPE_BYTES[compute],
+                                   gpu(row))
 
 
 def predicted_boundary(search: dict[str, Any]) -> LargestFit:

@@ -40,8 +40,8 @@ class Tracer:
         self.drop(self.new(nbytes))
 
     def decode_step(self) -> None:
-        """A cached decode forward starts: what the previous one loaded outside torch (SDPA's, per
-        step) is no longer the allocator's to reserve."""
+        """A cached decode forward starts: what the previous one added outside torch (cuDNN
+        attention's graph for its key length) is no longer the allocator's to reserve."""
         self.alloc.shrink_capacity(self.per_decode_step)
 
     def matmul(self) -> None:
