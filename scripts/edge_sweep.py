@@ -7,7 +7,8 @@ not Python imports); PYTORCH_CUDA_ALLOC_CONF is set in the child before CUDA ini
 Rows go to OUT as they come (a killed call keeps what it wrote): one line per trial and one
 summary line per search. A matrix's `traces:` (cases with a fixed batch) run first, each with
 the allocator's history recorded and appended to TRACES (validate.edge.compact_trace): the
-request order the replay is held to.
+request order the replay is held to. Its `trials:` (fixed cases too) run next, untraced: one
+fresh process each, the replay's verdict at a chosen value held to the GPU's.
 
     scripts/device-run.sh python3 scripts/edge_sweep.py MATRIX.yaml OUT.jsonl SECONDS [TRACES.jsonl.gz]
 """
@@ -107,6 +108,12 @@ def main(matrix_path: str, out_path: str, seconds: float, traces_path: str | Non
         row = forked_trial(config, case, _workdir(config, case), traces_path)
         row["traced"] = True
         _log(out_path, row)
+    for case in matrix.get("trials", []):  # fixed cases, untraced: the replay's verdicts at chosen values
+        if time.time() > deadline:
+            break
+        case = {"new_tokens": 16, **case}
+        config = resolve(case["model"]).config
+        _log(out_path, forked_trial(config, case, _workdir(config, case)))
     for search in matrix.get("searches", []):
         if time.time() > deadline:
             print("deadline reached", flush=True)

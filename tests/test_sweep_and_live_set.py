@@ -17,8 +17,8 @@ def test_committed_matrices_expand_and_resolve():
         if entry.name.endswith(".yaml"):
             matrix = yaml.safe_load(entry.read_text())
             kind = matrix_kind(entry.name)
-            if kind == "edge":  # searches, or traces only
-                cases = matrix.get("searches", []) + matrix.get("traces", [])
+            if kind == "edge":  # searches, traces or fixed trials
+                cases = matrix.get("searches", []) + matrix.get("traces", []) + matrix.get("trials", [])
             elif kind == "outside-growth":  # fixed cases, each one generation
                 cases = matrix["cases"]
             else:
