@@ -16,7 +16,9 @@ Writes profiles/calibration.yaml (never edit it by hand; run this script again):
   CUDA initialisation (total - free, which includes memory the driver does not attribute to the
   process), what the run loaded outside torch since (NVML's figure at the end less at init: the
   first matmul's and attention's kernels), and the driver's last DRIVER_SLACK_BYTES; less what
-  the run's decode steps added (below), so that it is the figure when a run starts.
+  the run's decode steps added (below), so that it is the figure when a run starts. Also per
+  attention kernel ("<GPU>-edge/<kernel>", with MIN_EDGE_KERNEL_ROWS rows or more): an eager run
+  does not load SDPA's kernels.
 * decode_outside_torch_per_step, per attention kernel: how much NVML's figure less torch's
   reserve grows per decode step of a generation (outside-growth rows: from the sample after the
   prompt's forward to the end, over the decode steps between; small batches of 100+ new
@@ -141,6 +143,9 @@ def _decode_growth(rows) -> dict:
                      "high": max(values)} for kernel, values in sorted(rates.items())}
 
 
+MIN_EDGE_KERNEL_ROWS = 10  # edge rows of one attention kernel before it has its own edge figure
+
+
 def _edge_outside(rows, already: dict, per_step: dict) -> dict:
     """Per GPU with edge trials: its NVML outside-torch figure (when no inference rows gave one)
     and what is unavailable to the allocator when a run starts (the `-edge` entry): the rows'
@@ -148,6 +153,7 @@ def _edge_outside(rows, already: dict, per_step: dict) -> dict:
     tokens ran out in the prompt's forward, mostly; the longer ones near their end)."""
     nvml: dict[str, list[int]] = defaultdict(list)
     unavailable: dict[str, list[int]] = defaultdict(list)
+    by_kernel: dict[tuple[str, str | None], list[int]] = defaultdict(list)
     for row in rows:
         if row.get("kind") != "edge" or row.get("status") not in ("ok", "oom") or not row.get("device_bytes"):
             continue
@@ -162,7 +168,9 @@ def _edge_outside(rows, already: dict, per_step: dict) -> dict:
         grown = 0
         if row["status"] == "ok" or steps > MIN_REPLAYED_DECODE_STEPS:
             grown = per_step.get(_row_kernel(row), {}).get("bytes", 0) * steps
-        unavailable[key].append(at_init + outside - grown - row["device_at_init_bytes"] + DRIVER_SLACK_BYTES)
+        figure = at_init + outside - grown - row["device_at_init_bytes"] + DRIVER_SLACK_BYTES
+        unavailable[key].append(figure)
+        by_kernel[key, _row_kernel(row)].append(figure)
 
     def summary(values: list[int]) -> dict:
         return {"bytes": int(statistics.median(values)), "samples": len(values), "low": min(values),
@@ -170,6 +178,10 @@ def _edge_outside(rows, already: dict, per_step: dict) -> dict:
 
     out = {key: summary(values) for key, values in sorted(nvml.items()) if key not in already}
     out.update({f"{key}-edge": summary(values) for key, values in sorted(unavailable.items())})
+    # the kernels a run loads outside torch depend on its attention: eager runs leave SDPA's fused
+    # kernels unloaded (8 MiB less on the H200); a kernel with too few rows keeps the GPU's figure
+    out.update({f"{key}-edge/{kernel}": summary(values) for (key, kernel), values in sorted(by_kernel.items())
+                if kernel is not None and len(values) >= MIN_EDGE_KERNEL_ROWS})
     return out
 
 

@@ -21,10 +21,18 @@ def _trace_id(trace: dict) -> str:
     return f"{_case_id(trace['case'])}-b{trace['case']['batch']}-{trace['status']}"
 
 
-def _limits() -> dict[str, int]:
-    from vramplan.runtimes.allocator import capacity
+def _run_capacity(case: dict):
+    """The capacity the verdict replays this case's run under (its attention kernel's edge figure)."""
+    from vramplan.catalog import runtime_profile
+    from vramplan.request import PrecisionChoice
+    from vramplan.runtimes.transformers.fit import _Run
 
-    limit = capacity(_h200())
+    run = _Run(_architecture(case), _workload(case), PrecisionChoice(name=case["precision"]), runtime_profile())
+    return run.capacity(_h200(), None)
+
+
+def _limits(trace: dict) -> dict[str, int]:
+    limit = _run_capacity(trace["case"])
     return {"capacity": limit.bytes, "address_space": limit.address_space}
 
 
@@ -79,7 +87,7 @@ def test_allocator_model_reproduces_the_gpu_segments(trace):
     """Fed the GPU's requests under the H200's capacity, the model reserves what the GPU reserved
     after every request, completes the runs that completed, and runs out of memory at the request
     the GPU ran out at, needing the segment the GPU tried to allocate."""
-    result = replay(trace, **_limits())
+    result = replay(trace, **_limits(trace))
     assert result.reserved_agrees, f"reserved differs from event {result.first_disagreement}"
     if trace["status"] == "ok":
         assert result.completed and not result.gpu_out_of_memory
@@ -125,8 +133,14 @@ NOT_REPLAYED_TRACES = ("tests/configs/falcon-h1-tiny-90m.json-bf16-sdpa-n4096-de
                        "tests/configs/granite-4.0-h-small.json-l6-bf16-sdpa-n1024-default-b7-ok",
                        "tests/configs/granite-4.0-h-small.json-l6-bf16-sdpa-n1024-default-b8-oom",
                        "tests/configs/jamba-v0.1.json-l8-bf16-sdpa-n2048-default-b33-ok")
+QWEN25_LONG_TRACE = "qwen2.5-0.5b-bf16-sdpa-n128-t384-default-b14095-ok"
+DECODE_TEMPORARIES = ("a decode layer's temporaries are left out of the replay (decode_replay.decode: only what a "
+                      "layer holds across its cache update): at batch 14095 they are 130 MiB MLP rows and 24-48 "
+                      "MiB projections and norms, which the GPU carves from the blocks the cache cats free; the "
+                      "replay's fp32 logits copy of decode step 363 then finds no cached block (edge-h200-38)")
 KNOWN_SEQUENCE_GAPS: dict[str, str] = {
     **{trace: NOT_REPLAYED for trace in NOT_REPLAYED_TRACES if trace.endswith("-ok")},
+    QWEN25_LONG_TRACE: DECODE_TEMPORARIES,
     "phi-2-nf4-sdpa-n960-default-b8-ok": "bitsandbytes 0.50 runs fc1 of each decode step (8 rows, 10240 outputs) "
     "through its own gemm_4bit kernel on the H200 (_gemm_4bit_use_custom_cuda, a per-GPU choice); the replay "
     "dequantizes every 4-bit projection, 50 MiB more per layer and step (+1.9% reserved)",
@@ -146,13 +160,12 @@ def test_planner_sequence_reserves_what_the_gpu_requests_reserve(trace):
     where small differences in the request sequence decide which segments pile up."""
     from vramplan.catalog import runtime_profile
     from vramplan.request import PrecisionChoice
-    from vramplan.runtimes.allocator import capacity
     from vramplan.runtimes.transformers.fit import _Run
 
     case = trace["case"]
-    gpu = replay(trace, **_limits())
+    gpu = replay(trace, **_limits(trace))
     run = _Run(_architecture(case), _workload(case), PrecisionChoice(name=case["precision"]), runtime_profile())
-    planned = run.replay(_workload(case), capacity(_h200()), case["allocator"])
+    planned = run.replay(_workload(case), _run_capacity(case), case["allocator"])
     assert planned.completed
     assert abs(planned.peak_allocated / gpu.peak_allocated - 1) <= 0.0005
     error = planned.peak_reserved / gpu.peak_reserved - 1
@@ -186,11 +199,11 @@ def test_expandable_best_fit_walks_on_by_expandable_size():
 
     gemma = next(t for t in TRACES if t["case"]["model"] == "gemma-2-2b-it" and t["case"]["allocator"] == "expandable"
                  and t["status"] == "ok")
-    assert replay(gemma, **_limits()).reserved_agrees
+    assert replay(gemma, **_limits(gemma)).reserved_agrees
     original = traces.CachingAllocator
     traces.CachingAllocator = OneStep
     try:
-        assert not replay(gemma, **_limits()).reserved_agrees
+        assert not replay(gemma, **_limits(gemma)).reserved_agrees
     finally:
         traces.CachingAllocator = original
 
@@ -237,6 +250,7 @@ def test_compact_trace_keeps_requests_blocks_and_relative_addresses():
 
 LARGE_REQUEST = 64 << 20
 KNOWN_ORDER_GAPS: dict[str, str] = {trace: NOT_REPLAYED for trace in NOT_REPLAYED_TRACES}
+KNOWN_ORDER_GAPS[QWEN25_LONG_TRACE] = DECODE_TEMPORARIES
 
 
 def _grouped(requests: list[tuple[str, int]]) -> list[tuple[str, object]]:

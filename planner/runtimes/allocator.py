@@ -110,10 +110,13 @@ def capacity(gpu: Gpu, fitted: Calibration | None = None, bitsandbytes: bool = F
     fitted = fitted or calibration()
     extra = fitted.bitsandbytes_outside_torch_bytes if bitsandbytes else 0
     per_step, step_why = decode_growth(fitted, decode_kernel)
-    edge = fitted.outside_torch.get(gpu.outside_torch_key + EDGE_SUFFIX)
+    edge_key = gpu.outside_torch_key + EDGE_SUFFIX
+    by_kernel = fitted.outside_torch.get(f"{edge_key}/{decode_kernel}")  # an eager run loads no SDPA kernels
+    edge = by_kernel or fitted.outside_torch.get(edge_key)
     if edge is not None:
+        rows = f"{gpu.outside_torch_key} edge rows" + (f" with {decode_kernel} attention" if by_kernel else "")
         why = (f"{gpu.memory_bytes / 2**20:,.0f} MiB less {edge.bytes / 2**20:,.1f} MiB outside torch at the edge "
-               f"(median of {edge.samples} {gpu.outside_torch_key} edge rows){step_why}")
+               f"(median of {edge.samples} {rows}){step_why}")
         return Capacity(bytes=gpu.memory_bytes - edge.bytes - extra, why=why,
                         address_space=expandable_range(gpu.memory_bytes), per_decode_step=per_step)
     # no edge rows for this GPU: its outside-torch figure plus what the measured GPU's edge rows
