@@ -421,5 +421,6 @@ def estimate_maximum(model: str, workload: Workload, what: str, gpu: str, precis
                               model_positions(arch, source.config), arch)
     return EstimateMaximum(model=source.name, gpu=kind.name, what=what, allocator=workload.allocator,  # type: ignore[arg-type]
                            largest=fit.value, capacity_bytes=fit.capacity_bytes, capacity_why=fit.capacity_why,
-                           fails_from=fit.fails_from, fails_at=fit.fails_at, largest_other_allocator=alt.value,
+                           fails_from=fit.fails_from, fails_at=fit.fails_at, also_runs=fit.also_runs,
+                           largest_other_allocator=alt.value,
                            limit=fit.limit, notes=[beyond + "."] if beyond else [])

@@ -207,6 +207,10 @@ def fit_text(fit: EstimateMaximum) -> str:
     lines = [head + f", {fit.allocator} allocator, capacity {fmt(fit.capacity_bytes)} {unit} ({fit.capacity_why})."]
     if fit.fails_from is not None and fit.fails_at:
         lines.append(f"At {fit.fails_from} the caching allocator runs out of memory at {fit.fails_at}.")
+    if fit.also_runs is not None:
+        lines.append(f"Some larger values run again (e.g. {fit.also_runs}): near capacity the allocator's 2 MiB "
+                     f"rounding makes the edge uneven, so {fit.largest} is the last value below the first that "
+                     "fails, not the largest that can run.")
     other = "expandable_segments:True" if fit.allocator == "default" else "the default allocator"
     if fit.largest_other_allocator is not None and fit.largest_other_allocator != fit.largest:
         advice = (" Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts to run the larger one."

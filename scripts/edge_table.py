@@ -50,14 +50,16 @@ def table() -> str:
         fixed = f"prompt {case['prompt_len']}" if search["what"] == "batch" else f"batch {case.get('batch', 1)}"
         if case.get("new_tokens", 16) != 16:
             fixed += f", {case['new_tokens']} new tokens"
+        above = f" (runs again: {', '.join(map(str, search['runs_above']))})" if search["runs_above"] else ""
         lines.append(f"| {_shape(case)} | {search['what']} | {fixed} | {case['allocator']} | "
-                     f"{search['largest_ok']} / {search['smallest_oom']} | "
+                     f"{search['largest_ok']} / {search['smallest_oom']}{above} | "
                      f"{predicted}{'' if holds else ' (miss)'} |")
     verdicts = sum(estimate(r).verdict.fits == (r["status"] == "ok") for r in trials)
     full = [r for r in trials if fills_the_gpu(r)]
     errors = [abs(estimate(r).peak_device_bytes / measured_peak_device(r) - 1) for r in full]
     summary = (f"{equal} of {len(searches)} searches: the predicted largest fit runs and one step more does "
-               f"not, as measured. {verdicts} of {len(trials)} trials: the verdict is the GPU's (ok or "
+               f"not, as measured (the GPU's edge: the last value that ran below the first that ran out of "
+               f"memory; values that ran above it are listed). {verdicts} of {len(trials)} trials: the verdict is the GPU's (ok or "
                f"out of memory). {len(full)} trials that filled at least half the GPU: peak device bytes "
                f"median |error| {statistics.median(errors):.2%}, worst {max(errors):.2%} (NVML's per-process "
                f"figure).")

@@ -153,13 +153,6 @@ QWEN3_NEXT_L8 = ("the allocator's placement after its retries: Qwen3-Next with 8
 QWEN3_NEXT_L8_RUN = "qwen3-next-80b-a3b-instruct-l8-bf16-sdpa-n1024-default"
 KNOWN_SEARCH_GAPS: dict[str, str] = {
     QWEN3_NEXT_L8_RUN: QWEN3_NEXT_L8,
-    "qwen3-next-80b-a3b-instruct-l6-bf16-sdpa-n1536-default":
-        "the replay is not monotone here (blind edge-h200-28): it fails at batch 262 (a 6.1 GiB request in "
-        "layer 4 finds no block after one retry) and completes from 263 to 266, then fails from 267; the "
-        "search keeps the first edge, 261, where the GPU ran 266 and not 271 (266 is the replay's last "
-        "completing value too). Looking past the first failure found the GPU's edge here but moved three "
-        "committed boundaries above the GPU's (Qwen3-Next at 3000 tokens, Llama-3.2-1B and -3B prompt "
-        "lengths): a conservative answer, listed",
 }
 LONG_GENERATION = ("a long generation's fragmentation (blind edge-h200-31/-32): every decode step's cache cat "
                    "needs a block a little larger than the one it frees, so the allocator retries hundreds of "
@@ -169,22 +162,17 @@ LONG_GENERATION = ("a long generation's fragmentation (blind edge-h200-31/-32): 
                    "more are the GPU's in order, less the layers' temporaries that no cache update outlives; "
                    "yet the replay completes 1057 and 1078 (725 retries): the GPU keeps a few MiB more in "
                    "segments of 20 MiB for those temporaries and the masks' checks, and the retries fall one "
-                   "cache cat earlier from step 48 on. Said 1083: up to 5% optimistic, as the verdict says")
+                   "cache cat earlier from step 48 on. Said 1070: up to 5% optimistic, as the verdict says")
 QWEN3_06B_LONG_RUN = "qwen3-0.6b-bf16-sdpa-n512-t512-default"
 SMOLLM2_LONG_RUN = "smollm2-1.7b-bf16-sdpa-n256-t256-default"
 KNOWN_SEARCH_GAPS[QWEN3_06B_LONG_RUN] = LONG_GENERATION
-KNOWN_SEARCH_GAPS["llama-3.2-3b-instruct-bf16-sdpa-n40255-default"] = (
-    "the replay is not monotone past the GPU's edge (39424 runs, 40256 does not; the replay fails from 40256 "
-    "to 42500 in layer 26's MLP and completes again at 41343 and 43263), so where the bisection lands depends "
-    "on its first guess: counting generate()'s previous fp32 logits copy beside the new one in the point "
-    "model (Qwen2.5-0.5B's 108.19 GiB, edge-h200-34) moved that guess by 4 tokens and the answer to 43263. "
-    "Keeping the first edge from below (replaying values under the answer found) fixed this one and moved "
-    "Qwen3-Next fp32's below the GPU's; not kept")
-QWEN25_LARGE_VOCAB = ("one batch conservative (blind edge-h200-34/-35, Qwen2.5-0.5B 128+384 at batch 14727: the "
-                      "8.34 GiB fp32 logits copies of a 151,936-token vocabulary): said 14727, which ran, as did "
-                      "14728, and 15021 did not; the replay's retry at 14727 and its reserve (138.91 GiB) are the "
-                      "GPU's (138.90), but at 14728 it needs a second retry in decode step 362 where the GPU "
-                      "needed none")
+QWEN25_LARGE_VOCAB = ("the decode steps' layer temporaries (blind edge-h200-34/-35/-37, Qwen2.5-0.5B 128+384: 8.34 GiB "
+                      "fp32 logits copies of a 151,936-token vocabulary): the replay leaves out what a decode layer "
+                      "allocates and frees between two cache updates, 130 MiB MLP rows and 24-48 MiB projections "
+                      "at batch 14095 (the edge-h200-38 trace), and from batch 14095 its logits copy in decode "
+                      "step 363 finds no cached block, where the GPU ran 14095, 14105, 14727 and 14728 without "
+                      "that retry (fed the GPU's own requests, the allocator model reserves what the GPU did to "
+                      "the byte). Said 14094: conservative")
 QWEN25_LARGE_VOCAB_RUN = "qwen2.5-0.5b-bf16-sdpa-n128-t384-default"
 KNOWN_SEARCH_GAPS[QWEN25_LARGE_VOCAB_RUN] = QWEN25_LARGE_VOCAB
 KNOWN_TRIAL_GAPS: dict[str, str] = {
@@ -198,7 +186,7 @@ KNOWN_TRIAL_GAPS: dict[str, str] = {
     # shrinking per decode step the search says 1228, but the replay is not monotone there: it fails at 1229
     # and 1231 (the last steps' cache cats) and completes 1230 with 7 MB to spare after 713 retries (GPU 670)
     f"{QWEN3_06B_LONG_RUN.replace('-default', '-expandable')}-b1230": LONG_GENERATION,
-    f"{QWEN25_LARGE_VOCAB_RUN}-b14728": QWEN25_LARGE_VOCAB,
+    **{f"{QWEN25_LARGE_VOCAB_RUN}-b{batch}": QWEN25_LARGE_VOCAB for batch in (14095, 14105, 14728)},
 }
 # out-of-memory trials whose verdict holds but whose replay fails at another request than the GPU
 KNOWN_FAILURE_GAPS: dict[str, str] = {
@@ -211,7 +199,7 @@ KNOWN_FAILURE_GAPS[f"{SMOLLM2_LONG_RUN}-b1298"] = (
 KNOWN_DEVICE_GAPS: dict[str, str] = {
     # the verdict's replay runs out of memory where the GPU ran, so the estimate's reserve is that of a run
     # with room to spare (at 14727, where the replay completes, its device bytes are the GPU's)
-    f"{QWEN25_LARGE_VOCAB_RUN}-b14728": QWEN25_LARGE_VOCAB,
+    **{f"{QWEN25_LARGE_VOCAB_RUN}-b{batch}": QWEN25_LARGE_VOCAB for batch in (14095, 14105, 14728)},
 }
 KNOWN_SMALL_DEVICE_GAPS: dict[str, str] = {}
 
@@ -482,3 +470,70 @@ def test_a_long_generation_meets_the_allocator_at_every_decode_step():
     assert abs(fitting.peak_device_bytes / _h200().memory_bytes - 1) < 0.01
     longer = _estimate({"case": {**case, "batch": 100, "new_tokens": 4000}})
     assert any("replays the first 1170 of 3999 decode steps" in note for note in longer.notes)
+
+
+def test_largest_fit_is_the_last_value_below_the_first_failure():
+    """Near capacity the edge is not monotone (edge-h200-36/-37: Llama-3.2-3B runs 40085 tokens,
+    not 40086, and 43257 again): a bisection that starts above lands on an island. The answer is
+    the last value below the first failure, with the CLEAR_BELOW_AN_EDGE values under it run."""
+    from vramplan.runtimes.transformers.fit import CLEAR_BELOW_AN_EDGE, _bracket, _lowest_edge
+
+    islands = {102, 103, 104, 105, *range(111, 116)}  # runs again above the first failure, 101
+    tried: list[int] = []
+
+    def fits(value: int) -> bool:
+        tried.append(value)
+        return value <= 100 or value in islands
+
+    low, high = _bracket(fits, 113, 10_000)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    assert (low, high) == (115, 116)  # the bisection alone: an island
+    assert _lowest_edge(fits, low, high) == (100, 101)
+    assert CLEAR_BELOW_AN_EDGE > 16  # longer than the measured islands' runs (16 at most: the test below)
+
+
+def test_the_lowest_edge_is_found_from_any_edge_above_it():
+    """Llama-3.2-1B eager at batch 1: the replay (and the GPU, edge-h200-37) fails from 16869 tokens,
+    runs 16880-16895 and 17592, fails at 16896 and 17599. From every edge of the replay in that band
+    the search comes down to the first failure."""
+    from vramplan.catalog import calibration, runtime_profile
+    from vramplan.request import PrecisionChoice
+    from vramplan.runtimes.transformers.fit import _lowest_edge, _Run
+
+    search = next(s for s in SEARCHES if _case_id(s["case"]) == "llama-3.2-1b-bf16-eager-n16000-default")
+    case = search["case"]
+    run = _Run(_architecture(case), _workload(case), PrecisionChoice(name=case["precision"]), runtime_profile())
+    fitted = calibration()
+    cap = run.capacity(_h200(), fitted)
+    seen: dict[int, bool] = {}
+
+    def fits(value: int) -> bool:
+        if value not in seen:
+            seen[value] = run.runs(run.workload.model_copy(update={"prompt_len": value}), cap, "default",
+                                   fitted).completed
+        return seen[value]
+
+    edges = [v for v in range(16_860, 17_600) if fits(v) and not fits(v + 1)]
+    assert len(edges) > 20
+    assert {_lowest_edge(fits, v, v + 1) for v in edges} == {(16_868, 16_869)}
+
+
+def test_the_llama_prompt_length_edge_and_its_islands():
+    found = predicted_boundary(next(s for s in SEARCHES
+                                    if _case_id(s["case"]) == "llama-3.2-3b-instruct-bf16-sdpa-n40255-default"))
+    assert (found.value, found.fails_from) == (40085, 40086)  # the GPU: 40085 runs, 40086 does not
+    assert found.also_runs is not None and found.also_runs > found.fails_from
+    assert "prefill layer 26, mlp act * up" in found.fails_at
+
+
+def test_merged_searches_take_the_first_failure_of_every_trial():
+    case = {"model": "m", "precision": "bf16", "attn": "sdpa", "prompt_len": 1000, "new_tokens": 16,
+            "allocator": "default"}
+    rows = [{"kind": "edge-search", "case": case, "what": "batch", "largest_ok": 288, "smallest_oom": 293},
+            *({"kind": "edge", "case": {**case, "batch": b}, "status": status}
+              for b, status in ((244, "ok"), (245, "oom"), (246, "ok"), (252, "oom"), (250, "crashed")))]
+    (merged,) = merged_searches(rows)
+    assert (merged["largest_ok"], merged["smallest_oom"], merged["runs_above"]) == (244, 245, [246, 288])
+    assert boundary_holds(merged, 244) and not boundary_holds(merged, 288) and not boundary_holds(merged, 243)

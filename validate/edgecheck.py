@@ -66,28 +66,50 @@ def predicted_boundary(search: dict[str, Any]) -> LargestFit:
                               PrecisionChoice(name=case["precision"]), gpu(), FIELD[search["what"]])
 
 
+def _shape_key(case: dict[str, Any], what: str) -> str:
+    """A case without the value a search varies: the key that groups a search with its trials."""
+    return json.dumps([{k: v for k, v in case.items() if k != FIELD[what]}, what], sort_keys=True)
+
+
 def merged_searches(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The edge searches, one per case and axis: a later search of the same case (a follow-up
-    that tried values nearer the boundary, fresh processes each) narrows the earlier bracket to
-    its largest run and smallest out-of-memory."""
+    """The edge searches, one per case and axis, each with the GPU's edge as all of that case's
+    trials show it (the search's own, a later search's, fixed trials): `smallest_oom` the lowest
+    value that ran out of memory, `largest_ok` the highest that ran below it. Near capacity the
+    edge is not monotone (edge-h200-36: Llama-3.2-3B runs 40085 and 43257 tokens, not 40086), so
+    values that ran above the first out-of-memory are kept apart, in `runs_above`."""
+    rows = list(rows)
     merged: dict[str, dict[str, Any]] = {}
     for row in rows:
         if row.get("kind") != "edge-search":
             continue
-        key = json.dumps([row["case"], row["what"]], sort_keys=True)
+        key = _shape_key(row["case"], row["what"])
         seen = merged.get(key)
         if seen is None:
-            merged[key] = dict(row)
+            merged[key] = {**row, "oks": set(), "ooms": set()}
+            seen = merged[key]
+        else:
+            seen["trial_count"] = seen.get("trial_count", 0) + row.get("trial_count", 0)
+        seen["oks"].add(row["largest_ok"])
+        seen["ooms"].add(row["smallest_oom"])
+    for row in rows:
+        if row.get("kind") != "edge" or row.get("status") not in ("ok", "oom"):
             continue
-        oks = [v for v in (seen["largest_ok"], row["largest_ok"]) if v is not None]
-        ooms = [v for v in (seen["smallest_oom"], row["smallest_oom"]) if v is not None]
-        seen.update(largest_ok=max(oks) if oks else None, smallest_oom=min(ooms) if ooms else None,
-                    trial_count=seen.get("trial_count", 0) + row.get("trial_count", 0))
+        for what in FIELD:
+            search = merged.get(_shape_key(row["case"], what))
+            if search is not None:
+                search["oks" if row["status"] == "ok" else "ooms"].add(row["case"][FIELD[what]])
+    for search in merged.values():
+        oks, ooms = search.pop("oks") - {None}, search.pop("ooms") - {None}
+        first_oom = min(ooms, default=None)
+        below = [v for v in oks if first_oom is None or v < first_oom]
+        search.update(largest_ok=max(below, default=None), smallest_oom=first_oom,
+                      runs_above=sorted(v for v in oks if first_oom is not None and v > first_oom))
     return list(merged.values())
 
 
 def boundary_holds(search: dict[str, Any], predicted: int) -> bool:
-    """The prediction runs on the GPU and one more does not (within the search's resolution)."""
+    """The prediction runs on the GPU and one more does not (within the search's resolution): every
+    value the GPU tried up to it ran, and the lowest that ran out of memory is above it."""
     upper = search["smallest_oom"]
     return search["largest_ok"] <= predicted and (upper is None or predicted < upper)
 

@@ -112,6 +112,8 @@ class EstimateMaximum(Frozen):
     capacity_why: str
     fails_from: int | None = None  # the smallest value tried that did not fit
     fails_at: str | None = None  # where its replay ran out of memory
+    # a larger value whose replay completes too: near capacity the edge is not monotone
+    also_runs: int | None = None
     largest_other_allocator: int | None = None  # under the other mode (expandable when default was asked)
     limit: int  # the model's positions or the search's bound
     notes: list[str] = Field(default_factory=list)

@@ -97,6 +97,8 @@ class LargestFit(Frozen):
     # the smallest value tried that did not fit, and where its replay failed
     fails_from: int | None = None
     fails_at: str | None = None
+    # a larger value whose replay completes too (the edge is not monotone there), when one was seen
+    also_runs: int | None = None
 
 
 def largest_fit_detail(arch: Architecture, model: str, workload: Workload | None, choice: PrecisionChoice | None,
@@ -116,24 +118,27 @@ def largest_fit_detail(arch: Architecture, model: str, workload: Workload | None
     if what == "prompt_len" and arch.max_positions is not None and arch.encoder is None:
         top = min(top, arch.max_positions - run.workload.new_tokens)
     failures: dict[int, SimulatedRun] = {}
-    replays = 0
+    seen: dict[int, bool] = {}
 
     def fits(value: int) -> bool:
-        nonlocal replays
-        replays += 1
-        result = run.runs(run.workload.model_copy(update={what: value}), cap, mode, fitted)
-        if not result.completed:
-            failures[value] = result
-        return result.completed
+        if value not in seen:
+            result = run.runs(run.workload.model_copy(update={what: value}), cap, mode, fitted)
+            seen[value] = result.completed
+            if not result.completed:
+                failures[value] = result
+        return seen[value]
 
     low, high = _bracket(fits, _first_guess(run, what, cap.bytes, top), top)
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
+    edge = low
+    if high <= top:
+        low, high = _lowest_edge(fits, low, high)
     fail = failures.get(high)
     return LargestFit(what=what, value=low, allocator=mode, capacity_bytes=cap.bytes, capacity_why=cap.why,
-                      replays=replays, limit=top, fails_from=high if high <= top else None,
-                      fails_at=fail.failed_at if fail else None)
+                      replays=len(seen), limit=top, fails_from=high if high <= top else None,
+                      fails_at=fail.failed_at if fail else None, also_runs=edge if edge > low else None)
 
 
 def largest_fit(arch: Architecture, model: str, workload: Workload | None, choice: PrecisionChoice | None,
@@ -161,6 +166,33 @@ def _bracket(fits, guess: int, top: int) -> tuple[int, int]:
             return value, high
         high, step = value, step * 2
     return 0, 1
+
+
+# Below the edge the bisection finds, the allocator's edge is not always monotone: sizes that grow with
+# the value cross its 2 MiB rounding at different values, so near capacity some values run and their
+# neighbours do not (measured, edge-h200-36: Llama-3.2-3B runs 40085, 40089 and 43257 tokens, not 40086,
+# 40128 or 42000; Qwen3-Next fp32 runs batch 244, 246, 266 and 280, not 245, 261 or 285). The answer a
+# user can launch with is the last value below the first failure: a failure with this many completing
+# values below it, more than the longest run of completing values among the failures of the measured
+# edges (16: Llama-3.2-1B eager runs 16880-16895 tokens, between failures from 16869 and from 16896;
+# edge-h200-37). Long generations pay for it most: the window's replays each run every decode step.
+CLEAR_BELOW_AN_EDGE = 32
+
+
+def _lowest_edge(fits, low: int, high: int) -> tuple[int, int]:
+    """From an edge (low fits, high does not) down to the lowest: (v, v + 1) where v + 1 does not
+    fit and the CLEAR_BELOW_AN_EDGE values up to v do, found by bisecting on that window."""
+    def clear(value: int) -> bool:
+        return all(fits(v) for v in range(value, max(0, value - CLEAR_BELOW_AN_EDGE), -1))
+
+    step = CLEAR_BELOW_AN_EDGE
+    while low > 0 and not clear(low):
+        high, low = low, max(0, low - step)
+        step *= 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if clear(middle) else (low, middle)
+    return low, high
 
 
 def _first_guess(run: _Run, what: FitAxis, capacity: int, top: int) -> int:
