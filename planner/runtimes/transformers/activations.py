@@ -143,7 +143,7 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
         )
 
     common = common_at(None)
-    held_in_attention, held_in_mlp = attention.held_weights(layout, kernel, b, arch.num_heads, n, n, s)
+    _, held_in_mlp = attention.held_weights(layout, kernel, b, arch.num_heads, n, n, s)
     mlp = layout.mlp_point
     layer_level = [
         ("attention weights", held_in_mlp, "eager attention's softmax weights, still referenced"),
@@ -201,6 +201,25 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
         points.append(_scan_point(arch, spec, common_at, phase))
     if not arch.attention_layers:
         return points + _logit_points(arch, layout, spec, common, hidden)
+    # one attention moment per kind of layer, at the last layer of that kind (its cache and the
+    # layers' before it): Gemma-2's sliding layers pass SDPA a mask past the window, its full ones not
+    last_of_kind = {arch.layer_types[index]: index for index in arch.attention_layers}
+    for kind, index in sorted(last_of_kind.items(), key=lambda item: item[1]):
+        where = f" ({kind} layers)" if len(last_of_kind) > 1 else ""
+        points.append(_attention_point(arch, layout, spec, kind, common_at(index + 1), f"{phase}, in", where,
+                                       hidden, query))
+    return points + _logit_points(arch, layout, spec, common, hidden)
+
+
+def _attention_point(arch: Architecture, layout: FamilyLayout, spec: RunSpec, kind: str,
+                     common: tuple[tuple[str, int, str], ...], phase: str, where: str, hidden: int,
+                     query: int) -> Point:
+    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    generate = spec.mode == "generate"
+    masked = spec.attn == "sdpa" and attention.needs_mask(arch, kind, n)
+    kernel = "eager" if spec.attn == "eager" else (
+        attention.sdpa_kernel(arch, layout, s, masked) if spec.attn == "sdpa" else "flash")
+    held_in_attention, _ = attention.held_weights(layout, kernel, b, arch.num_heads, n, n, s)
     att = layout.attention_point
     repeats = attention.repeats_kv(arch, layout, kernel, masked)
     kv_len = n
@@ -227,9 +246,8 @@ def prefill_points(arch: Architecture, layout: FamilyLayout, spec: RunSpec) -> l
          f"{kernel} attention: output" + (" and B x heads x N x N scores" if kernel in ("eager", "math")
                                           else " and softmax statistics")),
     ]
-    points.append(Point(phase=f"{phase}, in {kernel} attention",
-                        kind=f"attention:{kernel}", terms=_terms(*common, *attn_terms)))
-    return points + _logit_points(arch, layout, spec, common, hidden)
+    return Point(phase=f"{phase} {kernel} attention{where}", kind=f"attention:{kernel}",
+                 terms=_terms(*common, *attn_terms))
 
 
 def _scan_point(arch: Architecture, spec: RunSpec, common_at, phase: str) -> Point:

@@ -76,11 +76,14 @@ def kernel_workspace(arch: Architecture, layout: FamilyLayout, kernel: Kernel, b
     scores = batch * heads * q_len * kv_len
     value_dim = arch.mla.v_head_dim if arch.mla is not None else d
     out = block_bytes(batch * q_len * heads * value_dim * activation_bytes)
+    # sdpa_attention_forward makes a boolean mask additive in the input dtype before the kernel runs
+    # (layer_replay's "SDPA additive mask"; H200: Mistral-7B's 8 x 63248-token prefill, edge-h200-39)
+    additive = block_bytes(batch * q_len * kv_len * activation_bytes) if masked else 0
     if kernel == "flash":
-        return out + block_bytes(batch * heads * q_len * 4)  # log-sum-exp, fp32
+        return additive + out + block_bytes(batch * heads * q_len * 4)  # log-sum-exp, fp32
     if kernel == "efficient":
         padded = -(-q_len // 32) * 32
-        return out + block_bytes(batch * heads * padded * 4)
+        return additive + out + block_bytes(batch * heads * padded * 4)
     if kernel == "math":
         # aten _scaled_dot_product_attention_math: scaled q (fp32), scores and softmax (fp32),
         # _safe_softmax's boolean mask of the scores and of fully-masked rows
