@@ -189,11 +189,10 @@ def test_expandable_best_fit_walks_on_by_expandable_size():
             index = next((i for i, entry in enumerate(pool) if entry[0] >= size), len(pool))
             if index == len(pool):
                 return None
-            block = self._by_key[pool[index][:2]]
+            block = pool[index][2]
             if self.expandable and index + 1 < len(pool) and block.next is not None and not block.next.mapped:
                 index += 1
-            block_size, address, _ = pool.pop(index)
-            return self._by_key.pop((block_size, address))
+            return pool.pop(index)[2]
 
     import vramplan.validate.traces as traces
 

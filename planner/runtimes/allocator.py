@@ -149,9 +149,9 @@ def segment_size(size: int) -> int:
 class OutOfMemory(Exception):
     """The request the allocator could not serve, even after releasing its cache."""
 
-    def __init__(self, label: str, requested: int, tried: int, allocated: int, reserved: int,
+    def __init__(self, label: str | tuple[str, str], requested: int, tried: int, allocated: int, reserved: int,
                  capacity: int) -> None:
-        self.label = label
+        self.label = ", ".join(label) if isinstance(label, tuple) else label  # (where, what): the tracer's
         self.requested = requested  # the request, rounded
         self.tried = tried  # what torch's message says it tried to allocate (the segment size)
         self.allocated = allocated
@@ -167,7 +167,7 @@ class OutOfMemory(Exception):
         return self.reserved - self.allocated
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Block:
     address: int
     size: int
@@ -214,8 +214,9 @@ class CachingAllocator:
     least_spare: int | None = None  # under a capacity: the least it ever exceeded the reserve by
     num_alloc_retries: int = 0
     num_ooms: int = 0
-    _free: dict[bool, list[tuple[int, int, int]]] = field(default_factory=lambda: {True: [], False: []})
-    _by_key: dict[tuple[int, int], _Block] = field(default_factory=dict)
+    # the free blocks of each pool (small: True), as (size, address, block) in the order of the
+    # allocator's std::set; no two share a size and an address, so the block is never compared
+    _free: dict[bool, list[tuple[int, int, _Block]]] = field(default_factory=lambda: {True: [], False: []})
     _live: dict[int, _Block] = field(default_factory=dict)
     _unmapped: dict[bool, list[_Block]] = field(default_factory=lambda: {True: [], False: []})
     _lowest_address: int = TOP_OF_ADDRESS_SPACE - SMALL_SEGMENTS_RANGE
@@ -223,10 +224,15 @@ class CachingAllocator:
     _released: list[tuple[int, int]] = field(default_factory=list)  # address ranges released segments left
     _next_handle: int = 0
 
-    def malloc(self, nbytes: int, label: str = "") -> int:
-        size = round_size(nbytes)
+    def malloc(self, nbytes: int, label: str | tuple[str, str] = "") -> int:
+        size = MIN_BLOCK if nbytes < MIN_BLOCK else -(-nbytes // MIN_BLOCK) * MIN_BLOCK  # round_size
         small = size <= SMALL_SIZE
-        block = self._take_free(size, small)
+        if self.expandable:
+            block = self._take_free(size, small)
+        else:  # _take_free's best fit, inline: most of a replay's time is here
+            pool = self._free[small]
+            index = bisect.bisect_left(pool, (size, -1))
+            block = pool.pop(index)[2] if index < len(pool) else None
         if block is None:
             block = self._grow(size, small)
             if block is None and self.capacity is not None:
@@ -239,10 +245,18 @@ class CachingAllocator:
                                   self.capacity or 0)
         remaining = block.size - size
         if remaining >= MIN_BLOCK and (small or self.expandable or remaining > SMALL_SIZE):
-            self._add_free(_split(block, size))
+            # _split and _add_free, inline
+            after = block.next
+            rest = _Block(block.address + size, remaining, block.segment, small, True, block, after)
+            if after is not None:
+                after.prev = rest
+            block.next = rest
+            block.size = size
+            bisect.insort(self._free[small], (remaining, rest.address, rest))
         block.free = False
         self.allocated += block.size
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
         handle = self._next_handle
         self._next_handle += 1
         self._live[handle] = block
@@ -252,14 +266,29 @@ class CachingAllocator:
         block = self._live.pop(handle)
         self.allocated -= block.size
         block.free = True
-        self._add_free(self._merge(block))
+        # _merge and _add_free, inline (a replay's other hot path)
+        pool = self._free[block.small]
+        prev, nxt = block.prev, block.next
+        if prev is not None and prev.free and prev.mapped:
+            del pool[bisect.bisect_left(pool, (prev.size, prev.address))]
+            prev.size += block.size
+            prev.next = nxt
+            if nxt is not None:
+                nxt.prev = prev
+            block = prev
+        if nxt is not None and nxt.free and nxt.mapped:
+            del pool[bisect.bisect_left(pool, (nxt.size, nxt.address))]
+            block.size += nxt.size
+            block.next = nxt.next
+            if nxt.next is not None:
+                nxt.next.prev = block
+        bisect.insort(pool, (block.size, block.address, block))
 
     def release_cached(self) -> None:
         """torch.cuda.empty_cache(), and the first step of an out-of-memory retry: return every
         segment that is entirely free (expandable: unmap every page inside a free block)."""
         for small in (False, True):
-            for size, address, _ in list(self._free[small]):
-                block = self._by_key[(size, address)]
+            for _, _, block in list(self._free[small]):
                 if self.expandable:
                     self._unmap(block)
                 elif block.prev is None and block.next is None:
@@ -435,31 +464,25 @@ class CachingAllocator:
         return block
 
     def _add_free(self, block: _Block) -> _Block:
-        key = (block.size, block.address)
-        bisect.insort(self._free[block.small], (block.size, block.address, id(block)))
-        self._by_key[key] = block
+        bisect.insort(self._free[block.small], (block.size, block.address, block))
         return block
 
     def _remove_free(self, block: _Block) -> None:
         pool = self._free[block.small]
-        entry = (block.size, block.address, id(block))
-        index = bisect.bisect_left(pool, entry)
-        del pool[index]
-        del self._by_key[(block.size, block.address)]
+        del pool[bisect.bisect_left(pool, (block.size, block.address))]
 
     def _take_free(self, size: int, small: bool) -> _Block | None:
         pool = self._free[small]
-        index = bisect.bisect_left(pool, (size, -1, -1))
+        index = bisect.bisect_left(pool, (size, -1))
         if index == len(pool):
             return None
         if self.expandable:
             # get_free_block: for best fit a block counts the unmapped range behind it as its own
             # ("expandable size"); walk on while the next larger block's expandable size is smaller
-            def expandable_size(entry: tuple[int, int, int]) -> int:
-                block = self._by_key[entry[:2]]
+            def expandable_size(entry: tuple[int, int, _Block]) -> int:
+                block = entry[2]
                 return block.size + (block.next.size if block.next is not None and not block.next.mapped else 0)
 
             while index + 1 < len(pool) and expandable_size(pool[index + 1]) < expandable_size(pool[index]):
                 index += 1
-        block_size, address, _ = pool.pop(index)
-        return self._by_key.pop((block_size, address))
+        return pool.pop(index)[2]
