@@ -9,6 +9,7 @@ that: the caching allocator's reserve and the memory outside torch (CUDA context
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from ...catalog import (
     DTYPE_BYTES,
@@ -186,8 +187,19 @@ def _order_notes(arch: Architecture, run: sequence.SimulatedRun) -> list[str]:
     return []
 
 
+# How much of the verdict an estimate on a GPU works out: "advice", the replay in both allocator
+# modes (whether expandable segments would make it fit) and where it fails; "fits", whether it fits
+# in the requested mode only, without a replay where the peaks alone exceed the capacity (a plan's
+# many trial layouts and batches); "none", no verdict (the GPU sets what is outside torch only).
+VerdictDepth = Literal["advice", "fits", "none"]
+
+
 def _verdict(gpu: Gpu, capacity: int, mode: str, runs: dict[str, sequence.SimulatedRun], allocated: int,
              load_peak: int) -> Verdict:
+    if mode not in runs:  # not replayed ("fits"): the peaks alone exceed the capacity
+        return Verdict(gpu=gpu.name, memory_bytes=gpu.memory_bytes, fits=False, allocator=mode,
+                       headroom_bytes=capacity - max(allocated, load_peak), capacity_bytes=capacity,
+                       fails_at=point_model_failure(allocated, load_peak))
     run = runs[mode]
     fits = _completes(run, capacity, allocated, load_peak)
     if fits:  # the tightest moment: the replay's (the capacity shrinks as it runs), or the peaks' at its end
@@ -255,8 +267,11 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
                           choice: PrecisionChoice | None = None, gpu: Gpu | None = None,
                           profile: RuntimeProfile | None = None,
                           fitted: Calibration | None = None,
-                          stored: dict[str, tuple[int, tuple[int, ...]]] | None = None) -> Estimate:
-    """The pure core: no I/O, everything it needs passed in or read from packaged data."""
+                          stored: dict[str, tuple[int, tuple[int, ...]]] | None = None,
+                          verdict: VerdictDepth = "advice") -> Estimate:
+    """The pure core: no I/O, everything it needs passed in or read from packaged data.
+
+    With a `gpu`, the verdict replays the run at its capacity (VerdictDepth says how much of it)."""
     profile = profile or runtime_profile()
     fitted = fitted or calibration()
     workload = workload or Workload()
@@ -288,10 +303,15 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
                                      gpu or gpu_catalog().find("H100"))
     per_step, _ = decode_growth(fitted, kernel)
     limit = None
-    if gpu is not None:
+    load_peak = load_peak_bytes(arch, weights, chosen, compute, fitted, fixed)
+    if gpu is not None and verdict != "none":
         # the verdict: the requests replayed at the GPU's capacity, in both allocator modes
         limit = capacity(gpu, fitted, chosen.kind.startswith("bnb"), kernel)
-        for mode in (workload.allocator, *({"default", "expandable"} - {workload.allocator})):
+        if verdict == "advice":
+            modes = [workload.allocator, *({"default", "expandable"} - {workload.allocator})]
+        else:  # "fits": the requested mode, and no replay where the peaks alone exceed the capacity
+            modes = [workload.allocator] if max(allocated, load_peak) <= limit.after(workload.decode_forwards) else []
+        for mode in modes:
             at_capacity[mode] = sequence.simulate(arch, layout, spec, allocations, workspaces,
                                                   capacity=limit, expandable=mode == "expandable")
     replayed = at_capacity.get(workload.allocator)
@@ -315,10 +335,9 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
                 kv_cache.held_cache_bytes(arch, workload.batch, workload.prompt_len, spec.cache_growth_steps,
                                           spec.restarted_steps, spec.kv)
                 ) if workload.mode == "generate" and spec.keeps_cache else 0
-    load_peak = load_peak_bytes(arch, weights, chosen, compute, fitted, fixed)
-    verdict = None
+    judged = None
     if gpu is not None and limit is not None:
-        verdict = _verdict(gpu, limit.after(workload.decode_forwards), workload.allocator, at_capacity, allocated,
+        judged = _verdict(gpu, limit.after(workload.decode_forwards), workload.allocator, at_capacity, allocated,
                            load_peak)
     notes = list(arch.notes)
     notes += _precision_notes(arch, chosen, choice)
@@ -340,7 +359,7 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
                      "returns), so the later tokens attend to themselves only.")
     if workload.attn == "flash_attention_2":
         notes.append("flash_attention_2 is modelled like SDPA's flash kernel; it has no measured rows.")
-    if verdict is not None:
+    if judged is not None:
         notes += _order_notes(arch, replayed)
         decode_steps = workload.new_tokens - 1 if workload.mode == "generate" and spec.keeps_cache else 0
         replayed_decode = replayed_steps(True, decode_steps, arch.num_layers)
@@ -357,7 +376,7 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
         peak_device_bytes=device, load_peak_allocated_bytes=load_peak,
         breakdown=[t for t in (*fixed, *runtime_terms, *device_terms) if t.bytes > 0],
         notes=notes + _checkpoint_notes(arch, stored, weights),
-        verdict=verdict,
+        verdict=judged,
         checkpoint_bytes=sum(nbytes for nbytes, _ in stored.values()) if stored else None,
         calibrated_with=profile.measured_with.model_dump(),
     )

@@ -23,11 +23,14 @@ from .estimate import estimate_architecture
 
 def _stage_estimate(arch: Architecture, model: str, workload: Workload, choice: PrecisionChoice, gpu: Gpu,
                     tp: int, pp: int, stage: int, replicate_kv: bool) -> Estimate:
-    """A rank's estimate on `gpu`. The estimate itself depends on the GPU only through its
-    memory-outside-torch figure (cached per figure); the verdict needs a replay at the GPU's own
-    capacity only when the unconstrained run reserves more than that capacity: below it the
-    allocator never reaches the limit, so the run is the same one and fits."""
-    est = _cached_stage_estimate(arch, model, workload, choice, gpu.outside_torch_key, tp, pp, stage, replicate_kv)
+    """A rank's estimate on `gpu`. Without its verdict the estimate depends on the GPU only through
+    its memory-outside-torch figure and its attention kernel (cached per pair); the verdict needs a
+    replay at the GPU's own capacity only when the unconstrained run reserves more than that
+    capacity: below it the allocator never reaches the limit, so the run is the same one and fits.
+    That verdict is whether it fits only (a plan tries many layouts and batches: no advice on the
+    other allocator, which estimate --gpu gives, and no replay where the peaks alone do not fit)."""
+    est = _cached_stage_estimate(arch, model, workload, choice, gpu.outside_torch_key, gpu.prefers_cudnn_attention,
+                                 tp, pp, stage, replicate_kv)
     # a bound for this shortcut only (the verdict below knows the run's kernel): the capacity at the
     # last decode step if its attention grows what is outside torch as cuDNN's does
     limit = capacity(gpu, calibration(), est.precision in ("int8", "nf4", "fp4"),
@@ -36,16 +39,22 @@ def _stage_estimate(arch: Architecture, model: str, workload: Workload, choice: 
     if reserved <= limit:
         return est
     rank = shard(arch, tp, pp, stage, replicate_kv=replicate_kv)
-    verdict = estimate_architecture(rank, model, workload, choice, gpu).verdict
-    return est.model_copy(update={"verdict": verdict})
+    return _with_communication(estimate_architecture(rank, model, workload, choice, gpu, verdict="fits"), tp)
 
 
 @lru_cache(maxsize=4096)
 def _cached_stage_estimate(arch: Architecture, model: str, workload: Workload, choice: PrecisionChoice,
-                           outside_key: str, tp: int, pp: int, stage: int, replicate_kv: bool) -> Estimate:
-    representative = next(g for g in gpu_catalog().gpus if g.outside_torch_key == outside_key)
+                           outside_key: str, cudnn_attention: bool, tp: int, pp: int, stage: int,
+                           replicate_kv: bool) -> Estimate:
+    representative = next(g for g in gpu_catalog().gpus
+                          if g.outside_torch_key == outside_key and g.prefers_cudnn_attention == cudnn_attention)
     rank = shard(arch, tp, pp, stage, replicate_kv=replicate_kv)
-    est = estimate_architecture(rank, model, workload, choice, representative).model_copy(update={"verdict": None})
+    return _with_communication(estimate_architecture(rank, model, workload, choice, representative,
+                                                     verdict="none"), tp)
+
+
+def _with_communication(est: Estimate, tp: int) -> Estimate:
+    """A tensor-parallel rank's estimate with NCCL's buffers beside it."""
     if tp == 1:
         return est
     comm = runtime_profile().serving["nccl_buffers_bytes"]
@@ -56,14 +65,18 @@ def _cached_stage_estimate(arch: Architecture, model: str, workload: Workload, c
 
 
 def transformers_layout(arch: Architecture, model: str, request: PlanRequest, precision: str, gpu: Gpu,
-                        tp: int, pp: int, batch: int) -> list[Estimate]:
-    """One estimate per pipeline stage for a replica running `batch` sequences."""
+                        tp: int, pp: int, batch: int, judged: bool = True) -> list[Estimate]:
+    """One estimate per pipeline stage for a replica running `batch` sequences; without `judged`,
+    without their verdicts (no replay at the GPU's capacity)."""
     prompt = request.context - request.new_tokens
     if prompt < 1:
         raise WorkloadError("--context must exceed --new-tokens.")
     workload = Workload(batch=batch, prompt_len=prompt, new_tokens=request.new_tokens, attn=request.attn,
                         allocator=request.allocator, kv_cache_dtype=request.kv_cache_dtype)
     choice = PrecisionChoice(name=precision)
+    if not judged:
+        return [_cached_stage_estimate(arch, model, workload, choice, gpu.outside_torch_key,
+                                       gpu.prefers_cudnn_attention, tp, pp, s, False) for s in range(pp)]
     return [_stage_estimate(arch, model, workload, choice, gpu, tp, pp, s, replicate_kv=False)
             for s in range(pp)]
 
@@ -102,7 +115,22 @@ def plan_transformers(arch: Architecture, model: str, request: PlanRequest, prec
     best = attempt(most)
     if best is None:
         return "one sequence does not fit" if -(-k // most) == 1 else "needs more GPUs than --max-gpus"
+
+    def too_few(replicas: int) -> bool:
+        """Whether the allocated peak of a stage exceeds the GPU's memory (the capacity is below it):
+        no replay, so cheap; those batches cannot fit."""
+        stages = transformers_layout(arch, model, request, precision, gpu, tp, pp, -(-k // replicas), judged=False)
+        return any(e.peak_allocated_bytes > gpu.memory_bytes for e in stages)
+
     low, high = 0, most  # attempt(high) fits; find the fewest replicas that do
+    while high - low > 1:  # first, without replays: up to where the allocated peak alone fits the memory
+        middle = (low + high) // 2
+        low, high = (middle, high) if too_few(middle) else (low, middle)
+    step = 1  # then up from there by a growing step, where the answer usually is (each step replays)
+    while high < most and (found := attempt(high)) is None:
+        low, high, step = high, min(most, high + step), step * 2
+    if high < most:
+        best = found
     while high - low > 1:
         middle = (low + high) // 2
         found = attempt(middle)
