@@ -41,8 +41,8 @@ COMMAND_RESULTS: dict[str, Any] = {
     "validate": dict[str, Any],  # validate's report types live above this layer
 }
 
-# a fit after this many of the allocator's retries: the long generations of edge-h200-31/-32 (hundreds of
-# retries, each step's cache cat needing a larger block) where the replay's edge was up to 5% above the GPU's
+# a fit after this many of the allocator's retries: the long generations of edge-h200-31 to -40 (hundreds of
+# retries, each step's cache cat needing a larger block), where the edge is the last to be held exactly
 MANY_RETRIES = 100
 
 
@@ -182,9 +182,10 @@ def verdict_lines(v) -> list[str]:
         lines.append(f"  the caching allocator runs out of memory at {v.fails_at}{unusable}")
     if v.fits and v.alloc_retries >= MANY_RETRIES:
         lines.append(f"  it fits only after the caching allocator releases its cache and retries ({v.alloc_retries}x), "
-                     "as a long generation's growing cache makes it: there the replay has been up to 5% "
-                     "optimistic on the GPU (Qwen3-0.6B, 512+512 tokens: said 1083, 1036 ran, 1057 did not); "
-                     "leave that margin (README, \"Will it run?\")")
+                     "as a long generation's growing cache makes it: there blind runs held to the sequence with the "
+                     "default allocator (Qwen3-0.6B, 512+512 tokens: said 1054, 1054 ran, 1055 did not) and were up "
+                     "to 2 sequences optimistic with expandable segments (SmolLM2-1.7B, 256+256: said 1415, 1413 ran); "
+                     "leave a few sequences' margin (README, \"Will it run?\")")
     elif v.fits and v.alloc_retries:
         lines.append(f"  it fits only after the caching allocator releases its cache and retries ({v.alloc_retries}x): "
                      "there the driver's placement of the new segments decides, and a run can differ by a "

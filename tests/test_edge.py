@@ -154,39 +154,17 @@ QWEN3_NEXT_L8_RUN = "qwen3-next-80b-a3b-instruct-l8-bf16-sdpa-n1024-default"
 KNOWN_SEARCH_GAPS: dict[str, str] = {
     QWEN3_NEXT_L8_RUN: QWEN3_NEXT_L8,
 }
-LONG_GENERATION = ("a long generation's fragmentation (blind edge-h200-31/-32): every decode step's cache cat "
-                   "needs a block a little larger than the one it frees, so the allocator retries hundreds of "
-                   "times; the replay's allocated peaks are the GPU's to 0.01% and its retry counts within 1% "
-                   "(Qwen3-0.6B at 1036: 551 vs 554), the GPU's own requests fed to the allocator model run out "
-                   "of memory where the GPU did (the batch-1057 trace), and the replay's requests of 1 MiB and "
-                   "more are the GPU's in order, less the layers' temporaries that no cache update outlives; "
-                   "yet the replay completes 1057 and 1078 (725 retries): the GPU keeps a few MiB more in "
-                   "segments of 20 MiB for those temporaries and the masks' checks, and the retries fall one "
-                   "cache cat earlier from step 48 on. Said 1070: up to 5% optimistic, as the verdict says")
-QWEN3_06B_LONG_RUN = "qwen3-0.6b-bf16-sdpa-n512-t512-default"
 SMOLLM2_LONG_RUN = "smollm2-1.7b-bf16-sdpa-n256-t256-default"
-KNOWN_SEARCH_GAPS[QWEN3_06B_LONG_RUN] = LONG_GENERATION
-QWEN25_LARGE_VOCAB = ("the decode steps' layer temporaries (blind edge-h200-34/-35/-37, Qwen2.5-0.5B 128+384: 8.34 GiB "
-                      "fp32 logits copies of a 151,936-token vocabulary): the replay leaves out what a decode layer "
-                      "allocates and frees between two cache updates, 130 MiB MLP rows and 24-48 MiB projections "
-                      "at batch 14095 (the edge-h200-38 trace), and from batch 14095 its logits copy in decode "
-                      "step 363 finds no cached block, where the GPU ran 14095, 14105, 14727 and 14728 without "
-                      "that retry (fed the GPU's own requests, the allocator model reserves what the GPU did to "
-                      "the byte). Said 14094: conservative")
-QWEN25_LARGE_VOCAB_RUN = "qwen2.5-0.5b-bf16-sdpa-n128-t384-default"
-KNOWN_SEARCH_GAPS[QWEN25_LARGE_VOCAB_RUN] = QWEN25_LARGE_VOCAB
+SMOLLM2_EXPANDABLE = ("a long generation under expandable segments (blind edge-h200-33): the GPU ran batch 1413 "
+                      "and not 1414, its last decode steps' cache cat finding no pages to map; with every decode "
+                      "layer's requests replayed (the traced decode step, from the edge-h200-38 trace) the replay "
+                      "completes 1414 and 1415 and fails from 1416, two sequences optimistic in 1414; the "
+                      "default allocator's searches of the same shape hold")
+SMOLLM2_EXPANDABLE_RUN = SMOLLM2_LONG_RUN.replace("-default", "-expandable")
+KNOWN_SEARCH_GAPS[SMOLLM2_EXPANDABLE_RUN] = SMOLLM2_EXPANDABLE
 KNOWN_TRIAL_GAPS: dict[str, str] = {
     f"{QWEN3_NEXT_L8_RUN}-b380": QWEN3_NEXT_L8,
-    **{f"{QWEN3_06B_LONG_RUN}-b{batch}": LONG_GENERATION for batch in (1057, 1078)},
-    # SmolLM2's search holds (1287 for the GPU's 1285 / 1298), but past it the replay is not monotone: it
-    # fails from 1288, yet completes again at 1311 (570 retries), where the GPU ran out of memory
-    f"{SMOLLM2_LONG_RUN}-b1311": LONG_GENERATION,
-    # expandable segments (blind edge-h200-33: guessed 1230; the GPU ran 1206 and not 1230, its 2.40 GiB cache
-    # cat finding 2.39 GiB free: the 48 MiB cuDNN's graphs had taken outside torch by then). With the capacity
-    # shrinking per decode step the search says 1228, but the replay is not monotone there: it fails at 1229
-    # and 1231 (the last steps' cache cats) and completes 1230 with 7 MB to spare after 713 retries (GPU 670)
-    f"{QWEN3_06B_LONG_RUN.replace('-default', '-expandable')}-b1230": LONG_GENERATION,
-    **{f"{QWEN25_LARGE_VOCAB_RUN}-b{batch}": QWEN25_LARGE_VOCAB for batch in (14095, 14105, 14728)},
+    f"{SMOLLM2_EXPANDABLE_RUN}-b1414": SMOLLM2_EXPANDABLE,
 }
 # blind edge-h200-39: said 77951 tokens fit with 2.6 MiB to spare; the GPU's cudaMalloc refused the sliding
 # layer's 45.27 GiB additive mask with 8.7 MiB free (beyond the driver's 3.125 MiB the capacity keeps)
@@ -198,14 +176,8 @@ KNOWN_FAILURE_GAPS: dict[str, str] = {
     trial: UNREPLAYED for trial in ("tests/configs/jamba-v0.1.json-l8-bf16-sdpa-n2048-default-b34",
                                     "tests/configs/granite-4.0-h-small.json-l6-bf16-sdpa-n1024-default-b8",
                                     "tests/configs/falcon-h1-tiny-90m.json-bf16-sdpa-n4096-default-b22")}
-KNOWN_FAILURE_GAPS[f"{SMOLLM2_LONG_RUN}-b1298"] = (
-    "a long generation's out-of-memory after 528 retries: the replay fails too, but at another cache cat than "
-    "the GPU's (their retries fall a cache update apart, as Qwen3-0.6B's trace shows)")
-KNOWN_DEVICE_GAPS: dict[str, str] = {
-    # the verdict's replay runs out of memory where the GPU ran, so the estimate's reserve is that of a run
-    # with room to spare (at 14727, where the replay completes, its device bytes are the GPU's)
-    **{f"{QWEN25_LARGE_VOCAB_RUN}-b{batch}": QWEN25_LARGE_VOCAB for batch in (14095, 14105, 14728)},
-}
+KNOWN_FAILURE_GAPS[f"{SMOLLM2_EXPANDABLE_RUN}-b1414"] = SMOLLM2_EXPANDABLE
+KNOWN_DEVICE_GAPS: dict[str, str] = {}
 KNOWN_SMALL_DEVICE_GAPS: dict[str, str] = {}
 
 

@@ -133,14 +133,8 @@ NOT_REPLAYED_TRACES = ("tests/configs/falcon-h1-tiny-90m.json-bf16-sdpa-n4096-de
                        "tests/configs/granite-4.0-h-small.json-l6-bf16-sdpa-n1024-default-b7-ok",
                        "tests/configs/granite-4.0-h-small.json-l6-bf16-sdpa-n1024-default-b8-oom",
                        "tests/configs/jamba-v0.1.json-l8-bf16-sdpa-n2048-default-b33-ok")
-QWEN25_LONG_TRACE = "qwen2.5-0.5b-bf16-sdpa-n128-t384-default-b14095-ok"
-DECODE_TEMPORARIES = ("a decode layer's temporaries are left out of the replay (decode_replay.decode: only what a "
-                      "layer holds across its cache update): at batch 14095 they are 130 MiB MLP rows and 24-48 "
-                      "MiB projections and norms, which the GPU carves from the blocks the cache cats free; the "
-                      "replay's fp32 logits copy of decode step 363 then finds no cached block (edge-h200-38)")
 KNOWN_SEQUENCE_GAPS: dict[str, str] = {
     **{trace: NOT_REPLAYED for trace in NOT_REPLAYED_TRACES if trace.endswith("-ok")},
-    QWEN25_LONG_TRACE: DECODE_TEMPORARIES,
     "phi-2-nf4-sdpa-n960-default-b8-ok": "bitsandbytes 0.50 runs fc1 of each decode step (8 rows, 10240 outputs) "
     "through its own gemm_4bit kernel on the H200 (_gemm_4bit_use_custom_cuda, a per-GPU choice); the replay "
     "dequantizes every 4-bit projection, 50 MiB more per layer and step (+1.9% reserved)",
@@ -249,7 +243,6 @@ def test_compact_trace_keeps_requests_blocks_and_relative_addresses():
 
 LARGE_REQUEST = 64 << 20
 KNOWN_ORDER_GAPS: dict[str, str] = {trace: NOT_REPLAYED for trace in NOT_REPLAYED_TRACES}
-KNOWN_ORDER_GAPS[QWEN25_LONG_TRACE] = DECODE_TEMPORARIES
 
 
 def _grouped(requests: list[tuple[str, int]]) -> list[tuple[str, object]]:
@@ -338,6 +331,20 @@ def test_mamba2_replay_is_its_trace_request_for_request(monkeypatch):
     trace = next(t for t in TRACES if t["case"]["model"].endswith("mamba2-codestral-7b.json"))
     common, first, where = _first_difference(trace, monkeypatch, 1)
     assert common > 15_000 and first is None, where
+
+
+LONG_GENERATION = "qwen2.5-0.5b-bf16-sdpa-n128-t384-default-b14095-ok"
+
+
+@pytest.mark.parametrize("trace_id", [LONG_GENERATION, "llama-3.2-1b-bf16-eager-n4096-default-b16-ok"])
+def test_decode_steps_are_the_gpus_down_to_a_mebibyte(trace_id, monkeypatch):
+    """A traced family's decode steps are its prefill's requests over one token (embeddings, the
+    step's masks and rotary tables, each layer's norms, projections, rotary, cache cats, attention
+    and MLP, the final norm, the logits): every request of 1 MiB or more matches the GPU's, SDPA's
+    long generation (Qwen2.5-0.5B at batch 14,095: 383 decode steps) and eager attention's."""
+    trace = next(t for t in TRACES if _trace_id(t) == trace_id)
+    common, first, where = _first_difference(trace, monkeypatch, 1 << 20)
+    assert common > 1000 and first is None, where
 
 
 def test_known_order_gaps_are_real_traces():

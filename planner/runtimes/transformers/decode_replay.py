@@ -8,7 +8,7 @@ from typing import Any
 
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
-from . import coded_layers, kv_cache, layer_replay, mlp_layers
+from . import attention, coded_layers, kv_cache, layer_replay, mlp_layers
 from .activations import RunSpec
 
 Tracer = Any  # tracer.Tracer: new(), drop(), temp(), at(), matmul(), decode_step(), at_capacity
@@ -43,18 +43,6 @@ def last_token_logits(tr: Tracer, layout: FamilyLayout, nbytes: int) -> int | No
     return logits
 
 
-def _held_across_cache_update(tr: Tracer, arch: Architecture, b: int, s: int) -> list[int | None]:
-    """What a traced layer's decode step holds while its cache update copies the keys and values
-    (the H200 trace of Qwen3-0.6B's 512-token generation): the normed input, v_proj's output, the
-    rotated query and key. Fed the GPU's own requests, the allocator model runs out of memory where
-    the GPU did with only these kept of the layer's temporaries, and serves the request without
-    them: each one can pin a large segment the retries would otherwise release."""
-    h, d = arch.hidden_size, arch.head_dim
-    return [tr.new(b * h * s, "input_layernorm"), tr.new(b * arch.num_kv_heads * d * s, "self_attn.v_proj"),
-            tr.new(b * arch.num_heads * d * s, "rotary embedding (query)"),
-            tr.new(b * arch.num_kv_heads * d * s, "rotary embedding (key)")]
-
-
 def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
            cache: list[int | None], logits_copy: int | None, attention_temporaries: bool = False,
            traced_layers: bool = False, prompt_logits: int | None = None) -> None:
@@ -63,12 +51,10 @@ def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
     ones go), the fp32 copy of the previous logits (the prompt's was made with its logits), the
     input_ids cat and the previous logits going; then the layers' cache cats and the step's logits;
     after the last forward the same bookkeeping once more (`prompt_logits`: the prompt's logits,
-    copied there too, as the trace shows; else the caller copied them). With `traced_layers`, each step's
-    embeddings, its layers' outputs (each held until the next layer's exists) and what a layer
-    holds across its cache update; their other temporaries come and go between two cache updates
-    and are left out (a decode step's requests are most of a long generation's replay)."""
+    copied there too, as the trace shows; else the caller copied them). With `traced_layers`, each
+    step is the traced model's forward over one token (_traced_step); otherwise its layers' cache
+    updates with the attention temporaries their family's order knows."""
     b, n = spec.batch, spec.prompt_len
-    hidden = b * arch.hidden_size * spec.activation_bytes
     vocab = arch.vocab_size if arch.computes_logits else 0
     kept = {"positions": None, "mask": None, "ids": None, "copy": logits_copy}  # the prompt's own: the caller's
 
@@ -95,56 +81,116 @@ def decode(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec,
         restarted = spec.cache_restart_step is not None and step >= spec.cache_restart_step
         tr.decode_step()
         bookkeeping(step, logits)
-        fresh: list[int | None] = []
-        tr.at(f"decode step {step}", "embeddings")
-        embeddings = layer_output = tr.new(hidden, "embed_tokens") if traced_layers else None
-        for index, kind in enumerate(arch.layer_types):
-            tr.at(f"decode step {step} layer {index}", f"{'fresh ' if restarted else ''}KV cache (torch.cat)")
-            projections = _dequantized_projections(tr, arch, b, spec.activation_bytes) \
-                if spec.quantization == "4bit" and attention_temporaries else None
-            held = family_steps[0](tr) if family_steps else []
-            across = _held_across_cache_update(tr, arch, b, spec.activation_bytes) \
-                if traced_layers and projections is None else [None] * 4
-            if restarted:  # a fresh cache: the cat onto its empty tensors; the prompt's stays as it was
-                fresh += [tr.new(kv_cache.layer_bytes(arch, b, 1, spec.kv, 0, part)) for part in ("key", "value")]
-                length = 1
-            else:
-                length = kv_cache.stored_length(kind, arch.sliding_window, n, step)
-                old_key, old_value = cache[2 * index:2 * index + 2]
-                both_first = kv_cache.releases_after_both_cats(kind)
-                key = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, "key"))
-                if not both_first:
-                    tr.drop(old_key)
-                value = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, step, "value"))
-                tr.drop(old_key if both_first else None, old_value)
-                cache[2 * index:2 * index + 2] = [key, value]
-            normed, v, query, key_rotated = across
-            tr.drop(key_rotated, v)  # copied into the cache
-            if attention_temporaries:
-                tr.at(op="attention")
-                if family_steps:
-                    family_steps[1](tr, length)
-                else:
-                    layer_replay.decode_attention(tr, arch, layout, spec, kind, length)
-            tr.drop(*held, query, normed)
-            if traced_layers:
-                output = tr.new(hidden, "residual add")
-                tr.drop(None if layer_output is embeddings else layer_output)
-                layer_output = output
-            if projections is not None:
-                _dequantized_mlp(tr, arch, b, spec.activation_bytes, projections)
-            if arch.moe is not None and index in arch.moe.sparse_layers and layout.experts is not None:
-                tr.at(op="experts (batched_mm)")
-                tr.drop(mlp_layers.moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False,
-                                                       upcast_softmax=spec.softmax_upcasts))
-        tr.at(f"decode step {step}", "lm_head (logits)")
-        tr.drop(None if layer_output is embeddings else layer_output, embeddings)
-        logits = last_token_logits(tr, layout, b * vocab * spec.activation_bytes)
+        caches = _StepCaches(tr, arch, spec, cache, step, restarted)
+        if traced_layers:
+            logits = _traced_step(tr, arch, layout, spec, step, caches)
+        else:
+            for index, kind in enumerate(arch.layer_types):
+                projections = _dequantized_projections(tr, arch, b, spec.activation_bytes) \
+                    if spec.quantization == "4bit" and attention_temporaries else None
+                held = family_steps[0](tr) if family_steps else []
+                length = caches.update(index, kind)
+                if attention_temporaries:
+                    tr.at(op="attention")
+                    if family_steps:
+                        family_steps[1](tr, length)
+                    else:
+                        layer_replay.decode_attention(tr, arch, layout, spec, kind, length)
+                tr.drop(*held)
+                if projections is not None:
+                    _dequantized_mlp(tr, arch, b, spec.activation_bytes, projections)
+                if arch.moe is not None and index in arch.moe.sparse_layers and layout.experts is not None:
+                    tr.at(op="experts (batched_mm)")
+                    tr.drop(mlp_layers.moe_block(tr, arch, layout, b, spec.activation_bytes, grouped=False,
+                                                 upcast_softmax=spec.softmax_upcasts))
+            tr.at(f"decode step {step}", "lm_head (logits)")
+            logits = last_token_logits(tr, layout, b * vocab * spec.activation_bytes)
         tr.drop(*previous_fresh)  # the previous step's fresh cache goes after this step's logits
-        previous_fresh = fresh
+        previous_fresh = caches.fresh
     if steps:
         bookkeeping(steps + 1, logits)
     tr.drop(kept["copy"], kept["positions"], kept["mask"], kept["ids"], *previous_fresh)
+
+
+class _StepCaches:
+    """A decode step's cache updates, layer by layer: DynamicLayer.update's torch.cat onto the
+    layer's keys and values (the old ones go as the new ones exist; a sliding layer's once both
+    exist), or after a cache restart (Phi-3 past original_max_position_embeddings) the cat onto a
+    fresh empty cache, kept until the next step's logits exist."""
+
+    def __init__(self, tr: Tracer, arch: Architecture, spec: RunSpec, cache: list[int | None], step: int,
+                 restarted: bool) -> None:
+        self.tr, self.arch, self.spec, self.cache, self.step, self.restarted = tr, arch, spec, cache, step, restarted
+        self.fresh: list[int | None] = []
+
+    def attended(self, kind: str) -> int:
+        """How many keys a layer of this kind reads at this step."""
+        return 1 if self.restarted else \
+            kv_cache.stored_length(kind, self.arch.sliding_window, self.spec.prompt_len, self.step)
+
+    def update(self, index: int, kind: str) -> int:
+        """Layer `index`'s cache update; returns how many keys its attention reads."""
+        tr, arch, spec, b = self.tr, self.arch, self.spec, self.spec.batch
+        tr.at(f"decode step {self.step} layer {index}", f"{'fresh ' if self.restarted else ''}KV cache (torch.cat)")
+        length = self.attended(kind)
+        if self.restarted:  # a fresh cache: the cat onto its empty tensors; the prompt's stays as it was
+            self.fresh += [tr.new(kv_cache.layer_bytes(arch, b, 1, spec.kv, 0, part)) for part in ("key", "value")]
+            return length
+        old_key, old_value = self.cache[2 * index:2 * index + 2]
+        both_first = kv_cache.releases_after_both_cats(kind)
+        key = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, self.step, "key"))
+        if not both_first:
+            tr.drop(old_key)
+        value = tr.new(kv_cache.layer_bytes(arch, b, length, spec.kv, self.step, "value"))
+        tr.drop(old_key if both_first else None, old_value)
+        self.cache[2 * index:2 * index + 2] = [key, value]
+        return length
+
+
+def _traced_step(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, step: int,
+                 caches: _StepCaches) -> int | None:
+    """A decode step's forward through a traced model, as the prefill's over one token (the H200
+    trace of Qwen2.5-0.5B's long generation): the embeddings, the step's masks over the keys so
+    far and its rotary tables, every layer (layer_replay.traced_layer; the cache update inside
+    it), the final norm; the last layer's output, the embeddings, masks and tables go before the
+    lm_head. Returns the step's logits."""
+    b, s = spec.batch, spec.activation_bytes
+    hidden = b * arch.hidden_size * s
+    tr.at(f"decode step {step}", "embeddings")
+    held = [tr.new(hidden, "embed_tokens")]
+    if layout.scaled_embeddings:  # hidden_states = inputs_embeds * normalizer
+        scaled = tr.new(hidden, "embed_tokens * sqrt(hidden_size)")
+        tr.drop(held[0])
+        held = [scaled]
+    tr.at(op="masks")
+    held += layer_replay.decode_step_masks(tr, arch, spec, spec.prompt_len + step)
+    if arch.rotary_dim and layout.rope_tables:
+        tr.at(op="rotary tables")
+        held += layer_replay.shared_rotary_tables(tr, arch, layout, b, 1, s)
+    qk_norm = any(".q_norm." in t.name for t in arch.tensors)
+    layer_input = held[0]
+    for index, kind in enumerate(arch.layer_types):
+        tr.at(f"decode step {step} layer {index}", "input_layernorm")
+        length = caches.attended(kind)
+        masked = spec.attn == "sdpa" and attention.needs_mask(arch, kind, length)
+        kernel = "eager" if spec.attn == "eager" else attention.sdpa_kernel(arch, layout, s, masked)
+
+        def update(key: int | None, value: int | None, i: int = index, k: str = kind) -> None:
+            caches.update(i, k)
+            tr.drop(key, value)  # copied into the cache
+
+        output, _ = layer_replay.traced_layer(tr, arch, layout, spec, index, kernel, masked, qk_norm, True,
+                                              layer_input, layer_replay.DecodingLayer(length, update))
+        if layer_input is not held[0]:
+            tr.drop(layer_input)
+        layer_input = output
+    tr.at(f"decode step {step}", "final norm")
+    final = layer_replay.layer_norm(layout)(tr, hidden, b, s)
+    tr.drop(layer_input, *held)
+    tr.at(op="lm_head (logits)")
+    logits = last_token_logits(tr, layout, b * (arch.vocab_size if arch.computes_logits else 0) * s)
+    tr.drop(final)
+    return logits
 
 
 def _dequantized_projections(tr: Tracer, arch: Architecture, b: int, s: int) -> list[int | None]:

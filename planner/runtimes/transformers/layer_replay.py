@@ -12,7 +12,8 @@ Each function takes the replay's tracer (`new(nbytes, name)`, `drop(*handles)`, 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from ...catalog import FamilyLayout
 from ...model.spec import Architecture
@@ -21,6 +22,7 @@ from .activations import RunSpec
 from .mlp_layers import gated_mlp, moe_block, projection
 
 Tracer = Any  # tracer.Tracer: new(), drop(), temp(), at(), matmul(), at_capacity
+MASK_ORDER = ("full", "sliding", "chunked", "none")  # the order in which a model builds its kinds' masks
 
 
 def rms_scaled(tr: Tracer, hidden_bytes: int, rows: int, s: int,
@@ -201,7 +203,7 @@ def traced_rotary_tables(tr: Tracer, b: int, n: int, rotary_dim: int, s: int,
     casts exist. Returns the cos and sin tables the layers share."""
     positions = tr.new(b * n * 4, "rotary positions (fp32)")
     freqs = tr.new(b * n * (rotary_dim // 2) * 4, "rotary inv_freq @ positions")
-    tr.matmul()
+    tr.matmul(biased=False)
     width = rotary_dim // 2 if half else rotary_dim
     emb = None if half else tr.new(b * n * rotary_dim * 4, "rotary cat(freqs, freqs)")
     tables = []
@@ -218,13 +220,67 @@ def traced_rotary_tables(tr: Tracer, b: int, n: int, rotary_dim: int, s: int,
     return casts
 
 
+class DecodingLayer(NamedTuple):
+    """A decode step through a layer: one query token per sequence attending to `kv_length` keys,
+    and its cache update in place of the prefill's (takes the rotated keys and the values, and
+    lets them go once they are copied into the cache)."""
+    kv_length: int
+    update_cache: Callable[[int | None, int | None], None]
+
+
+def shared_rotary_tables(tr: Tracer, arch: Architecture, layout: FamilyLayout, b: int, n: int,
+                         s: int) -> list[int | None]:
+    """The cos and sin tables a forward over `n` tokens builds once for all its layers (a pair per
+    kind of layer where each kind has its own rotary embedding: Gemma-3); fp32 tables where the
+    family keeps them so (OLMo-2)."""
+    tables: list[int | None] = []
+    for _ in set(arch.layer_types) if layout.rotary_per_layer_type else [None]:
+        tables += traced_rotary_tables(tr, b, n, arch.rotary_dim, 4 if layout.rope_fp32 else s, layout.rope_half)
+    return tables
+
+
+def decode_step_masks(tr: Tracer, arch: Architecture, spec: RunSpec, kv_length: int) -> list[int | None]:
+    """The masks a traced model's decode step builds over its `kv_length` keys before the layers;
+    returns those the layers read (held until the step's final norm). SDPA without a mask: the
+    padding mask and _ignore_causal_mask_sdpa's all() (the H200 trace of Qwen2.5-0.5B's long
+    generation); eager: the padding mask, sdpa_mask's int64 pieces and its boolean, the and_mask
+    and eager_mask's additive copy, per kind of layer (the H200 trace of Llama-3.2-1B eager);
+    SDPA with a sliding window past its keys: the boolean mask of the one query row."""
+    b, s = spec.batch, spec.activation_bytes
+    kinds = sorted(set(arch.layer_types) - {"none"}, key=MASK_ORDER.index)
+    masked = [k for k in kinds if attention.needs_mask(arch, k, kv_length)]
+    if spec.attn == "sdpa" and not masked:
+        traced_mask_check(tr, b, kv_length)
+        return []
+    held: list[int | None] = []
+    for _ in kinds if spec.attn == "eager" else masked:
+        padding = tr.new(b * kv_length, "padding mask")
+        if spec.attn == "eager":
+            pieces = [tr.new(b * kv_length * 8, "sdpa_mask pieces") for _ in range(2)]
+            inner = tr.new(b * kv_length, "sdpa_mask (bool)")
+            tr.drop(*pieces)
+            combined = tr.new(b * kv_length, "and_mask")
+            tr.drop(inner)
+            held.append(tr.new(b * kv_length * s, "causal mask (eager_mask)"))
+            tr.drop(combined, padding)
+        else:
+            held.append(tr.new(b * kv_length, "sliding mask (bool)"))
+            tr.drop(padding)
+    return held
+
+
 def traced_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, layer: int,
                   kernel: str, masked: bool, qk_norm: bool, generate: bool,
-                  layer_input: int | None) -> tuple[int | None, list[int | None]]:
+                  layer_input: int | None,
+                  decoding: DecodingLayer | None = None) -> tuple[int | None, list[int | None]]:
     """One decoder layer of the llama-shaped families in the order transformers 5.17 allocates
     and frees (LlamaDecoderLayer / Qwen3DecoderLayer, sdpa_attention_forward,
-    eager_attention_forward, DynamicLayer.update); returns the layer output and the cache."""
-    b, n, s = spec.batch, spec.prompt_len, spec.activation_bytes
+    eager_attention_forward, DynamicLayer.update); returns the layer output and the cache. With
+    `decoding`, a decode step's pass: the same requests over one token (the H200 trace of
+    Qwen2.5-0.5B's 384-token generation at batch 14,095 shows every decode layer so)."""
+    b, s = spec.batch, spec.activation_bytes
+    n = 1 if decoding else spec.prompt_len
+    kv_length = decoding.kv_length if decoding else n
     heads, kv_heads, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
     tokens = b * n
     h = arch.hidden_size
@@ -234,7 +290,10 @@ def traced_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
     dequantized = spec.quantization == "4bit"
 
     def linear(out_features: int, in_features: int, name: str) -> int | None:
-        return projection(tr, tokens, out_features, in_features, s, name, dequantized)
+        out = projection(tr, tokens, out_features, in_features, s, name, dequantized)
+        if tr.pending_workspaces and any(t.name.endswith(f"{name}.bias") for t in arch.tensors):
+            tr.matmul()  # the first Linear with a bias: cuBLASLt's workspace, after its output (Qwen2's q_proj)
+        return out
 
     norm = layer_norm(layout)
     normed = norm(tr, hidden, tokens, s)
@@ -263,24 +322,32 @@ def traced_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
     k_rot = traced_rope(tr, kv_bytes)
     tr.drop(q, k)
     cache: list[int | None] = []
-    if generate:
+    if decoding is not None:
+        decoding.update_cache(k_rot, v)
+        k_rot = v = None
+    elif generate:
         cache = prefill_cache(tr, arch, spec, k_rot, v)
         k_rot = v = None
     tr.at(op=f"attention ({kernel})")
     repeats: list[int | None] = []
     weights = None
-    if kernel == "eager":  # the rotated query keeps the projection's layout: not contiguous
-        out, weights = eager.eager_attention(tr, spec, heads, kv_heads, n, n, d, query_contiguous=False)
+    if kernel == "eager":  # the rotated query keeps the projection's layout: not contiguous, unless
+        # it is one token (its heads fold into bmm's batch as a view)
+        out, weights = eager.eager_attention(tr, spec, heads, kv_heads, n, kv_length, d,
+                                             query_contiguous=decoding is not None)
     else:
-        repeats = [tr.new(b * heads * n * d * s, "repeat_kv") for _ in range(2)] \
+        repeats = [tr.new(b * heads * kv_length * d * s, "repeat_kv") for _ in range(2)] \
             if attention.repeats_kv(arch, layout, kernel, masked) else []
-        # SDPA makes a boolean mask additive in the query's dtype; flash and efficient write
-        # their output in (batch, tokens, heads, dim) order, so transformers' transpose back is free.
-        # On the H200 (torch 2.11, no grad) neither allocates its log-sum-exp: the traces show
-        # only the output (and 256 bytes) besides the mask
-        additive = tr.new(b * n * n * s, "SDPA additive mask") if masked else None
-        out = tr.new(q_bytes, "SDPA output")
-        tr.drop(additive)
+        if kernel == "math":  # a decode step's kernel only: the prefill's is not replayed so
+            out = sdpa_math.math_sdpa(tr, b, heads, kv_heads, n, kv_length, d, s, masked)
+        else:
+            # SDPA makes a boolean mask additive in the query's dtype; flash and efficient write
+            # their output in (batch, tokens, heads, dim) order, so transformers' transpose back is
+            # free. On the H200 (torch 2.11, no grad) neither allocates its log-sum-exp: the traces
+            # show only the output (and 256 bytes) besides the mask
+            additive = tr.new(b * n * kv_length * s, "SDPA additive mask") if masked else None
+            out = tr.new(q_bytes, "SDPA output")
+            tr.drop(additive)
     tr.drop(*repeats, k_rot, v)
     projected = linear(h, heads * d, "self_attn.o_proj")
     tr.drop(out, q_rot, normed)
@@ -295,8 +362,9 @@ def traced_layer(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
     normed_mlp = norm(tr, hidden, tokens, s)
     tr.at(op="mlp")
     if arch.moe is not None and layer in arch.moe.sparse_layers and layout.experts is not None:
-        tr.at(op="experts (grouped_mm)")
-        down = moe_block(tr, arch, layout, tokens, s, grouped=True, upcast_softmax=spec.softmax_upcasts)
+        grouped = decoding is None  # a decode step's few tokens take batched_mm
+        tr.at(op=f"experts ({'grouped_mm' if grouped else 'batched_mm'})")
+        down = moe_block(tr, arch, layout, tokens, s, grouped=grouped, upcast_softmax=spec.softmax_upcasts)
     else:
         down = gated_mlp(tr, tokens, arch.intermediate_size, h, s, dequantized)
     tr.drop(normed_mlp)

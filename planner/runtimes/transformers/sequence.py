@@ -45,7 +45,6 @@ from .tracer import Tracer
 TRACED_LAYER_ORDER = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
                                 "gemma", "gemma2", "gemma3_text"})
 
-MASK_ORDER = ("full", "sliding", "chunked", "none")  # the order in which a model builds its kinds' masks
 
 # Models replayed whole from their code (replays(arch, spec): for which runs; replay(tr, arch, layout, spec))
 WHOLE_MODEL_REPLAYS = (t5_layers, mamba1_layers, mamba2_layers, qwen3_next_layers)
@@ -189,8 +188,9 @@ def _pass(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, g
     tr.layer_order = "traced" if traced else "code" if coded_layer is not None else "coarse"
 
     tr.at("prefill", "position ids")
-    if generate:
-        layer_replay.traced_position_ids(tr, b, n)
+    # generate()'s position ids, kept to its end, and prepare_inputs_for_generation's copy, which
+    # goes once the prompt's logits exist
+    positions = layer_replay.traced_position_ids(tr, b, n) if generate else []
     held_model = [tr.new(hidden, "embed_tokens")]  # embeddings (inputs_embeds stays referenced)
     if traced and layout.scaled_embeddings:  # hidden_states = inputs_embeds * normalizer
         scaled = tr.new(hidden, "embed_tokens * sqrt(hidden_size)")
@@ -221,7 +221,7 @@ def _pass(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, g
         # Llama-3.2-1B, Qwen3-0.6B, SantaCoder, GPT-J and OctoCoder, all eager
         # one mask per attention kind, the causal one first (the models' causal_mask_mapping); a
         # sliding window's mask functions leave more pieces (H200 trace of gpt-oss-20b eager)
-        kinds = sorted(set(arch.layer_types), key=MASK_ORDER.index)
+        kinds = sorted(set(arch.layer_types), key=layer_replay.MASK_ORDER.index)
         for kind in [*kinds, *(["unused sliding"] if arch.unused_sliding_mask else [])]:
             pieces = layer_replay.sliding_mask_pieces(tr, n) if kind == "sliding" else \
                 layer_replay.causal_mask_pieces(tr, n)
@@ -251,9 +251,7 @@ def _pass(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, g
     if arch.rotary_dim and layout.complex_rotary and coded_layer is not None:
         held_model.append(mla_layers.complex_rotary_table(tr, b, n, arch.rotary_dim))
     elif arch.rotary_dim and layout.rope_tables and (traced or coded_layer is not None):
-        tables = 4 if layout.rope_fp32 else s  # fp32 tables (OLMo-2): no cast
-        for _ in set(arch.layer_types) if layout.rotary_per_layer_type else [None]:
-            held_model += layer_replay.traced_rotary_tables(tr, b, n, arch.rotary_dim, tables, layout.rope_half)
+        held_model += layer_replay.shared_rotary_tables(tr, arch, layout, b, n, s)
     elif arch.rotary_dim and not traced and coded_layer is None:  # (a coded GPT-J builds its own per layer)
         element = 4 if layout.rope_fp32 else s
         held_model += [tr.new(b * n * arch.rotary_dim * element, "rotary cos/sin") for _ in range(layout.rope_tables)]
@@ -361,7 +359,7 @@ def _pass(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, g
         tr.drop(layer_input, *held_model, previous_weights)
         tr.at(op="lm_head (logits)")
         logits = last_token_logits(tr, layout, b * vocab * s)
-        tr.drop(final)
+        tr.drop(final, *positions[1:])
         defer = generate and spec.new_tokens > 1 and traced  # decode's first bookkeeping copies them
         copy = None if defer else tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
         tr.drop(None if defer else logits)
@@ -370,7 +368,7 @@ def _pass(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, g
         tr.at(op="lm_head (logits)")
         if last_token:
             logits = tr.new(b * vocab * s)
-            tr.drop(final)
+            tr.drop(final, *positions[1:])
             copy = tr.new(b * vocab * 4, "next-token logits (fp32 copy)")
             tr.drop(logits)
         else:

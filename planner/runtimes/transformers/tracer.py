@@ -16,7 +16,8 @@ class Tracer:
         self.alloc = CachingAllocator(capacity=capacity, expandable=expandable, address_space=address_space)
         self.at_capacity = capacity is not None
         self.per_decode_step = per_decode_step
-        self.pending_workspaces = list(workspaces or [])
+        self.workspaces = list(workspaces or [])
+        self.pending_workspaces = list(self.workspaces)
         self.where, self.op = "load", "weights"
         self.layer_order = "coarse"
 
@@ -29,7 +30,7 @@ class Tracer:
     def new(self, nbytes: int, name: str | None = None) -> int | None:
         if nbytes <= 0:
             return None
-        return self.alloc.malloc(nbytes, f"{self.where}, {name or self.op}")
+        return self.alloc.malloc(nbytes, (self.where, name or self.op))  # joined only for an out-of-memory
 
     def drop(self, *handles: int | None) -> None:
         for handle in handles:
@@ -44,8 +45,9 @@ class Tracer:
         attention's graph for its key length) is no longer the allocator's to reserve."""
         self.alloc.shrink_capacity(self.per_decode_step)
 
-    def matmul(self) -> None:
-        """Called once a matmul's output exists: the run's first takes cuBLAS's workspaces
-        (kept to the end of the process)."""
-        while self.pending_workspaces:
+    def matmul(self, biased: bool = True) -> None:
+        """Called once a matmul's output exists: the run's first takes cuBLAS's workspace (kept to
+        the end of the process), and the first with a bias cuBLASLt's (cublas_workspaces: the
+        second) after it; without `biased`, a matmul known to have none (the rotary tables')."""
+        while self.pending_workspaces and (biased or len(self.pending_workspaces) == len(self.workspaces)):
             self.new(self.pending_workspaces.pop(0), "cuBLAS workspace")
