@@ -231,6 +231,11 @@ class Architecture(Frozen):
         return any(".gate_proj." in t.name or ".gate_up_proj." in t.name for t in self.tensors)
 
     @property
+    def qk_norm(self) -> bool:
+        """Norms over the projected queries and keys (q_norm / k_norm: Qwen3, Gemma-3, OLMo-2)."""
+        return any(".q_norm." in t.name for t in self.tensors)
+
+    @property
     def kv_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
 

@@ -231,7 +231,7 @@ def layer(w: Walk, x: Act, index: int) -> Act:
         q = w.linear(n, "self_attn.q_proj", q_w, h)
         k = w.linear(n, "self_attn.k_proj", kv_w, h)
         v = w.linear(n, "self_attn.v_proj", kv_w, h)
-    if _has(arch, ".q_norm."):
+    if arch.qk_norm:
         q = w.norm(q, "q norm", q_w, groups=nh)
         k = w.norm(k, "k norm", kv_w, groups=nkv)
     if arch.positions == "rope":

@@ -82,7 +82,7 @@ def layer_for(arch: Architecture, rms: bool, kernel: str, spec: RunSpec):
         return olmo2_layer
     if arch.model_type == "phi3" and rms:
         return phi3_layer
-    if arch.model_type == "cohere" and not any(".q_norm." in t.name for t in arch.tensors):
+    if arch.model_type == "cohere" and not arch.qk_norm:
         return cohere_layer
     if arch.model_type == "gpt2" and arch.activation == "gelu_new":
         return gpt2_layer

@@ -167,7 +167,6 @@ def _traced_step(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
     if arch.rotary_dim and layout.rope_tables:
         tr.at(op="rotary tables")
         held += layer_replay.shared_rotary_tables(tr, arch, layout, b, 1, s)
-    qk_norm = any(".q_norm." in t.name for t in arch.tensors)
     layer_input = held[0]
     for index, kind in enumerate(arch.layer_types):
         tr.at(f"decode step {step} layer {index}", "input_layernorm")
@@ -179,7 +178,7 @@ def _traced_step(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: Run
             caches.update(i, k)
             tr.drop(key, value)  # copied into the cache
 
-        output, _ = layer_replay.traced_layer(tr, arch, layout, spec, index, kernel, masked, qk_norm, True,
+        output, _ = layer_replay.traced_layer(tr, arch, layout, spec, index, kernel, masked, arch.qk_norm, True,
                                               layer_input, layer_replay.DecodingLayer(length, update))
         if layer_input is not held[0]:
             tr.drop(layer_input)

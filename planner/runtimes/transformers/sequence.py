@@ -177,12 +177,12 @@ def _pass(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, g
     kernel = "eager" if spec.attn == "eager" else (
         attention.sdpa_kernel(arch, layout, s, masked_last) if spec.attn == "sdpa" else "flash")
     pre_norm = layout.attention_point.hidden >= 3
-    qk_norm = any(".q_norm." in t.name for t in arch.tensors)
     traced = (arch.model_type in TRACED_LAYER_ORDER and rms and pre_norm and rotary_fraction == 1.0
               and not layout.attention_point.fused_qkv and not fused_gate_up
               and (arch.gated_mlp or arch.moe is not None)
               and kernel in ("flash", "efficient", "eager")
-              and (spec.quantization == "none" or (spec.quantization == "4bit" and arch.moe is None and not qk_norm)))
+              and (spec.quantization == "none"
+                   or (spec.quantization == "4bit" and arch.moe is None and not arch.qk_norm)))
     # families replayed from their modeling code (coded_layers.py)
     coded_layer = coded_layers.layer_for(arch, rms, kernel, spec)
     tr.layer_order = "traced" if traced else "code" if coded_layer is not None else "coarse"
@@ -277,8 +277,8 @@ def _pass(tr: Tracer, arch: Architecture, layout: FamilyLayout, spec: RunSpec, g
             masked = masked_last if arch.layer_types[layer] == arch.layer_types[-1] else \
                 attention.needs_mask(arch, arch.layer_types[layer], n)
             layer_kernel = kernel if kernel == "eager" else attention.sdpa_kernel(arch, layout, s, masked)
-            output, cache_kv = layer_replay.traced_layer(tr, arch, layout, spec, layer, layer_kernel, masked, qk_norm,
-                                              generate, layer_input)
+            output, cache_kv = layer_replay.traced_layer(tr, arch, layout, spec, layer, layer_kernel, masked,
+                                                         arch.qk_norm, generate, layer_input)
             cache += cache_kv
             if layer_input is not held_model[0]:
                 tr.drop(layer_input)
