@@ -74,3 +74,38 @@ def test_a_long_generation_on_the_h200_has_less_capacity_at_its_end():
     # no growth, and the eager edge figure: none of SDPA's kernels loaded (8 MiB more for torch)
     assert eager.verdict.capacity_bytes == capacity(h200, decode_kernel="eager").bytes == at_start + 8 * 2**20
     assert all(t.name != "attention graphs outside torch" for t in eager.breakdown)
+
+
+# -- the driver's last bytes: what a new segment or page needs beyond its size (scripts/driver_slack.py) --
+
+SLACK_ROWS = [json.loads(line) for line in
+              (resources.files("vramplan.profiles") / "measurements" / "h100-driver-slack.jsonl").read_text()
+              .splitlines() if line.strip()]
+
+
+def _driver_slack_bytes() -> int:
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "calibrate.py"
+    spec = importlib.util.spec_from_file_location("calibrate", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.DRIVER_SLACK_BYTES
+
+
+def test_the_driver_needs_the_same_slack_whatever_the_request():
+    """cuMemAlloc (a default-mode segment) and cuMemCreate (an expandable page) from 2 MiB to 64 GiB:
+    each is refused with the same margin beyond its size and granted with 2 MiB more, and keeps nothing
+    beyond its size: the capacity's slack is one constant, not a share of the request. The constant the
+    edge calibration keeps (calibrate.py's DRIVER_SLACK_BYTES) covers every refused margin."""
+    assert {r["mode"] for r in SLACK_ROWS} == {"cuMemAlloc", "cuMemCreate"}
+    assert max(r["size"] for r in SLACK_ROWS) >= 64 << 30
+    for mode in ("cuMemAlloc", "cuMemCreate"):
+        rows = [r for r in SLACK_ROWS if r["mode"] == mode]
+        refused = max(r["margin"] for r in rows if not r["ok"])
+        granted = min(r["margin"] for r in rows if r["ok"])
+        assert granted - refused <= 2 * MIB  # one threshold for every size, to the filler's 2 MiB step
+        assert all(r["ok"] == (r["margin"] >= granted) for r in rows)
+        assert all(r["kept"] == 0 for r in rows if r["ok"])
+        assert refused < _driver_slack_bytes()
