@@ -467,7 +467,7 @@ def test_largest_fit_is_the_last_value_below_the_first_failure():
     """Near capacity the edge is not monotone (edge-h200-36/-37: Llama-3.2-3B runs 40085 tokens,
     not 40086, and 43257 again): a bisection that starts above lands on an island. The answer is
     the last value below the first failure, with the CLEAR_BELOW_AN_EDGE values under it run."""
-    from vramplan.runtimes.transformers.fit import CLEAR_BELOW_AN_EDGE, _bracket, _lowest_edge
+    from vramplan.runtimes.transformers.fit import CLEAR_BELOW_AN_EDGE, _bracket, _lowest_edge, _walk_down
 
     islands = {102, 103, 104, 105, *range(111, 116)}  # runs again above the first failure, 101
     tried: list[int] = []
@@ -481,7 +481,10 @@ def test_largest_fit_is_the_last_value_below_the_first_failure():
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     assert (low, high) == (115, 116)  # the bisection alone: an island
-    assert _lowest_edge(fits, low, high) == (100, 101)
+    tried.clear()
+    assert _walk_down(fits, _no_prefetch, 1, low, high) == (100, 101)
+    assert tried == list(range(114, 68, -1))  # down value by value, to 32 that run below the first failure
+    assert _lowest_edge(fits, _no_prefetch, 1, low, high) == (100, 101)  # the walk's fallback agrees
     assert CLEAR_BELOW_AN_EDGE > 16  # longer than the measured islands' runs (16 at most: the test below)
 
 
@@ -491,7 +494,7 @@ def test_the_lowest_edge_is_found_from_any_edge_above_it():
     the search comes down to the first failure."""
     from vramplan.catalog import calibration, runtime_profile
     from vramplan.request import PrecisionChoice
-    from vramplan.runtimes.transformers.fit import _lowest_edge, _Run
+    from vramplan.runtimes.transformers.fit import WALK_LIMIT, _lowest_edge, _Run, _walk_down
 
     search = next(s for s in SEARCHES if _case_id(s["case"]) == "llama-3.2-1b-bf16-eager-n16000-default")
     case = search["case"]
@@ -508,7 +511,13 @@ def test_the_lowest_edge_is_found_from_any_edge_above_it():
 
     edges = [v for v in range(16_860, 17_600) if fits(v) and not fits(v + 1)]
     assert len(edges) > 20
-    assert {_lowest_edge(fits, v, v + 1) for v in edges} == {(16_868, 16_869)}
+    assert {_walk_down(fits, _no_prefetch, 1, v, v + 1) for v in edges} == {(16_868, 16_869)}
+    assert max(edges) - 16_869 > WALK_LIMIT  # the walk's fallback was taken from the highest edges
+    assert {_lowest_edge(fits, _no_prefetch, 1, v, v + 1) for v in edges} == {(16_868, 16_869)}
+
+
+def _no_prefetch(values) -> None:
+    """A search without workers: every value is left to fits()."""
 
 
 def test_the_llama_prompt_length_edge_and_its_islands():
@@ -517,6 +526,56 @@ def test_the_llama_prompt_length_edge_and_its_islands():
     assert (found.value, found.fails_from) == (40085, 40086)  # the GPU: 40085 runs, 40086 does not
     assert found.also_runs is not None and found.also_runs > found.fails_from
     assert "prefill layer 26, mlp act * up" in found.fails_at
+
+
+_PARALLEL_SEARCH = """
+import json
+from vramplan.runtimes.transformers import replay_pool
+from vramplan.validate.edgecheck import merged_searches, predicted_boundary, case_id
+from vramplan.validate.compare import measurement_files, read_rows
+search = next(s for s in merged_searches(read_rows(measurement_files()))
+              if case_id(s["case"]) == "llama-3.2-3b-instruct-bf16-sdpa-n40255-default")
+forked = []
+close = replay_pool.ReplayPool.close
+def noting_close(pool):
+    forked.append(pool._executor is not None)
+    close(pool)
+replay_pool.ReplayPool.close = noting_close
+replay_pool.SLOW_REPLAY_SECONDS = 0.0  # every replay counts as slow: the workers take the search
+answers = [predicted_boundary(search, workers=n).model_dump(exclude={"replays"}) for n in (1, 3)]
+print(json.dumps({"answers": answers, "forked": forked}))
+"""
+
+
+def test_a_search_with_workers_answers_as_one_without():
+    """Replays in forked workers (replay_pool) change how long a search takes, not its answer: the
+    Llama-3.2-3B prompt-length search, whose bisection lands on an island 3,000 tokens above the
+    first failure (so the walk down gives way to its bisection), with 1 and 3 workers, in a fresh
+    single-threaded process (the only kind that forks)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PARALLEL_SEARCH], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["forked"] == [False, True]
+    one, three = result["answers"]
+    assert one == three and (one["value"], one["fails_from"]) == (40085, 40086)
+
+
+def test_workers_setting(monkeypatch):
+    from vramplan.errors import WorkloadError
+    from vramplan.runtimes.transformers.replay_pool import WORKERS_VARIABLE, ReplayPool, worker_count
+
+    monkeypatch.setenv(WORKERS_VARIABLE, "3")
+    assert worker_count() == 3
+    for wrong in ("0", "two", "-1"):
+        monkeypatch.setenv(WORKERS_VARIABLE, wrong)
+        with pytest.raises(WorkloadError, match=WORKERS_VARIABLE):
+            worker_count()
+    # a pool that is not slow replays here, in order, whatever its workers
+    pool = ReplayPool(lambda v: v * v, workers=4)
+    assert pool.map([3, 1, 2]) == [9, 1, 4] and pool._executor is None
 
 
 def test_merged_searches_take_the_first_failure_of_every_trial():

@@ -60,10 +60,10 @@ def decode_kernel(row: dict[str, Any]) -> str:
                                    gpu(row))
 
 
-def predicted_boundary(search: dict[str, Any]) -> LargestFit:
+def predicted_boundary(search: dict[str, Any], workers: int | None = None) -> LargestFit:
     case = search["case"]
     return largest_fit_detail(architecture(case), case["model"], workload(case),
-                              PrecisionChoice(name=case["precision"]), gpu(), FIELD[search["what"]])
+                              PrecisionChoice(name=case["precision"]), gpu(), FIELD[search["what"]], workers=workers)
 
 
 def _shape_key(case: dict[str, Any], what: str) -> str:

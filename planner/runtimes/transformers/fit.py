@@ -14,6 +14,7 @@ entry (fitted from the committed edge rows by scripts/calibrate.py; allocator.ca
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 from ...base import Frozen
@@ -24,6 +25,7 @@ from ...request import MAX_BATCH, MAX_TOKENS, AllocatorMode, PrecisionChoice, Wo
 from ...weights import allocation_sizes, resolve_precision, weight_breakdown
 from ..allocator import Capacity, capacity
 from . import attention, overhead, sequence
+from .replay_pool import ReplayPool, worker_count
 from .sequence import SimulatedRun
 
 FitAxis = Literal["batch", "prompt_len"]
@@ -104,8 +106,10 @@ class LargestFit(Frozen):
 def largest_fit_detail(arch: Architecture, model: str, workload: Workload | None, choice: PrecisionChoice | None,
                        gpu: Gpu, what: FitAxis = "batch", allocator: AllocatorMode | None = None,
                        limit: int | None = None, profile: RuntimeProfile | None = None,
-                       fitted: Calibration | None = None) -> LargestFit:
-    """The largest `what` whose replay at `gpu`'s capacity completes (0 when none does)."""
+                       fitted: Calibration | None = None, workers: int | None = None) -> LargestFit:
+    """The largest `what` whose replay at `gpu`'s capacity completes (0 when none does). When its
+    replays are slow (long generations), up to `workers` of them run at once (replay_pool; default:
+    the CPUs this process may use), with the same answer."""
     if what not in ("batch", "prompt_len"):
         raise WorkloadError(f"the largest fit is over batch or prompt_len, not {what!r}.")
     workload = workload or Workload()
@@ -120,21 +124,35 @@ def largest_fit_detail(arch: Architecture, model: str, workload: Workload | None
     failures: dict[int, SimulatedRun] = {}
     seen: dict[int, bool] = {}
 
-    def fits(value: int) -> bool:
-        if value not in seen:
-            result = run.runs(run.workload.model_copy(update={what: value}), cap, mode, fitted)
-            seen[value] = result.completed
-            if not result.completed:
-                failures[value] = result
-        return seen[value]
+    def replay(value: int) -> SimulatedRun:
+        return run.runs(run.workload.model_copy(update={what: value}), cap, mode, fitted)
 
-    low, high = _bracket(fits, _first_guess(run, what, cap.bytes, top), top)
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    edge = low
-    if high <= top:
-        low, high = _lowest_edge(fits, low, high)
+    def record(value: int, result: SimulatedRun) -> None:
+        seen[value] = result.completed
+        if not result.completed:
+            failures[value] = result
+
+    with ReplayPool(replay, workers or worker_count()) as pool:
+        def fits(value: int) -> bool:
+            if value not in seen:
+                record(value, pool.timed(value))
+            return seen[value]
+
+        def prefetch(values: Iterable[int]) -> None:
+            """Replay these values at once (in workers) where replays are slow; else leave each to fits()."""
+            todo = [v for v in dict.fromkeys(values) if 0 < v <= top and v not in seen]
+            if pool.parallel and len(todo) > 1:
+                for value, result in zip(todo, pool.map(todo), strict=True):
+                    record(value, result)
+
+        low, high = _bracket(fits, _first_guess(run, what, cap.bytes, top), top)
+        while high - low > 1:
+            prefetch(_bisection_points(low, high, pool.workers if pool.parallel else 1))
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        edge = low
+        if high <= top:
+            low, high = _walk_down(fits, prefetch, pool.workers if pool.parallel else 1, low, high)
     fail = failures.get(high)
     return LargestFit(what=what, value=low, allocator=mode, capacity_bytes=cap.bytes, capacity_why=cap.why,
                       replays=len(seen), limit=top, fails_from=high if high <= top else None,
@@ -179,11 +197,39 @@ def _bracket(fits, guess: int, top: int) -> tuple[int, int]:
 CLEAR_BELOW_AN_EDGE = 32
 
 
-def _lowest_edge(fits, low: int, high: int) -> tuple[int, int]:
+# how far below the bisection's edge the search walks value by value before it bisects instead
+WALK_LIMIT = 4 * CLEAR_BELOW_AN_EDGE
+
+
+def _walk_down(fits, prefetch, chunk: int, low: int, high: int) -> tuple[int, int]:
+    """From an edge (low fits, high does not) down to (v, v + 1) where v + 1 does not fit and the
+    CLEAR_BELOW_AN_EDGE values up to v do: value by value, each failure moving the edge below it
+    (the highest such v below the edge), `chunk` values replayed at a time; past WALK_LIMIT values
+    below the edge (failures all the way), by bisection on that window (_lowest_edge)."""
+    edge, clear, value = low, 1, low - 1  # `clear` values up to `edge` fit, and edge + 1 does not
+    while clear < CLEAR_BELOW_AN_EDGE and value > 0:
+        if low - value > WALK_LIMIT:
+            return _lowest_edge(fits, prefetch, chunk, low, high)
+        prefetch(range(value, value - chunk, -1))
+        if fits(value):
+            clear += 1
+        else:
+            high, edge, clear = value, value - 1, 0
+        value -= 1
+    return edge, high
+
+
+def _lowest_edge(fits, prefetch, chunk: int, low: int, high: int) -> tuple[int, int]:
     """From an edge (low fits, high does not) down to the lowest: (v, v + 1) where v + 1 does not
     fit and the CLEAR_BELOW_AN_EDGE values up to v do, found by bisecting on that window."""
     def clear(value: int) -> bool:
-        return all(fits(v) for v in range(value, max(0, value - CLEAR_BELOW_AN_EDGE), -1))
+        window = range(value, max(0, value - CLEAR_BELOW_AN_EDGE), -1)
+        for start in range(0, len(window), chunk):
+            part = window[start:start + chunk]
+            prefetch(part)
+            if not all(fits(v) for v in part):
+                return False
+        return True
 
     step = CLEAR_BELOW_AN_EDGE
     while low > 0 and not clear(low):
@@ -193,6 +239,21 @@ def _lowest_edge(fits, low: int, high: int) -> tuple[int, int]:
         middle = (low + high) // 2
         low, high = (middle, high) if clear(middle) else (low, middle)
     return low, high
+
+
+def _bisection_points(low: int, high: int, count: int) -> list[int]:
+    """The next `count` midpoints a bisection of (low, high) may ask for, level by level."""
+    points: list[int] = []
+    intervals = [(low, high)]
+    while intervals and len(points) < count:
+        halves = []
+        for lo, hi in intervals:
+            if hi - lo > 1 and len(points) < count:
+                middle = (lo + hi) // 2
+                points.append(middle)
+                halves += [(lo, middle), (middle, hi)]
+        intervals = halves
+    return points
 
 
 def _first_guess(run: _Run, what: FitAxis, capacity: int, top: int) -> int:
