@@ -53,7 +53,7 @@ BNB = {"int8", "nf4", "fp4"}
 # cudaMalloc (and torch, either allocator mode) could take at most free-after-init - 3.125 MiB
 # on the lent H200 (driver 580.159.04, torch 2.11): filled with 1 GiB, 20 MiB, 2 MiB and 512 B
 # tensors until each OOMed (session notes of 2026-11; those trials were not kept as rows). Whatever the
-# request's size: profiles/measurements/h100-driver-slack.jsonl (scripts/driver_slack.py, driver
+# request's size: profiles/measurements/driver/h100-slack.jsonl (scripts/driver_slack.py, driver
 # 580.159.04, the lent H100) has cuMemAlloc and cuMemCreate of 2 MiB to 64 GiB refused with 0.19 MiB
 # free beyond the request and granted with 2.19 MiB, keeping nothing beyond it (tests/test_outside_growth.py).
 DRIVER_SLACK_BYTES = 3 * 2**20 + 2**17

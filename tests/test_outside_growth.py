@@ -79,7 +79,7 @@ def test_a_long_generation_on_the_h200_has_less_capacity_at_its_end():
 # -- the driver's last bytes: what a new segment or page needs beyond its size (scripts/driver_slack.py) --
 
 SLACK_ROWS = [json.loads(line) for line in
-              (resources.files("vramplan.profiles") / "measurements" / "h100-driver-slack.jsonl").read_text()
+              (resources.files("vramplan.profiles") / "measurements" / "driver" / "h100-slack.jsonl").read_text()
               .splitlines() if line.strip()]
 
 

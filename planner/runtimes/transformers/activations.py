@@ -382,8 +382,16 @@ def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
     vocab = arch.vocab_size if arch.computes_logits else 0
     # generate()'s bookkeeping after the last forward: its logits, the previous step's fp32 copy and
     # the new one (the H200's Qwen2.5-0.5B at batch 14727, 384 new tokens: 108.19 GiB, those 20.9 GiB on
-    # the full cache)
-    logits = block_bytes(b * vocab * spec.activation_bytes) + 2 * block_bytes(b * vocab * 4)
+    # the full cache), and the new attention mask and position ids beside the old mask (the replay's order,
+    # decode_replay.decode). During the last forward, when a layer's cat copies its cache, the previous
+    # step's fp32 copy is still held (next_token_logits until generate() reassigns it): Qwen3-0.6B at
+    # 512 + 512 tokens, batch 1054, peaked 0.52% (640 MiB) above a point without it
+    held_copy = block_bytes(b * vocab * 4)
+    logits = block_bytes(b * vocab * spec.activation_bytes) + 2 * held_copy
+    # input_ids, attention_mask and position_ids during the last forward (n + t - 1 each), and the
+    # prompt's position ids, which generate() keeps to its end (the H200 trace of Qwen2.5-0.5B at 128 + 384)
+    ids = 3 * block_bytes(b * (n + t - 1) * 8) + block_bytes(b * n * 8)
+    ids_after = 2 * block_bytes(b * (n + t) * 8) - block_bytes(b * (n + t - 1) * 8)
     gathered = experts.decode_transient(arch, b, spec.activation_bytes)
     if gathered > max(copy, logits):
         all_experts = arch.moe is not None and arch.moe.all_experts
@@ -392,13 +400,15 @@ def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
                 "every expert runs on the step's tokens" if all_experts else
                 "batched_mm copies the selected experts' gate_up and down weights for every routed token")
     else:
-        step = ("cache update", max(copy, logits), "a layer's cache update during the step: torch.cat copies "
-                "its keys, a quantized cache dequantizes them (or the step's logits beside the previous and the "
-                "new fp32 copy, whichever is larger)")
+        step = ("cache update", max(copy + held_copy, logits + ids_after),
+                "a layer's cache update during the step: torch.cat copies its keys, a quantized cache dequantizes "
+                "them, beside the previous step's fp32 logits (or after the last step its logits beside the "
+                "previous and the new fp32 copy and the new mask and positions, whichever is larger)")
     return Point(phase=f"decode step {t - 1 if restarted else decoded}", kind="decode", terms=_terms(
         ("KV cache", cache, f"keys and values after {decoded} decode steps" + (
             f"; from step {spec.cache_restart_step} generate() drops it for a fresh one-token cache every "
             "step (Phi-3 past original_max_position_embeddings), the old one still allocated" if restarted else "")),
         step,
-        ("generated ids", 2 * block_bytes(b * (n + t) * 8), "the growing ids and attention mask"),
+        ("generated ids", ids, "the growing input ids, attention mask and position ids, and the prompt's "
+                               "position ids"),
     ))
