@@ -393,12 +393,13 @@ def decode_point(arch: Architecture, spec: RunSpec) -> Point | None:
     ids = 3 * block_bytes(b * (n + t - 1) * 8) + block_bytes(b * n * 8)
     ids_after = 2 * block_bytes(b * (n + t) * 8) - block_bytes(b * (n + t - 1) * 8)
     gathered = experts.decode_transient(arch, b, spec.activation_bytes)
-    if gathered > max(copy, logits):
+    if gathered + held_copy > max(copy + held_copy, logits + ids_after):
         all_experts = arch.moe is not None and arch.moe.all_experts
         step = ("all-expert rows" if all_experts else "gathered expert weights",
-                gathered + experts.router_outputs(arch, b, spec.activation_bytes),
-                "every expert runs on the step's tokens" if all_experts else
-                "batched_mm copies the selected experts' gate_up and down weights for every routed token")
+                gathered + experts.router_outputs(arch, b, spec.activation_bytes) + held_copy,
+                ("every expert runs on the step's tokens" if all_experts else
+                 "batched_mm copies the selected experts' gate_up and down weights for every routed token")
+                + ", beside the previous step's fp32 logits")
     else:
         step = ("cache update", max(copy + held_copy, logits + ids_after),
                 "a layer's cache update during the step: torch.cat copies its keys, a quantized cache dequantizes "

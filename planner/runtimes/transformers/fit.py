@@ -206,7 +206,7 @@ def _walk_down(fits, prefetch, chunk: int, low: int, high: int) -> tuple[int, in
     CLEAR_BELOW_AN_EDGE values up to v do: value by value, each failure moving the edge below it
     (the highest such v below the edge), `chunk` values replayed at a time; past WALK_LIMIT values
     below the edge (failures all the way), by bisection on that window (_lowest_edge)."""
-    edge, clear, value = low, 1, low - 1  # `clear` values up to `edge` fit, and edge + 1 does not
+    edge, failure, clear, value = low, high, 1, low - 1  # `clear` values up to `edge` fit; `failure` does not
     while clear < CLEAR_BELOW_AN_EDGE and value > 0:
         if low - value > WALK_LIMIT:
             return _lowest_edge(fits, prefetch, chunk, low, high)
@@ -214,9 +214,9 @@ def _walk_down(fits, prefetch, chunk: int, low: int, high: int) -> tuple[int, in
         if fits(value):
             clear += 1
         else:
-            high, edge, clear = value, value - 1, 0
+            failure, edge, clear = value, value - 1, 0
         value -= 1
-    return edge, high
+    return edge, failure
 
 
 def _lowest_edge(fits, prefetch, chunk: int, low: int, high: int) -> tuple[int, int]:
