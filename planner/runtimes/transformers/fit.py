@@ -147,12 +147,12 @@ def largest_fit_detail(arch: Architecture, model: str, workload: Workload | None
 
         low, high = _bracket(fits, _first_guess(run, what, cap.bytes, top), top)
         while high - low > 1:
-            prefetch(_bisection_points(low, high, pool.workers if pool.parallel else 1))
+            prefetch(_bisection_points(low, high, pool.batch_size))
             middle = (low + high) // 2
             low, high = (middle, high) if fits(middle) else (low, middle)
         edge = low
         if high <= top:
-            low, high = _walk_down(fits, prefetch, pool.workers if pool.parallel else 1, low, high)
+            low, high = _walk_down(fits, prefetch, pool.batch_size, low, high)
     fail = failures.get(high)
     return LargestFit(what=what, value=low, allocator=mode, capacity_bytes=cap.bytes, capacity_why=cap.why,
                       replays=len(seen), limit=top, fails_from=high if high <= top else None,

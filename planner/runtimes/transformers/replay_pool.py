@@ -62,19 +62,23 @@ class ReplayPool:
         self.replay = replay
         self.workers = workers
         self.slow = False
-        self._slow_after = SLOW_REPLAY_SECONDS
         self._executor: ProcessPoolExecutor | None = None
 
     def timed(self, value: int) -> Any:
         """One replay here; a slow one turns the workers on for the next."""
         started = time.perf_counter()
         result = self.replay(value)
-        self.slow = self.slow or time.perf_counter() - started >= self._slow_after
+        self.slow = self.slow or time.perf_counter() - started >= SLOW_REPLAY_SECONDS
         return result
 
     @property
     def parallel(self) -> bool:
         return self.slow and self.workers > 1
+
+    @property
+    def batch_size(self) -> int:
+        """How many replays one step of a search should ask for at once."""
+        return self.workers if self.parallel else 1
 
     def map(self, values: Iterable[int]) -> list[Any]:
         values = list(values)
