@@ -222,6 +222,8 @@ class CachingAllocator:
     _lowest_address: int = TOP_OF_ADDRESS_SPACE - SMALL_SEGMENTS_RANGE
     _small_address: int = TOP_OF_ADDRESS_SPACE
     _released: list[tuple[int, int]] = field(default_factory=list)  # address ranges released segments left
+    # the same ranges as (length, start, end): the few longer than a new segment are found by bisection
+    _released_by_length: list[tuple[int, int, int]] = field(default_factory=list)
     _next_handle: int = 0
 
     def malloc(self, nbytes: int, label: str | tuple[str, str] = "") -> int:
@@ -320,16 +322,20 @@ class CachingAllocator:
         if size < VA_ALIGN:  # small segments lie apart, above the large ones, newest lowest
             self._small_address -= size + ROUND_LARGE
             return self._small_address
-        for index in range(len(self._released) - 1, -1, -1):  # ordered by address: highest first
-            start, end = self._released[index]
+        longer = self._released_by_length
+        highest = None  # the highest range strictly longer than the segment whose aligned top holds it
+        for _, start, end in longer[bisect.bisect_right(longer, (size, TOP_OF_ADDRESS_SPACE)):]:
+            if (end - size) // VA_ALIGN * VA_ALIGN >= start and (highest is None or start > highest[0]):
+                highest = (start, end)
+        if highest is not None:
+            start, end = highest
             address = (end - size) // VA_ALIGN * VA_ALIGN
-            if end - start > size and address >= start:
-                del self._released[index]
-                if address > start:
-                    bisect.insort(self._released, (start, address))
-                if address + size < end:
-                    bisect.insort(self._released, (address + size, end))
-                return address
+            self._drop_range(start, end)
+            if address > start:
+                self._add_range(start, address)
+            if address + size < end:
+                self._add_range(address + size, end)
+            return address
         self._lowest_address = (self._lowest_address - size) // VA_ALIGN * VA_ALIGN
         return self._lowest_address
 
@@ -338,10 +344,20 @@ class CachingAllocator:
         start, end = address, address + size
         index = bisect.bisect_left(self._released, (start, end))
         if index < len(self._released) and self._released[index][0] == end:
-            end = self._released.pop(index)[1]
+            end = self._released[index][1]
+            self._drop_range(address + size, end)
         if index > 0 and self._released[index - 1][1] == start:
-            start = self._released.pop(index - 1)[0]
+            start = self._released[index - 1][0]
+            self._drop_range(start, address)
+        self._add_range(start, end)
+
+    def _add_range(self, start: int, end: int) -> None:
         bisect.insort(self._released, (start, end))
+        bisect.insort(self._released_by_length, (end - start, start, end))
+
+    def _drop_range(self, start: int, end: int) -> None:
+        del self._released[bisect.bisect_left(self._released, (start, end))]
+        del self._released_by_length[bisect.bisect_left(self._released_by_length, (end - start, start, end))]
 
     def _reserve(self, nbytes: int) -> None:
         self.reserved += nbytes
