@@ -222,8 +222,7 @@ class CachingAllocator:
     _lowest_address: int = TOP_OF_ADDRESS_SPACE - SMALL_SEGMENTS_RANGE
     _small_address: int = TOP_OF_ADDRESS_SPACE
     _released: list[tuple[int, int]] = field(default_factory=list)  # address ranges released segments left
-    # the same ranges as (length, start, end): the few longer than a new segment are found by bisection
-    _released_by_length: list[tuple[int, int, int]] = field(default_factory=list)
+    _released_by_length: list[tuple[int, int, int]] = field(default_factory=list)  # the same, (length, start, end)
     _next_handle: int = 0
 
     def malloc(self, nbytes: int, label: str | tuple[str, str] = "") -> int:
@@ -322,19 +321,16 @@ class CachingAllocator:
         if size < VA_ALIGN:  # small segments lie apart, above the large ones, newest lowest
             self._small_address -= size + ROUND_LARGE
             return self._small_address
-        longer = self._released_by_length
-        highest = None  # the highest range strictly longer than the segment whose aligned top holds it
-        for _, start, end in longer[bisect.bisect_right(longer, (size, TOP_OF_ADDRESS_SPACE)):]:
-            if (end - size) // VA_ALIGN * VA_ALIGN >= start and (highest is None or start > highest[0]):
-                highest = (start, end)
-        if highest is not None:
-            start, end = highest
+        longer = self._released_by_length  # bisected: the few ranges strictly longer than the segment
+        fitting = [(start, end) for _, start, end in longer[bisect.bisect_right(longer, (size, TOP_OF_ADDRESS_SPACE)):]
+                   if (end - size) // VA_ALIGN * VA_ALIGN >= start]  # whose aligned top holds it
+        if fitting:
+            start, end = max(fitting)  # the highest
             address = (end - size) // VA_ALIGN * VA_ALIGN
             self._drop_range(start, end)
-            if address > start:
-                self._add_range(start, address)
-            if address + size < end:
-                self._add_range(address + size, end)
+            for rest_start, rest_end in ((start, address), (address + size, end)):  # what is left either side
+                if rest_end > rest_start:
+                    self._add_range(rest_start, rest_end)
             return address
         self._lowest_address = (self._lowest_address - size) // VA_ALIGN * VA_ALIGN
         return self._lowest_address
