@@ -369,12 +369,16 @@ def test_released_ranges_are_reused_highest_first_and_never_exactly():
     inside = alloc._live[alloc.malloc(600 * mib)].address
     top = addresses["first"] + 640 * mib
     assert inside == (top - 600 * mib) // VA_ALIGN * VA_ALIGN  # at the merged range's top
-    # the by-length index the lookup bisects holds exactly the released ranges
-    assert alloc._released_by_length == sorted((end - start, start, end) for start, end in alloc._released)
+    assert _index_mirrors_the_ranges(alloc)  # the by-length index the lookup bisects
     assert alloc._released  # the split left the rest of the merged range released
 
 
-def test_the_released_ranges_index_follows_a_long_generation():
+def _index_mirrors_the_ranges(alloc) -> bool:
+    """The released ranges by length hold exactly the ranges by address."""
+    return alloc._released_by_length == sorted((end - start, start, end) for start, end in alloc._released)
+
+
+def test_the_released_ranges_index_follows_a_long_generation(monkeypatch):
     """Qwen3-0.6B's 512 + 512 trace releases and reuses ranges 1,400 times: the index by length the
     segment lookup bisects stays the address list's mirror throughout."""
     from vramplan.runtimes import allocator
@@ -386,16 +390,11 @@ def test_the_released_ranges_index_follows_a_long_generation():
         def _new_range(self, size: int) -> int:
             address = super()._new_range(size)
             if size >= allocator.VA_ALIGN and self._released and len(checks) < 400:
-                checks.append(self._released_by_length
-                              == sorted((end - start, start, end) for start, end in self._released))
+                checks.append(_index_mirrors_the_ranges(self))
             return address
 
     import vramplan.validate.traces as traces
 
-    original = traces.CachingAllocator
-    traces.CachingAllocator = Checked
-    try:
-        replay(trace, **_limits(trace))
-    finally:
-        traces.CachingAllocator = original
+    monkeypatch.setattr(traces, "CachingAllocator", Checked)
+    replay(trace, **_limits(trace))
     assert len(checks) == 400 and all(checks)
