@@ -335,8 +335,20 @@ def plan_maximum(model: str, gpu: str, what: str, *, revision: str | None = None
         notes.append(f"capped at the model's {limit} positions (max_position_embeddings); the GPU would hold more.")
     if not kind.measured:
         notes.append(f"no committed rows measured {kind.name}: its memory outside torch is the H100 figure.")
+    notes += _kernel_limit_notes(arch, request.precisions[0])
     return MaximumReport(model=source.name, gpu=kind.name, what=what, request=request, limit=limit, layouts=rows,
                          notes=notes)
+
+
+def _kernel_limit_notes(arch: Architecture, precision_name: str) -> list[str]:
+    """What bounds a plan's values whatever the memory (runtimes/transformers/kernel_limits.py)."""
+    from .runtimes.transformers.kernel_limits import token_limit
+
+    known = precision_name in precision_catalog().precisions
+    limit = token_limit(arch, known_precision(precision_name)) if known else None
+    if limit is None:
+        return []
+    return [f"{limit.why()}; a tensor-parallel rank's narrower Linears allow more tokens."]
 
 
 def memory_series(model: str, axis: str = "context", precisions: list[str] | None = None,
@@ -423,4 +435,4 @@ def estimate_maximum(model: str, workload: Workload, what: str, gpu: str, precis
                            largest=fit.value, capacity_bytes=fit.capacity_bytes, capacity_why=fit.capacity_why,
                            fails_from=fit.fails_from, fails_at=fit.fails_at, also_runs=fit.also_runs,
                            largest_other_allocator=alt.value,
-                           limit=fit.limit, notes=[beyond + "."] if beyond else [])
+                           limit=fit.limit, limit_why=fit.limit_why, notes=[beyond + "."] if beyond else [])

@@ -161,6 +161,8 @@ def estimate_text(est: Estimate) -> str:
     lines += _table(["term", unit, "why"], rows, [False, True, False])
     if est.verdict:
         lines += ["", *_wrap(verdict_lines(est.verdict))]
+    elif est.kernel_limit:
+        lines += ["", *_wrap([f"does NOT run, whatever the memory: {est.kernel_limit}"])]
     lines += _notes(est.notes)
     lines += _wrap([f"({unit} = 2^{30 if unit == 'GiB' else 20} bytes; runtime terms calibrated on "
                     f"{est.calibrated_with['gpu']}, torch {est.calibrated_with['torch']}, "
@@ -172,10 +174,12 @@ def verdict_lines(v) -> list[str]:
     """Will it run: the replay of the run's requests through the caching allocator at the GPU's
     capacity, where it fails, and whether expandable segments change the answer."""
     vunit, vfmt = byte_unit([v.memory_bytes])
-    verdict = "fits" if v.fits else "does NOT fit"
+    verdict = "fits" if v.fits else "does NOT run" if v.kernel_limit else "does NOT fit"
     capacity = f", capacity for torch {vfmt(v.capacity_bytes)} {vunit}" if v.capacity_bytes else ""
     lines = [f"{v.gpu} ({vfmt(v.memory_bytes)} {vunit}{capacity}, {v.allocator} allocator): {verdict}, "
              f"headroom {vfmt(v.headroom_bytes)} {vunit}"]
+    if v.kernel_limit:
+        lines.append(f"  it fails whatever the memory: {v.kernel_limit}")
     if not v.fits and v.fails_at:
         unusable = (f", with {vfmt(v.reserved_unusable_bytes)} {vunit} reserved but unusable"
                     if v.reserved_unusable_bytes else "")
@@ -204,9 +208,11 @@ def fit_text(fit: EstimateMaximum) -> str:
     else:
         head = f"{fit.model} on {fit.gpu}: the largest {what} that runs is {fit.largest}"
         if fit.largest >= fit.limit:
-            head += f" (the search's bound: {fit.limit})"
+            head += " (a kernel's limit: below)" if fit.limit_why else f" (the search's bound: {fit.limit})"
     lines = [head + f", {fit.allocator} allocator, capacity {fmt(fit.capacity_bytes)} {unit} ({fit.capacity_why})."]
-    if fit.fails_from is not None and fit.fails_at:
+    if fit.limit_why and fit.largest >= fit.limit:
+        lines.append(f"Beyond {fit.limit} the run fails whatever the memory: {fit.limit_why}.")
+    elif fit.fails_from is not None and fit.fails_at:
         lines.append(f"At {fit.fails_from} the caching allocator runs out of memory at {fit.fails_at}.")
     if fit.also_runs is not None:
         lines.append(f"Some larger values run again (e.g. {fit.also_runs}): near capacity the allocator's 2 MiB "

@@ -39,6 +39,8 @@ class Verdict(Frozen):
     reserved_unusable_bytes: int | None = None  # reserved but unallocated when it failed
     fits_with_expandable_segments: bool | None = None  # under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     alloc_retries: int = 0  # times the replay's allocator released its cache and retried (cudaMalloc retries)
+    # why the run fails whatever the memory (a kernel's 32-bit indices it passes: kernel_limits.py)
+    kernel_limit: str | None = None
 
 
 class Estimate(Frozen):
@@ -59,6 +61,8 @@ class Estimate(Frozen):
     breakdown: list[BreakdownTerm]
     notes: list[str]
     verdict: Verdict | None = None
+    # why the run fails whatever the memory, GPU or not (a kernel's 32-bit indices it passes)
+    kernel_limit: str | None = None
     checkpoint_bytes: int | None = None  # what the checkpoint's safetensors store, when known
     calibrated_with: dict[str, str]
 
@@ -116,4 +120,5 @@ class EstimateMaximum(Frozen):
     also_runs: int | None = None
     largest_other_allocator: int | None = None  # under the other mode (expandable when default was asked)
     limit: int  # the model's positions or the search's bound
+    limit_why: str | None = None  # when a kernel's indices set `limit` (kernel_limits.py)
     notes: list[str] = Field(default_factory=list)

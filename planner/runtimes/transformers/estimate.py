@@ -28,7 +28,7 @@ from ...request import PrecisionChoice, Workload
 from ...result import BreakdownTerm, Estimate, Verdict
 from ...weights import WeightBreakdown, allocation_sizes, resolve_precision, weight_breakdown
 from ..allocator import capacity, decode_growth
-from . import attention, kv_cache, overhead, sequence
+from . import attention, kernel_limits, kv_cache, overhead, sequence
 from .activations import Point, RunSpec, decode_point, prefill_points
 from .decode_replay import replayed_steps
 from .kv_cache import KvFormat
@@ -195,7 +195,11 @@ VerdictDepth = Literal["advice", "fits", "none"]
 
 
 def _verdict(gpu: Gpu, capacity: int, mode: str, runs: dict[str, sequence.SimulatedRun], allocated: int,
-             load_peak: int) -> Verdict:
+             load_peak: int, kernel_limit: str | None = None) -> Verdict:
+    if kernel_limit is not None:  # fails whatever the memory: under either allocator
+        return Verdict(gpu=gpu.name, memory_bytes=gpu.memory_bytes, fits=False, allocator=mode,
+                       headroom_bytes=capacity - max(allocated, load_peak), capacity_bytes=capacity,
+                       fits_with_expandable_segments=False, kernel_limit=kernel_limit)
     if mode not in runs:  # not replayed ("fits"): the peaks alone exceed the capacity
         return Verdict(gpu=gpu.name, memory_bytes=gpu.memory_bytes, fits=False, allocator=mode,
                        headroom_bytes=capacity - max(allocated, load_peak), capacity_bytes=capacity,
@@ -288,6 +292,7 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     layout = _family_layout(arch, profile)
     spec = run_spec(arch, workload, weights, chosen, compute)  # pre-quantized: activations like a dtype
     peak = max(candidate_points(arch, layout, spec), key=lambda p: p.total)
+    kernel_limit = kernel_limits.passed_limit(arch, chosen, spec.batch * spec.prompt_len)
 
     fixed = fixed_terms(arch, weights, chosen, compute, profile, workload)
     runtime_terms = [BreakdownTerm(name=t.name, bytes=t.bytes, why=t.why, scope="allocated", group="runtime")
@@ -338,7 +343,7 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     judged = None
     if gpu is not None and limit is not None:
         judged = _verdict(gpu, limit.after(workload.decode_forwards), workload.allocator, at_capacity, allocated,
-                           load_peak)
+                          load_peak, kernel_limit)
     notes = list(arch.notes)
     notes += _precision_notes(arch, chosen, choice)
     notes += _moe_notes(arch, chosen, peak.kind)
@@ -376,7 +381,7 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
         peak_device_bytes=device, load_peak_allocated_bytes=load_peak,
         breakdown=[t for t in (*fixed, *runtime_terms, *device_terms) if t.bytes > 0],
         notes=notes + _checkpoint_notes(arch, stored, weights),
-        verdict=judged,
+        verdict=judged, kernel_limit=kernel_limit,
         checkpoint_bytes=sum(nbytes for nbytes, _ in stored.values()) if stored else None,
         calibrated_with=profile.measured_with.model_dump(),
     )

@@ -24,7 +24,7 @@ from ...model.spec import Architecture
 from ...request import MAX_BATCH, MAX_TOKENS, AllocatorMode, PrecisionChoice, Workload
 from ...weights import allocation_sizes, resolve_precision, weight_breakdown
 from ..allocator import Capacity, capacity
-from . import attention, overhead, sequence
+from . import attention, kernel_limits, overhead, sequence
 from .replay_pool import ReplayPool, worker_count
 from .sequence import SimulatedRun
 
@@ -49,6 +49,11 @@ class _Run:
         self._run_spec = run_spec
         self.profile = profile
         self.bitsandbytes = self.chosen.kind.startswith("bnb")
+
+    def forward_tokens(self, workload: Workload) -> int:
+        """The most tokens one forward of the run takes (the prefill's batch x prompt)."""
+        spec = self._run_spec(self.arch, workload, self.weights, self.chosen, self.compute)
+        return spec.batch * spec.prompt_len
 
     def capacity(self, gpu: Gpu, fitted: Calibration | None) -> Capacity:
         spec = self._run_spec(self.arch, self.workload, self.weights, self.chosen, self.compute)
@@ -96,6 +101,7 @@ class LargestFit(Frozen):
     capacity_why: str
     replays: int
     limit: int
+    limit_why: str | None = None  # when a kernel's indices set `limit` (kernel_limits.py)
     # the smallest value tried that did not fit, and where its replay failed
     fails_from: int | None = None
     fails_at: str | None = None
@@ -121,6 +127,10 @@ def largest_fit_detail(arch: Architecture, model: str, workload: Workload | None
     top = limit or (MAX_BATCH if what == "batch" else MAX_TOKENS)
     if what == "prompt_len" and arch.max_positions is not None and arch.encoder is None:
         top = min(top, arch.max_positions - run.workload.new_tokens)
+    top, limit_why = _within_kernel_limits(run, what, top)
+    if top < 1:  # not even 1 stays within the kernels' indices
+        return LargestFit(what=what, value=0, allocator=mode, capacity_bytes=cap.bytes, capacity_why=cap.why,
+                          replays=0, limit=0, limit_why=limit_why, fails_from=1, fails_at=limit_why)
     failures: dict[int, SimulatedRun] = {}
     seen: dict[int, bool] = {}
 
@@ -155,7 +165,7 @@ def largest_fit_detail(arch: Architecture, model: str, workload: Workload | None
             low, high = _walk_down(fits, prefetch, pool.batch_size, low, high)
     fail = failures.get(high)
     return LargestFit(what=what, value=low, allocator=mode, capacity_bytes=cap.bytes, capacity_why=cap.why,
-                      replays=len(seen), limit=top, fails_from=high if high <= top else None,
+                      replays=len(seen), limit=top, limit_why=limit_why, fails_from=high if high <= top else None,
                       fails_at=fail.failed_at if fail else None, also_runs=edge if edge > low else None)
 
 
@@ -163,6 +173,20 @@ def largest_fit(arch: Architecture, model: str, workload: Workload | None, choic
                 gpu: Gpu, what: FitAxis = "batch", **options) -> int:
     """The largest batch or prompt length whose replay completes on `gpu` (0: none does)."""
     return largest_fit_detail(arch, model, workload, choice, gpu, what, **options).value
+
+
+def _within_kernel_limits(run: _Run, what: FitAxis, top: int) -> tuple[int, str | None]:
+    """The search's bound lowered to the last value whose forward stays within its kernels'
+    indices (kernel_limits.py), and why; else (top, None)."""
+    limit = kernel_limits.token_limit(run.arch, run.chosen)
+    if limit is None or run.forward_tokens(run.workload.model_copy(update={what: top})) <= limit.tokens:
+        return top, None
+    low, high = 0, top  # forward_tokens grows with the value: bisect the last one within the limit
+    while high - low > 1:
+        middle = (low + high) // 2
+        within = run.forward_tokens(run.workload.model_copy(update={what: middle})) <= limit.tokens
+        low, high = (middle, high) if within else (low, middle)
+    return low, limit.why()
 
 
 def _bracket(fits, guess: int, top: int) -> tuple[int, int]:

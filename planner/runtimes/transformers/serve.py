@@ -104,7 +104,9 @@ def plan_transformers(arch: Architecture, model: str, request: PlanRequest, prec
         batch = -(-k // replicas)
         stages = transformers_layout(arch, model, request, precision, gpu, tp, pp, batch)
         # the replay at capacity decides (the caching allocator's own rules); the device total must fit too
-        if all((e.verdict is None or e.verdict.fits) and e.peak_device_bytes <= gpu.memory_bytes for e in stages):
+        # (and no kernel's indices overflowed: kernel_limits)
+        if all(e.kernel_limit is None and (e.verdict is None or e.verdict.fits)
+               and e.peak_device_bytes <= gpu.memory_bytes for e in stages):
             return _plan_from_stages(stages, gpu, tp, pp, replicas, precision, "transformers", arch,
                                      batch_per_replica=batch)
         return None
