@@ -15,6 +15,7 @@ from vramplan.validate.edgecheck import (
 )
 from vramplan.validate.edgecheck import case_id as _case_id
 from vramplan.validate.edgecheck import estimate as _estimate
+from vramplan.validate.edgecheck import gpu as _gpu
 from vramplan.validate.edgecheck import trial_id as _trial_id
 from vramplan.validate.edgecheck import workload as _workload
 
@@ -178,7 +179,12 @@ KNOWN_FAILURE_GAPS: dict[str, str] = {
                                     "tests/configs/falcon-h1-tiny-90m.json-bf16-sdpa-n4096-default-b22")}
 KNOWN_FAILURE_GAPS[f"{SMOLLM2_EXPANDABLE_RUN}-b1414"] = SMOLLM2_EXPANDABLE
 KNOWN_DEVICE_GAPS: dict[str, str] = {}
-KNOWN_SMALL_DEVICE_GAPS: dict[str, str] = {}
+KNOWN_SMALL_DEVICE_GAPS: dict[str, str] = {
+    # blind edge-h100-2: its allocated peak is within 1%, its reserve is not
+    "qwen2.5-0.5b-int8-sdpa-n4096-default-b107-h100": (
+        "bitsandbytes int8's Linear temporaries (the input's fp16 copy, its int8 rows and outlier mask, the int32 "
+        "product and its fp16 dequantization) are not replayed: the reserve is 2.7 GiB said, 6.6 GiB measured"),
+}
 
 
 def _h200():
@@ -311,7 +317,7 @@ def test_the_replay_fails_at_the_request_the_gpu_failed_at(row):
 
     case = row["case"]
     run = replay_at_capacity(_architecture(case), _workload(case), PrecisionChoice(name=case["precision"]),
-                             _h200(), case["allocator"])
+                             _gpu(row), case["allocator"])
     assert not run.completed
     tried = row["oom"]["tried_to_allocate_bytes"]
     unit = GIB if tried >= GIB else MIB

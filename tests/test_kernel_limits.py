@@ -74,14 +74,15 @@ def test_a_plan_stops_at_the_limit_too():
     assert any("32-bit" in note for note in best.notes)
 
 
-INT8_CRASHES = [r for r in committed_rows() if r.get("kind") == "edge" and r["case"]["precision"] == "int8"
-                and r.get("status") == "error" and "illegal memory access" in r.get("error", "")]
+INT8_FAILURES = [r for r in committed_rows() if r.get("kind") == "edge" and r["case"]["precision"] == "int8"
+                 and r.get("status") in ("error", "crashed")]
 
 
-def test_the_committed_int8_crash_is_the_limit():
-    """Qwen2.5-0.5B in int8, batch 655 x 4096 tokens on the H200: an illegal memory access."""
-    assert INT8_CRASHES
-    for row in INT8_CRASHES:
+def test_every_committed_int8_failure_is_the_limit():
+    """Edge trials in int8 that stopped without an out-of-memory (the first: Qwen2.5-0.5B, batch 655 x
+    4096 tokens on the H200, an illegal memory access) are past the limit."""
+    assert any("illegal memory access" in r.get("error", "") for r in INT8_FAILURES)
+    for row in INT8_FAILURES:
         est = _estimate(row)
         assert est.kernel_limit is not None and not est.verdict.fits
 

@@ -33,7 +33,9 @@ def case_id(case: dict[str, Any]) -> str:
 
 
 def trial_id(row: dict[str, Any]) -> str:
-    return f"{case_id(row['case'])}-b{row['case']['batch']}"
+    """The case and its batch, and the GPU when it is not the H200 (where most rows ran)."""
+    name = gpu(row).name
+    return f"{case_id(row['case'])}-b{row['case']['batch']}" + ("" if name == "H200" else f"-{name.lower()}")
 
 
 def architecture(case: dict[str, Any]) -> Architecture:
@@ -46,6 +48,7 @@ def workload(case: dict[str, Any]) -> Workload:
 
 
 def gpu(row: dict[str, Any] | None = None) -> Gpu:
+    """The GPU a row ran on (its env); the H200 for a row without one (every search summary so far)."""
     name = (row or {}).get("env", {}).get("gpu", "H200").replace("NVIDIA ", "")
     return gpu_catalog().find(name)
 
@@ -63,12 +66,15 @@ def decode_kernel(row: dict[str, Any]) -> str:
 def predicted_boundary(search: dict[str, Any], workers: int | None = None) -> LargestFit:
     case = search["case"]
     return largest_fit_detail(architecture(case), case["model"], workload(case),
-                              PrecisionChoice(name=case["precision"]), gpu(), FIELD[search["what"]], workers=workers)
+                              PrecisionChoice(name=case["precision"]), gpu(search), FIELD[search["what"]],
+                              workers=workers)
 
 
-def _shape_key(case: dict[str, Any], what: str) -> str:
-    """A case without the value a search varies: the key that groups a search with its trials."""
-    return json.dumps([{k: v for k, v in case.items() if k != FIELD[what]}, what], sort_keys=True)
+def _shape_key(row: dict[str, Any], what: str) -> str:
+    """A row's GPU and case without the value a search varies: the key that groups a search with its
+    trials."""
+    case = row["case"]
+    return json.dumps([gpu(row).name, {k: v for k, v in case.items() if k != FIELD[what]}, what], sort_keys=True)
 
 
 def merged_searches(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -82,7 +88,7 @@ def merged_searches(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         if row.get("kind") != "edge-search":
             continue
-        key = _shape_key(row["case"], row["what"])
+        key = _shape_key(row, row["what"])
         seen = merged.get(key)
         if seen is None:
             merged[key] = {**row, "oks": set(), "ooms": set()}
@@ -95,7 +101,7 @@ def merged_searches(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if row.get("kind") != "edge" or row.get("status") not in ("ok", "oom"):
             continue
         for what in FIELD:
-            search = merged.get(_shape_key(row["case"], what))
+            search = merged.get(_shape_key(row, what))
             if search is not None:
                 search["oks" if row["status"] == "ok" else "ooms"].add(row["case"][FIELD[what]])
     for search in merged.values():
@@ -117,7 +123,7 @@ def boundary_holds(search: dict[str, Any], predicted: int) -> bool:
 def estimate(row: dict[str, Any]) -> Estimate:
     case = row["case"]
     return estimate_architecture(architecture(case), case["model"], workload(case),
-                                 PrecisionChoice(name=case["precision"]), gpu())
+                                 PrecisionChoice(name=case["precision"]), gpu(row))
 
 
 def measured_peak_device(row: dict[str, Any]) -> int:
