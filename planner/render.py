@@ -187,9 +187,10 @@ def verdict_lines(v) -> list[str]:
     if v.fits and v.alloc_retries >= MANY_RETRIES:
         lines.append(f"  it fits only after the caching allocator releases its cache and retries ({v.alloc_retries}x), "
                      "as a long generation's growing cache makes it: there blind runs held to the sequence with the "
-                     "default allocator (Qwen3-0.6B, 512+512 tokens: said 1054, 1054 ran, 1055 did not) and were up "
-                     "to 2 sequences optimistic with expandable segments (SmolLM2-1.7B, 256+256: said 1415, 1413 ran); "
-                     "leave a few sequences' margin (README, \"Will it run?\")")
+                     "default allocator (Qwen3-0.6B, 512+512 tokens: said 1054, 1054 ran, 1055 did not) and with "
+                     "expandable segments (SmolLM2-1.7B, 256+256: 1413 said and ran, 1414 did not), but the "
+                     "driver's placement of the memory decides: leave a sequence or two of margin (README, "
+                     "\"Will it run?\")")
     elif v.fits and v.alloc_retries:
         lines.append(f"  it fits only after the caching allocator releases its cache and retries ({v.alloc_retries}x): "
                      "there the driver's placement of the new segments decides, and a run can differ by a "

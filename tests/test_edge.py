@@ -155,17 +155,8 @@ QWEN3_NEXT_L8_RUN = "qwen3-next-80b-a3b-instruct-l8-bf16-sdpa-n1024-default"
 KNOWN_SEARCH_GAPS: dict[str, str] = {
     QWEN3_NEXT_L8_RUN: QWEN3_NEXT_L8,
 }
-SMOLLM2_LONG_RUN = "smollm2-1.7b-bf16-sdpa-n256-t256-default"
-SMOLLM2_EXPANDABLE = ("a long generation under expandable segments (blind edge-h200-33): the GPU ran batch 1413 "
-                      "and not 1414, its last decode steps' cache cat finding no pages to map; with every decode "
-                      "layer's requests replayed (the traced decode step, from the edge-h200-38 trace) the replay "
-                      "completes 1414 and 1415 and fails from 1416, two sequences optimistic in 1414; the "
-                      "default allocator's searches of the same shape hold")
-SMOLLM2_EXPANDABLE_RUN = SMOLLM2_LONG_RUN.replace("-default", "-expandable")
-KNOWN_SEARCH_GAPS[SMOLLM2_EXPANDABLE_RUN] = SMOLLM2_EXPANDABLE
 KNOWN_TRIAL_GAPS: dict[str, str] = {
     f"{QWEN3_NEXT_L8_RUN}-b380": QWEN3_NEXT_L8,
-    f"{SMOLLM2_EXPANDABLE_RUN}-b1414": SMOLLM2_EXPANDABLE,
 }
 # blind edge-h200-39: said 77951 tokens fit with 2.6 MiB to spare; the GPU's cudaMalloc refused the sliding
 # layer's 45.27 GiB additive mask with 8.7 MiB free (beyond the driver's 3.125 MiB the capacity keeps)
@@ -177,7 +168,6 @@ KNOWN_FAILURE_GAPS: dict[str, str] = {
     trial: UNREPLAYED for trial in ("tests/configs/jamba-v0.1.json-l8-bf16-sdpa-n2048-default-b34",
                                     "tests/configs/granite-4.0-h-small.json-l6-bf16-sdpa-n1024-default-b8",
                                     "tests/configs/falcon-h1-tiny-90m.json-bf16-sdpa-n4096-default-b22")}
-KNOWN_FAILURE_GAPS[f"{SMOLLM2_EXPANDABLE_RUN}-b1414"] = SMOLLM2_EXPANDABLE
 KNOWN_DEVICE_GAPS: dict[str, str] = {}
 KNOWN_SMALL_DEVICE_GAPS: dict[str, str] = {
     # blind edge-h100-2: its allocated peak is within 1%, its reserve is not

@@ -48,6 +48,9 @@ class TraceReplay:
     gpu_tried_bytes: int | None  # the GPU's failing request, as the trace records it
     peak_reserved: int
     peak_allocated: int
+    # the first request above 1 MiB the model places elsewhere than the GPU did, by offset from the
+    # first such request (None: every one where the GPU put it, or a trace without addresses)
+    first_misplaced: int | None = None
 
 
 def replay(trace: dict[str, Any], capacity: int | None = None, follow_gpu_releases: bool = False,
@@ -64,6 +67,9 @@ def replay(trace: dict[str, Any], capacity: int | None = None, follow_gpu_releas
     first_disagreement = None
     gpu_oom = False
     model_oom_at = model_tried = gpu_tried = None
+    addresses = trace.get("addresses")
+    first_large: tuple[int, int] | None = None  # (the GPU's address, the model's) of the first large request
+    first_misplaced = None
     for index, (action, block, size, _) in enumerate(trace["events"]):
         if action in SEGMENT_GROWS:
             gpu_reserved += size
@@ -86,6 +92,11 @@ def replay(trace: dict[str, Any], capacity: int | None = None, follow_gpu_releas
             except OutOfMemory as oom:
                 model_oom_at, model_tried = index, oom.tried
                 break
+            if addresses and size > 1 << 20 and first_misplaced is None:
+                placed = (addresses[index], model._live[handles[block]].address)  # the model's block, read in place
+                first_large = first_large or placed
+                if placed[0] - first_large[0] != placed[1] - first_large[1]:
+                    first_misplaced = index
         elif action == "free_completed" and block in handles:
             model.free(handles.pop(block))
         if first_disagreement is None and model.reserved != gpu_reserved:
@@ -94,4 +105,4 @@ def replay(trace: dict[str, Any], capacity: int | None = None, follow_gpu_releas
                        first_disagreement=first_disagreement, gpu_out_of_memory=gpu_oom,
                        model_out_of_memory_at=model_oom_at, model_tried_bytes=model_tried,
                        gpu_tried_bytes=gpu_tried, peak_reserved=model.peak_reserved,
-                       peak_allocated=model.peak_allocated)
+                       peak_allocated=model.peak_allocated, first_misplaced=first_misplaced)

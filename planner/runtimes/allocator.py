@@ -37,13 +37,12 @@ holes. Best fit counts the unmapped range behind a free block as part of it, and
 larger blocks while their "expandable size" is smaller (get_free_block); without a free block,
 the first hole by address from which a run of free and unmapped blocks holds the request is
 mapped, piece by piece (find_expandable_block, try_allocate_expandable_block); a run whose
-pages would pass the range's end starts another segment.
+pages would pass the range's end starts another segment, right above the last one.
 
 Reserved memory is the sum of the segments (the mapped pages). Fed the requests of the edge
-trials as the H200 recorded them (tests/test_edge_traces.py), the simulation reserves what
-the GPU reserved after every request, and runs out of memory at the request the GPU ran out
-at (67 of 71 traces; the others are listed there with what they show); how well it predicts
-a run the planner replays depends on the planner's request sequence.
+trials as the GPU recorded them (tests/test_edge_traces.py), the simulation reserves what the
+GPU reserved after every request and runs out of memory at the request the GPU ran out at,
+but for the traces listed there with what they show.
 """
 
 from __future__ import annotations
@@ -99,8 +98,8 @@ def decode_growth(fitted: Calibration, kernel: str | None) -> tuple[int, str]:
     entry = fitted.decode_outside_torch_per_step.get(kernel) if kernel else None
     if entry is None or entry.bytes == 0:
         return 0, ""
-    return entry.bytes, (f", less {entry.bytes / 2**10:.0f} KiB per decode step: {kernel} attention's graphs "
-                         f"outside torch (median of {entry.samples} long generations)")
+    return entry.bytes, f", less {entry.bytes / 2**10:.0f} KiB per decode step: {kernel} attention's graphs " \
+        f"outside torch (median of {entry.samples} long generations)"
 
 
 def capacity(gpu: Gpu, fitted: Calibration | None = None, bitsandbytes: bool = False,
@@ -214,8 +213,7 @@ class CachingAllocator:
     least_spare: int | None = None  # under a capacity: the least it ever exceeded the reserve by
     num_alloc_retries: int = 0
     num_ooms: int = 0
-    # the free blocks of each pool (small: True), as (size, address, block) in the order of the
-    # allocator's std::set; no two share a size and an address, so the block is never compared
+    # each pool's free blocks (small: True) as (size, address, block), the std::set's order (no ties)
     _free: dict[bool, list[tuple[int, int, _Block]]] = field(default_factory=lambda: {True: [], False: []})
     _live: dict[int, _Block] = field(default_factory=dict)
     _unmapped: dict[bool, list[_Block]] = field(default_factory=lambda: {True: [], False: []})
@@ -223,6 +221,7 @@ class CachingAllocator:
     _small_address: int = TOP_OF_ADDRESS_SPACE
     _released: list[tuple[int, int]] = field(default_factory=list)  # address ranges released segments left
     _released_by_length: list[tuple[int, int, int]] = field(default_factory=list)  # the same, (length, start, end)
+    _expandable_end: dict[bool, int] = field(default_factory=dict)  # each pool's last expandable range's end
     _next_handle: int = 0
 
     def malloc(self, nbytes: int, label: str | tuple[str, str] = "") -> int:
@@ -362,9 +361,8 @@ class CachingAllocator:
 
     def shrink_capacity(self, nbytes: int) -> None:
         """What outside torch grew by is no longer the allocator's to reserve."""
-        if self.capacity is not None:
-            self.capacity -= nbytes
-            self._note_spare()
+        self.capacity = None if self.capacity is None else self.capacity - nbytes
+        self._note_spare()
 
     def _note_spare(self) -> None:
         if self.capacity is not None:
@@ -382,8 +380,10 @@ class CachingAllocator:
         the request, and the pieces mapped before it stay mapped (and free)."""
         unmapped = self._unmapped[small]
         candidate = next((c for c in self._candidates(small) if self._run_holds(c, size)), None)
-        if candidate is None:
-            address = self._new_range(self.address_space)
+        if candidate is None:  # another range: the first where segments go, each later one right above the
+            end = self._expandable_end.get(small)  # last (the addresses of the H100 trace in edge-h100-1)
+            address = self._new_range(self.address_space) if end is None else -(-end // VA_ALIGN) * VA_ALIGN
+            self._expandable_end[small] = address + self.address_space
             candidate = _Block(address, self.address_space, address, small, True, mapped=False)
             unmapped.append(candidate)
         if not candidate.mapped:
