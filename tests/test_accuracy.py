@@ -29,7 +29,8 @@ KNOWN_DEVICE_GAPS = {
         "this H100 row reserved 7,358 MiB and allocated 128 KiB more at its peak than the H200, where the same "
         "case reserves 6,512 MiB whether run fresh (edge protocol, edge-h200-7 trace) or after the H100 worker's "
         "own earlier cases (h200-history.jsonl: not the worker's history, then); the replay holds the H200 to "
-        "0.1%. What the H100 requests differently is not known without an H100 trace (none is lent)",
+        "0.1%. Run fresh on an H100 (edge-h100-1, traced) the case reserves 6,512 MiB too, request for request "
+        "the model's (tests/test_edge_traces.py): the 846 MiB are this row's worker, not the H100",
 }
 
 
