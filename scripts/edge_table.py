@@ -60,9 +60,9 @@ def table() -> str:
     summary = (f"{equal} of {len(searches)} searches: the predicted largest fit runs and one step more does "
                f"not, as measured (the GPU's edge: the last value that ran below the first that ran out of "
                f"memory; values that ran above it are listed). {verdicts} of {len(trials)} trials (H200 and H100): "
-               f"the verdict is the GPU's (ok or out of memory). {len(full)} trials that filled at least half the GPU: peak device bytes "
-               f"median |error| {statistics.median(errors):.2%}, worst {max(errors):.2%} (NVML's per-process "
-               f"figure).")
+               f"the verdict is the GPU's (ok or out of memory). {len(full)} trials that filled at least half the "
+               f"GPU: peak device bytes median |error| {statistics.median(errors):.2%}, worst {max(errors):.2%} "
+               f"(NVML's per-process figure).")
     return summary + "\n\n" + "\n".join(lines)
 
 

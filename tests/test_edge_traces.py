@@ -106,6 +106,12 @@ KNOWN_H100_TRACE_GAPS = {
 }
 
 
+def _h100_capacity(case: dict):
+    from vramplan.catalog import gpu_catalog
+
+    return _run_capacity(case, gpu_catalog().find("H100"))
+
+
 def test_a_second_expandable_range_lies_right_above_the_first():
     """edge-h100-1's SmolLM2-1.7B generating 256 tokens under expandable segments on an H100 (232
     retries): fed the GPU's requests and releases, the model places every block above 1 MiB where the
@@ -113,10 +119,8 @@ def test_a_second_expandable_range_lies_right_above_the_first():
     first: its first block, a 1.35 GiB value cat at event 405,765, lies 91,232 MiB above the run's
     first large block, where the model had put the range below the first until allocator._map
     followed it (and then missed the H200's SmolLM2 edge, edge-h200-33, by two sequences)."""
-    from vramplan.catalog import gpu_catalog
-
     trace = next(t for t in H100_TRACES if t["case"]["allocator"] == "expandable")
-    limit = _run_capacity(trace["case"], gpu_catalog().find("H100"))
+    limit = _h100_capacity(trace["case"])
     result = replay(trace, follow_gpu_releases=True, address_space=limit.address_space)
     assert result.completed and trace["status"] == "ok"
     assert result.first_misplaced is None, f"placed elsewhere from event {result.first_misplaced}"
@@ -127,9 +131,7 @@ def test_a_second_expandable_range_lies_right_above_the_first():
                                                                 strict=True)] if _trace_id(t) in KNOWN_H100_TRACE_GAPS
                  else []) for t in H100_TRACES])
 def test_the_h100_traces_reserve_what_the_gpu_reserved(trace):
-    from vramplan.catalog import gpu_catalog
-
-    limit = _run_capacity(trace["case"], gpu_catalog().find("H100"))
+    limit = _h100_capacity(trace["case"])
     result = replay(trace, capacity=limit.bytes, address_space=limit.address_space)
     assert result.reserved_agrees, f"reserved differs from event {result.first_disagreement}"
 

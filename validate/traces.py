@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vramplan.runtimes.allocator import EXPANDABLE_RANGE, CachingAllocator, OutOfMemory
+from vramplan.runtimes.allocator import EXPANDABLE_RANGE, SMALL_SIZE, CachingAllocator, OutOfMemory
 
 SEGMENT_GROWS = ("segment_alloc", "segment_map")
 SEGMENT_SHRINKS = ("segment_free", "segment_unmap")
@@ -92,7 +92,7 @@ def replay(trace: dict[str, Any], capacity: int | None = None, follow_gpu_releas
             except OutOfMemory as oom:
                 model_oom_at, model_tried = index, oom.tried
                 break
-            if addresses and size > 1 << 20 and first_misplaced is None:
+            if addresses and size > SMALL_SIZE and first_misplaced is None:  # the large pool's
                 placed = (addresses[index], model._live[handles[block]].address)  # the model's block, read in place
                 first_large = first_large or placed
                 if placed[0] - first_large[0] != placed[1] - first_large[1]:

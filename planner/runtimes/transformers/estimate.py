@@ -292,7 +292,7 @@ def estimate_architecture(arch: Architecture, model: str, workload: Workload | N
     layout = _family_layout(arch, profile)
     spec = run_spec(arch, workload, weights, chosen, compute)  # pre-quantized: activations like a dtype
     peak = max(candidate_points(arch, layout, spec), key=lambda p: p.total)
-    kernel_limit = kernel_limits.passed_limit(arch, chosen, spec.batch * spec.prompt_len)
+    kernel_limit = kernel_limits.passed_limit(arch, chosen, spec)
 
     fixed = fixed_terms(arch, weights, chosen, compute, profile, workload)
     runtime_terms = [BreakdownTerm(name=t.name, bytes=t.bytes, why=t.why, scope="allocated", group="runtime")

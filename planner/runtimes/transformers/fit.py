@@ -50,11 +50,6 @@ class _Run:
         self.profile = profile
         self.bitsandbytes = self.chosen.kind.startswith("bnb")
 
-    def forward_tokens(self, workload: Workload) -> int:
-        """The most tokens one forward of the run takes (the prefill's batch x prompt)."""
-        spec = self._run_spec(self.arch, workload, self.weights, self.chosen, self.compute)
-        return spec.batch * spec.prompt_len
-
     def capacity(self, gpu: Gpu, fitted: Calibration | None) -> Capacity:
         spec = self._run_spec(self.arch, self.workload, self.weights, self.chosen, self.compute)
         kernel = attention.decode_kernel(self.arch, self.layout, self.workload.attn, spec.activation_bytes, gpu)
@@ -179,13 +174,18 @@ def _within_kernel_limits(run: _Run, what: FitAxis, top: int) -> tuple[int, str 
     """The search's bound lowered to the last value whose forward stays within its kernels'
     indices (kernel_limits.py), and why; else (top, None)."""
     limit = kernel_limits.token_limit(run.arch, run.chosen)
-    if limit is None or run.forward_tokens(run.workload.model_copy(update={what: top})) <= limit.tokens:
+
+    def within(value: int) -> bool:
+        spec = run._run_spec(run.arch, run.workload.model_copy(update={what: value}), run.weights, run.chosen,
+                             run.compute)
+        return kernel_limits.forward_tokens(spec) <= limit.tokens
+
+    if limit is None or within(top):
         return top, None
-    low, high = 0, top  # forward_tokens grows with the value: bisect the last one within the limit
+    low, high = 0, top  # the forward's tokens grow with the value: bisect the last one within the limit
     while high - low > 1:
         middle = (low + high) // 2
-        within = run.forward_tokens(run.workload.model_copy(update={what: middle})) <= limit.tokens
-        low, high = (middle, high) if within else (low, middle)
+        low, high = (middle, high) if within(middle) else (low, middle)
     return low, limit.why()
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from ...base import Frozen
 from ...catalog import Precision
 from ...model.spec import Architecture
+from .activations import RunSpec
 
 INPUT_ELEMENTS = 2**31  # kInt8VectorQuant: the last element's int offset, rows * cols - 1, stays below 2^31
 OUTPUT_ELEMENTS = 2**31 - 1  # dequant_mm_int32_fp16: rows * cols itself is an int
@@ -64,9 +65,16 @@ def token_limit(arch: Architecture, precision: Precision) -> TokenLimit | None:
     return tightest
 
 
-def passed_limit(arch: Architecture, precision: Precision, forward_tokens: int) -> str | None:
-    """Why a forward of `forward_tokens` tokens fails whatever the memory, or None."""
+def forward_tokens(spec: RunSpec) -> int:
+    """The most tokens one forward of the run takes: the prefill's batch x prompt (with use_cache
+    off, the last re-run's whole sequence)."""
+    return spec.batch * spec.prompt_len
+
+
+def passed_limit(arch: Architecture, precision: Precision, spec: RunSpec) -> str | None:
+    """Why the run's largest forward fails whatever the memory, or None."""
     limit = token_limit(arch, precision)
-    if limit is None or forward_tokens <= limit.tokens:
+    tokens = forward_tokens(spec)
+    if limit is None or tokens <= limit.tokens:
         return None
-    return limit.why(forward_tokens)
+    return limit.why(tokens)
